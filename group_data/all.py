@@ -30,8 +30,9 @@ docker_engine_source = "docker"
 docker_version = "28.5.2"
 # Base URL of Docker's apt repository (a mirror can be named here).
 docker_apt_url = "https://download.docker.com/linux"
-# json-file log rotation for every container: size of one file, and files kept.
+# json-file log rotation for every container: size of one log file before it rotates...
 docker_log_max_size = "100m"
+# ...and how many rotated files are kept per container.
 docker_log_max_file = 5
 # Further daemon.json keys, merged over the managed ones; keys an operator added by hand on a
 # host and not named here are kept.

@@ -1,0 +1,36 @@
+"""A production fleet, as an example: copy to inventories/prod.py and edit.
+
+    cp inventories/prod.example.py inventories/prod.py
+    pyinfra inventories/prod.py deploy.py            # shows the changes, asks before applying
+    pyinfra inventories/prod.py deploy.py --limit gpu-04   # onboard one new node
+
+Groups are plain lists. A host is a name, or (name, data) where data overrides group_data for
+that host. Keys and defaults: group_data/all.py and README.md ("Configuration keys").
+"""
+
+from operations.config import validate_inventory
+
+# Every GPU server the deploy manages.
+gpu_nodes = [
+    # ssh_hostname: where pyinfra connects; ssh_user: a user with passwordless sudo.
+    ("gpu-01", {"ssh_hostname": "10.20.0.11", "ssh_user": "ubuntu"}),
+    ("gpu-02", {"ssh_hostname": "10.20.0.12", "ssh_user": "ubuntu"}),
+    ("gpu-03", {"ssh_hostname": "10.20.0.13", "ssh_user": "ubuntu"}),
+    # A host with more disk for weights than the fleet default:
+    (
+        "gpu-04",
+        {
+            "ssh_hostname": "10.20.0.14",
+            "ssh_user": "ubuntu",
+            "models_dir": "/data/models",
+            "preflight_min_free_gb_models": 800,
+        },
+    ),
+]
+
+# Hosts that will manage the Swarm (an odd number: 1, or 3 for a fleet of 3 hosts or more).
+# Read by the Swarm phase; until that phase is in deploy.py the group only documents intent.
+swarm_managers = ["gpu-01", "gpu-02", "gpu-03"]
+
+# Refuse bad data (unknown keys, wrong types, impossible values) before any connection.
+validate_inventory(globals())

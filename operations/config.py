@@ -1,0 +1,265 @@
+"""The typed model of every configuration key, and the check that runs before any host is touched.
+
+Data reaches a host from group_data/all.py, group_data/<group>.py and the inventory's host data.
+Everything a phase reads goes through `Settings`: unknown keys, wrong types and impossible values
+are refused with one line that names the host, the key, the value and what would be accepted.
+
+Two entry points:
+- `validate_inventory(globals())` at the end of an inventory file: pyinfra executes inventory files
+  before it connects to anything, so a bad value stops the run before the first SSH connection.
+- `settings_for(host)` in deploy.py: the same model over pyinfra's final view of the host's data
+  (which also includes `--data` overrides), giving the phases a typed object.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GROUP_DATA_DIR = REPO_ROOT / "group_data"
+
+# Exit status for a configuration refused before any host was contacted (as a scheduler sees it).
+EXIT_BAD_CONFIG = 2
+
+
+def _absolute_path(value: str) -> str:
+    path = PurePosixPath(value)
+    if not path.is_absolute():
+        raise ValueError("an absolute path such as /opt/models")
+    if path == PurePosixPath("/"):
+        raise ValueError("a directory below /, not / itself")
+    if ".." in path.parts:
+        raise ValueError("a path without '..'")
+    return str(path)
+
+
+def _json_keys(value: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"JSON-serialisable values ({error})") from None
+    return value
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+GiB = Annotated[int, Field(ge=0, le=1_000_000)]
+DockerSize = Annotated[str, Field(pattern=r"^[1-9][0-9]*[kmg]$")]
+SemVer = Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")]
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
+
+
+class Settings(BaseModel):
+    """Every key the deploy reads; defaults live in group_data/all.py (one comment per key)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    # Where things live on the hosts
+    models_dir: AbsolutePath
+    docker_data_root: AbsolutePath
+
+    # Preflight
+    preflight_min_free_gb_models: GiB
+    preflight_min_free_gb_docker: GiB
+    preflight_require_kernel_headers: bool
+    preflight_require_time_sync: bool
+
+    # Docker Engine
+    docker_engine_source: Literal["docker", "distro"]
+    docker_version: SemVer
+    docker_apt_url: HttpUrl
+    docker_log_max_size: DockerSize
+    docker_log_max_file: Annotated[int, Field(ge=1, le=100)]
+    docker_daemon_config: Annotated[dict[str, Any], AfterValidator(_json_keys)]
+
+
+def _pyinfra_keys() -> set[str]:
+    """Data keys pyinfra itself understands (connection data and global arguments): allowed
+    in host data, checked by pyinfra, not by this model."""
+    from pyinfra.api.arguments import all_argument_meta
+    from pyinfra.connectors.ssh import connector_data_meta
+
+    return set(all_argument_meta) | set(connector_data_meta)
+
+
+# Lab inventories describe their hosts with a few keys of their own (which container a host is);
+# they are metadata for the lab's tools, never read by a phase.
+LAB_KEY_PREFIX = "lab_"
+
+
+class ConfigError(Exception):
+    """One or more refused values; `lines` holds one human line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _describe_expectation(error: dict[str, Any]) -> str:
+    """Turn one pydantic error into 'what would be accepted'."""
+    kind = error["type"]
+    message = error["msg"]
+    if kind == "missing":
+        return "this key is required (group_data/all.py sets a default: was it removed?)"
+    if kind == "value_error":
+        # Our own validators raise ValueError("<what is accepted>").
+        return "expected " + message.removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":
+        pattern = error.get("ctx", {}).get("pattern", "")
+        return "expected " + _PATTERN_WORDS.get(pattern, f"a string matching {pattern}")
+    if kind in _TYPE_WORDS:
+        return "expected " + _TYPE_WORDS[kind].format(**error.get("ctx", {}))
+    if message.startswith("Input should be "):
+        return "expected " + message.removeprefix("Input should be ")
+    return message
+
+
+_TYPE_WORDS = {
+    "int_type": "a whole number (unquoted)",
+    "bool_type": "True or False",
+    "string_type": "a string",
+    "dict_type": "a dict",
+    "greater_than_equal": "a number >= {ge}",
+    "less_than_equal": "a number <= {le}",
+}
+
+_PATTERN_WORDS = {
+    r"^[1-9][0-9]*[kmg]$": "a size such as '100m' (a number followed by k, m or g)",
+    r"^[0-9]+\.[0-9]+\.[0-9]+$": "a version such as '28.5.2'",
+    r"^https?://[^\s/]+(/[^\s]*)?$": "an http(s) URL such as 'https://download.docker.com/linux'",
+}
+
+
+def _format_errors(host_name: str, data: dict[str, Any], error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        key = str(item["loc"][0]) if item["loc"] else "?"
+        where = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, Settings.model_fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see the keys in README.md"
+            lines.append(f"host {host_name}: unknown key '{key}' = {data[key]!r}: {hint}")
+            continue
+        value = data.get(key, "<missing>") if where == key else item.get("input")
+        lines.append(
+            f"host {host_name}: key '{where}' = {value!r}: {_describe_expectation(item)}"
+        )
+    return lines
+
+
+def validate_host_data(host_name: str, data: dict[str, Any]) -> Settings:
+    """Build the typed settings of one host from its merged data, or raise ConfigError."""
+    ignored = _pyinfra_keys()
+    ours = {
+        key: value
+        for key, value in data.items()
+        if key not in ignored and not key.startswith(LAB_KEY_PREFIX) and not key.startswith("__")
+    }
+    try:
+        return Settings.model_validate(ours)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(host_name, ours, error)) from None
+
+
+def _split_host(entry: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], dict):
+        return str(entry[0]), entry[1]
+    return str(entry), {}
+
+
+def inventory_host_data(
+    inventory_globals: dict[str, Any], group_data: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Merge data per host the way pyinfra does for an inventory file: all < the inventory
+    file's own group < other groups (in file order) < host data."""
+    file_group = Path(inventory_globals["__file__"]).stem
+    groups: dict[str, list[Any]] = {
+        name: list(value)
+        for name, value in inventory_globals.items()
+        if not name.startswith("_") and isinstance(value, (list, tuple))
+    }
+    hosts: dict[str, dict[str, Any]] = {}
+    memberships: dict[str, list[str]] = {}
+    for group, entries in groups.items():
+        for entry in entries:
+            name, data = _split_host(entry)
+            hosts.setdefault(name, {}).update(data)
+            memberships.setdefault(name, []).append(group)
+
+    merged = {}
+    for name, host_data in hosts.items():
+        data: dict[str, Any] = dict(group_data.get("all", {}))
+        for group in [file_group, *memberships[name]]:
+            data.update(group_data.get(group, {}))
+        data.update(host_data)
+        merged[name] = data
+    return merged
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Names bound by import statements: modules are not data (pyinfra drops them too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+def load_group_data(directory: Path = GROUP_DATA_DIR) -> dict[str, dict[str, Any]]:
+    """Read group_data/<group>.py the way pyinfra does: a file's top-level names, less the names
+    its imports introduce and dunders. (pyinfra's own loader needs a running CLI state.)"""
+    groups = {}
+    for path in sorted(directory.glob("*.py")):
+        names: dict[str, Any] = {"__file__": str(path)}
+        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), names)
+        imported = _imported_names(path)
+        groups[path.stem] = {
+            key: value
+            for key, value in names.items()
+            if key not in imported and not key.startswith("__")
+        }
+    return groups
+
+
+def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
+    """Every problem in an inventory and its group data, one line each (empty: all good)."""
+    problems: list[str] = []
+    per_host = inventory_host_data(inventory_globals, load_group_data())
+    if not per_host:
+        problems.append(f"{inventory_globals['__file__']}: the inventory names no hosts")
+    for name, data in per_host.items():
+        try:
+            validate_host_data(name, data)
+        except ConfigError as error:
+            problems.extend(error.lines)
+    return problems
+
+
+def refuse(lines: list[str]) -> None:
+    """Print the problems, one per line, and stop the run without a traceback."""
+    for line in lines:
+        print(f"configuration error: {line}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_CONFIG)
+
+
+def validate_inventory(inventory_globals: dict[str, Any]) -> None:
+    """Call at the end of an inventory file: refuse bad data before pyinfra connects."""
+    problems = check_inventory(inventory_globals)
+    if problems:
+        refuse(problems)
+
+
+def settings_for(host) -> Settings:
+    """The typed settings of the host pyinfra is preparing (its final merged data)."""
+    try:
+        return validate_host_data(host.name, host.data.dict())
+    except ConfigError as error:
+        refuse(error.lines)
+        raise  # unreachable: refuse() exits

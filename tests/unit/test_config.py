@@ -1,0 +1,129 @@
+"""The configuration model: defaults are valid, and bad values are refused in one clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from operations import config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def defaults():
+    return config.load_group_data()["all"]
+
+
+def problems_for(defaults, **overrides):
+    try:
+        config.validate_host_data("gpu-01", {**defaults, **overrides})
+    except config.ConfigError as error:
+        return error.lines
+    return []
+
+
+def test_the_shipped_defaults_are_valid(defaults):
+    settings = config.validate_host_data("gpu-01", defaults)
+    assert settings.models_dir == "/opt/models"
+    assert settings.docker_engine_source == "docker"
+
+
+def test_every_model_key_has_a_default_with_a_comment():
+    source = (REPO / "group_data" / "all.py").read_text().splitlines()
+    for key in config.Settings.model_fields:
+        line_no = next(i for i, line in enumerate(source) if line.startswith(f"{key} ="))
+        assert source[line_no - 1].lstrip().startswith("#"), f"{key} has no comment above it"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("docker_log_max_file", "five", "expected a whole number"),
+        ("docker_log_max_file", 0, "expected a number >= 1"),
+        ("docker_engine_source", "snap", "expected 'docker' or 'distro'"),
+        ("models_dir", "opt/models", "expected an absolute path"),
+        ("models_dir", "/", "not / itself"),
+        ("preflight_min_free_gb_models", -5, "expected a number >= 0"),
+        ("preflight_require_time_sync", "yes", "expected True or False"),
+        ("docker_log_max_size", "10X", "expected a size such as '100m'"),
+        ("docker_version", "latest", "expected a version such as '28.5.2'"),
+        ("docker_apt_url", "download.docker.com", "expected an http(s) URL"),
+        ("docker_daemon_config", {"labels": {1, 2}}, "JSON-serialisable"),
+    ],
+)
+def test_a_bad_value_names_host_key_value_and_what_is_accepted(defaults, key, value, expected):
+    lines = problems_for(defaults, **{key: value})
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"host gpu-01: key '{key}' = {value!r}: ")
+    assert expected in lines[0]
+
+
+def test_an_unknown_key_is_refused_with_a_suggestion(defaults):
+    lines = problems_for(defaults, docker_versoin="28.5.2")
+    assert lines == ["host gpu-01: unknown key 'docker_versoin' = '28.5.2': did you mean 'docker_version'?"]
+
+
+def test_pyinfra_connection_keys_and_lab_metadata_are_not_ours_to_refuse(defaults):
+    assert problems_for(defaults, ssh_user="ubuntu", ssh_port=2222, _sudo=True, lab_container="x") == []
+
+
+def test_a_removed_default_is_reported_as_missing(defaults):
+    data = dict(defaults)
+    del data["docker_version"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.validate_host_data("gpu-01", data)
+    assert "key 'docker_version' = '<missing>': this key is required" in caught.value.lines[0]
+
+
+def test_host_data_overrides_group_data_which_overrides_all():
+    inventory = {
+        "__file__": "/x/inventories/prod.py",
+        "gpu_nodes": [("gpu-01", {"models_dir": "/host"}), "gpu-02"],
+        "swarm_managers": ["gpu-02"],
+    }
+    group_data = {
+        "all": {"models_dir": "/all", "docker_log_max_file": 1},
+        "prod": {"docker_log_max_file": 2},
+        "swarm_managers": {"models_dir": "/managers"},
+    }
+    merged = config.inventory_host_data(inventory, group_data)
+    assert merged["gpu-01"] == {"models_dir": "/host", "docker_log_max_file": 2}
+    assert merged["gpu-02"] == {"models_dir": "/managers", "docker_log_max_file": 2}
+
+
+def write_inventory(tmp_path, hosts_literal):
+    inventory = tmp_path / "inventories" / "bad.py"
+    inventory.parent.mkdir()
+    inventory.write_text(
+        "from operations.config import validate_inventory\n"
+        f"gpu_nodes = {hosts_literal}\n"
+        "validate_inventory(globals())\n"
+    )
+    return inventory
+
+
+@pytest.mark.parametrize(
+    ("host_data", "expected"),
+    [
+        ('{"docker_engine_source": "apt"}', "key 'docker_engine_source' = 'apt': expected 'docker' or 'distro'"),
+        ('{"preflight_min_free_gb_docker": "50"}', "key 'preflight_min_free_gb_docker' = '50': expected a whole number"),
+        ('{"modls_dir": "/opt/models"}', "unknown key 'modls_dir'"),
+    ],
+)
+def test_pyinfra_refuses_bad_data_before_connecting(tmp_path, host_data, expected):
+    # The host points at a closed loopback port: if validation did not stop the run first,
+    # pyinfra would try to connect and the output would say so.
+    inventory = write_inventory(
+        tmp_path, f'[("gpu-01", {{"ssh_hostname": "127.0.0.1", "ssh_port": 9, **{host_data}}})]'
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), str(inventory), "deploy.py", "--dry"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == config.EXIT_BAD_CONFIG, output
+    assert f"configuration error: host gpu-01: {expected}" in output
+    assert "Connecting to hosts" not in output
+    assert "Traceback" not in output
