@@ -137,6 +137,8 @@ def test_build_repo_layout_and_idempotence(built_repo):
     assert result["cuda_repo"] == "compute/cuda/repos/debian12/x86_64/"
     assert result["toolkit_repo"] == "libnvidia-container/stable/deb/amd64/"
     assert result["toolkit_key"] == "libnvidia-container/gpgkey"
+    assert len(result["fingerprint"]) == 40 and result["fingerprint"].lower().endswith(
+        result["key_id"])
     for key in ("cuda_repo", "cuda_repo_arm64", "toolkit_repo", "toolkit_repo_arm64"):
         for name in ("Packages", "Packages.gz", "Release", "InRelease", "Release.gpg"):
             assert (out / result[key] / name).is_file(), (key, name)
@@ -404,3 +406,62 @@ def test_nvidia_container_runtime_hands_over_to_runc(sim_root, tmp_path):
                              "/run/x", "create", "--bundle", "/b", "id 1"],
                             capture_output=True, text=True, env=env, check=True)
     assert result.stdout == "runc --root /run/x create --bundle /b id 1\n"
+
+
+def _bundle(tmp_path, env):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = {"ociVersion": "1.0.2", "process": {"env": env, "args": ["sh"]},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+            "linux": {"namespaces": [{"type": "pid"}]}, "root": {"path": "rootfs"}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def inject(root, bundle):
+    return subprocess.run([str(root / "usr/libexec/nvidia-sim/inject-gpus"), str(bundle)],
+                          capture_output=True, text=True)
+
+
+@needs_tools
+def test_runtime_injects_the_requested_gpus(sim_root, tmp_path):
+    load_module(sim_root)
+    gpus = hardware.gpus("lab-gpu-1")
+    bundle = _bundle(tmp_path, ["PATH=/bin", f"NVIDIA_VISIBLE_DEVICES={gpus[1]['uuid']}"])
+    assert inject(sim_root, bundle).returncode == 0
+    spec = json.loads((bundle / "config.json").read_text())
+    mounts = {m["destination"]: m for m in spec["mounts"]}
+    assert mounts["/proc"]["type"] == "proc"  # the rest of the spec is kept
+    assert spec["linux"] == {"namespaces": [{"type": "pid"}]}
+    assert "ro" in mounts["/usr/bin/nvidia-smi"]["options"]
+    visible = json.loads(Path(mounts["/etc/gpu-simulator/gpus.json"]["source"]).read_text())
+    assert [(g["index"], g["uuid"]) for g in visible["gpus"]] == [(0, gpus[1]["uuid"])]
+
+
+@needs_tools
+def test_runtime_leaves_containers_without_gpu_request_alone(sim_root, tmp_path):
+    bundle = _bundle(tmp_path, ["PATH=/bin", "NVIDIA_VISIBLE_DEVICES=void"])
+    before = (bundle / "config.json").read_text()
+    assert inject(sim_root, bundle).returncode == 0
+    assert (bundle / "config.json").read_text() == before
+
+
+@needs_tools
+def test_runtime_refuses_gpu_containers_without_a_loaded_driver(sim_root, tmp_path):
+    bundle = _bundle(tmp_path, ["NVIDIA_VISIBLE_DEVICES=all"])
+    result = inject(sim_root, bundle)
+    assert result.returncode == 1 and "driver not loaded" in result.stderr
+
+
+@needs_tools
+def test_runtime_honours_swarm_resource(sim_root, tmp_path):
+    load_module(sim_root)
+    cfg = sim_root / "etc/nvidia-container-runtime/config.toml"
+    subprocess.run([str(sim_root / "usr/bin/nvidia-ctk"), "config", f"--config-file={cfg}",
+                    "--in-place", "--set", "swarm-resource=DOCKER_RESOURCE_GPU"], check=True)
+    gpus = hardware.gpus("lab-gpu-1")
+    bundle = _bundle(tmp_path, [f"DOCKER_RESOURCE_GPU={gpus[0]['uuid']}"])
+    assert inject(sim_root, bundle).returncode == 0
+    mounts = {m["destination"]: m for m in json.loads((bundle / "config.json").read_text())["mounts"]}
+    visible = json.loads(Path(mounts["/etc/gpu-simulator/gpus.json"]["source"]).read_text())
+    assert [g["uuid"] for g in visible["gpus"]] == [gpus[0]["uuid"]]

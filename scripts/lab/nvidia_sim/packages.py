@@ -280,6 +280,7 @@ def toolkit_packages(arch: str) -> list[Package]:
                     DebFile("/usr/bin/nvidia-ctk", "nvidia-ctk", 0o755),
                     DebFile("/usr/bin/nvidia-container-runtime", "nvidia-container-runtime", 0o755),
                     DebFile("/usr/bin/nvidia-cdi-hook", "nvidia-container-runtime-hook", 0o755),
+                    DebFile("/usr/libexec/nvidia-sim/inject-gpus", "inject-gpus", 0o755),
                 ),
                 scripts={"postinst": "toolkit-base.postinst"},
                 substitutions=subs,

@@ -81,8 +81,9 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
-def repo_paths(key_id: str) -> dict:
+def repo_paths(fingerprint: str) -> dict:
     """Relative URL paths (under the served directory) of both repositories and their keys."""
+    key_id = fingerprint[-8:].lower()
     return {
         "cuda_repo": f"{CUDA_BASE}/x86_64/",
         "cuda_repo_arm64": f"{CUDA_BASE}/sbsa/",
@@ -93,6 +94,7 @@ def repo_paths(key_id: str) -> dict:
         "toolkit_repo_template": f"{TOOLKIT_BASE}/stable/deb/$(ARCH)/",
         "toolkit_key": f"{TOOLKIT_BASE}/gpgkey",
         "key_id": key_id,
+        "fingerprint": fingerprint,
     }
 
 
@@ -175,8 +177,8 @@ def build_repo(out_dir: Path, gnupg_home: Path) -> dict:
     out_dir = Path(out_dir)
     gnupg_home = Path(gnupg_home)
     fingerprint = ensure_key(gnupg_home)
-    key_id = fingerprint[-8:].lower()
-    paths = repo_paths(key_id)
+    paths = repo_paths(fingerprint)
+    key_id = paths["key_id"]
     wanted = {"sources": sources_digest(), "fingerprint": fingerprint}
     stamp = out_dir / STAMP
     try:
