@@ -330,16 +330,16 @@ def install_engine(source: str, version: str, apt_url: str):
         raise OperationError(f"{error} (read from /etc/os-release)") from None
     missing = packages_to_install(wanted, installed)
 
-    lists_fresh = False
     if source == "docker":
-        # Tools for the repository: TLS roots always, curl only to fetch a missing key.
+        # Tools for the repository: TLS roots always, curl only to fetch a missing key. Their
+        # apt-get update never counts for the engine: it ran without the CA roots or the key
+        # that Docker's repository needs, so the engine install below updates again.
         tools = [name for name in ("ca-certificates",) if name not in installed]
         if not state["apt_key"] and "curl" not in installed:
             tools.append("curl")
         if tools and (missing or not state["apt_key"]):
             yield "apt-get update"
             yield _apt_install(tools, "--no-install-recommends")
-            lists_fresh = True
 
         if not state["apt_key"]:
             key_url = f"{apt_url}/{distro['id']}/gpg"
@@ -357,8 +357,7 @@ def install_engine(source: str, version: str, apt_url: str):
                 "exit 1; }",
             )
 
-        repo_changed = False
-        for command in apt.sources_file._inner(
+        yield from apt.sources_file._inner(
             filename=DOCKER_SOURCES_NAME,
             types="deb",
             uris=f"{apt_url}/{distro['id']}",
@@ -366,15 +365,10 @@ def install_engine(source: str, version: str, apt_url: str):
             components="stable",
             architectures=state["arch"] or None,
             signed_by=DOCKER_KEYRING,
-        ):
-            repo_changed = True
-            yield command
-        if repo_changed:
-            lists_fresh = False
+        )
 
     if missing:
-        if not lists_fresh:
-            yield "apt-get update"
+        yield "apt-get update"
         extra = []
         if any(pinned and name in installed for name, pinned in missing):
             extra.append("--allow-downgrades")
