@@ -142,7 +142,11 @@ def test_build_repo_layout_and_idempotence(built_repo):
     for key in ("cuda_repo", "cuda_repo_arm64", "toolkit_repo", "toolkit_repo_arm64"):
         for name in ("Packages", "Packages.gz", "Release", "InRelease", "Release.gpg"):
             assert (out / result[key] / name).is_file(), (key, name)
+    # the CUDA key sits where NVIDIA's is (3bf863cc.pub) and under the lab key's own id
+    assert result["cuda_key"] == "compute/cuda/repos/debian12/x86_64/3bf863cc.pub"
     assert (out / result["cuda_key"]).read_text().startswith("-----BEGIN PGP PUBLIC KEY BLOCK")
+    assert (out / result["cuda_key_by_id"]).read_bytes() == (out / result["cuda_key"]).read_bytes()
+    assert (out / result["toolkit_key"]).read_bytes() == (out / result["cuda_key"]).read_bytes()
     mtime = (out / result["cuda_repo"] / "InRelease").stat().st_mtime_ns
     again = repo.build_repo(out, home)
     assert again["rebuilt"] is False and again["key_id"] == result["key_id"]

@@ -128,7 +128,7 @@ def run(keep: bool) -> None:
         step("apt sources for both simulated repositories")
         on_host(f"""set -e
             command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl gnupg)
-            curl -fsSL {base}{paths['cuda_key_stable']} | gpg --dearmor --yes -o /usr/share/keyrings/cuda-archive-keyring.gpg
+            curl -fsSL {base}{paths['cuda_key']} | gpg --dearmor --yes -o /usr/share/keyrings/cuda-archive-keyring.gpg
             curl -fsSL {base}{paths['toolkit_key']} | gpg --dearmor --yes -o /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
             echo "deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {base}{paths['cuda_repo']} /" > /etc/apt/sources.list.d/cuda-debian12-x86_64.list
             echo 'deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] {base}{paths['toolkit_repo_template']} /' > /etc/apt/sources.list.d/nvidia-container-toolkit.list

@@ -3,7 +3,8 @@ NVIDIA's, holding the simulated packages.
 
     <out>/compute/cuda/repos/debian12/x86_64/   flat repo like developer.download.nvidia.com's
                                                  (Packages[.gz], Release, InRelease, Release.gpg,
-                                                 the debs, <keyid>.pub and cuda-archive-key.pub)
+                                                 the debs; the lab key as 3bf863cc.pub, the file
+                                                 name NVIDIA's key has there, and <keyid>.pub)
     <out>/compute/cuda/repos/debian12/sbsa/      the same for arm64
     <out>/libnvidia-container/stable/deb/amd64/  flat repo like nvidia.github.io/libnvidia-container
     <out>/libnvidia-container/stable/deb/arm64/
@@ -35,6 +36,7 @@ KEY_UID = "gpu-fleet lab NVIDIA SIMULATOR repository key <nvidia-sim@gpufleet.la
 STAMP = ".nvsim-build.json"
 
 CUDA_BASE = "compute/cuda/repos/debian12"
+NVIDIA_CUDA_KEY_FILE = "3bf863cc.pub"
 TOOLKIT_BASE = "libnvidia-container"
 
 
@@ -87,8 +89,10 @@ def repo_paths(fingerprint: str) -> dict:
     return {
         "cuda_repo": f"{CUDA_BASE}/x86_64/",
         "cuda_repo_arm64": f"{CUDA_BASE}/sbsa/",
-        "cuda_key": f"{CUDA_BASE}/x86_64/{key_id}.pub",
-        "cuda_key_stable": f"{CUDA_BASE}/x86_64/cuda-archive-key.pub",
+        # NVIDIA's key file name in debian12/x86_64 (its key id), so a key URL built the way
+        # production builds it for NVIDIA's repository works; the content is the lab's key.
+        "cuda_key": f"{CUDA_BASE}/x86_64/{NVIDIA_CUDA_KEY_FILE}",
+        "cuda_key_by_id": f"{CUDA_BASE}/x86_64/{key_id}.pub",
         "toolkit_repo": f"{TOOLKIT_BASE}/stable/deb/amd64/",
         "toolkit_repo_arm64": f"{TOOLKIT_BASE}/stable/deb/arm64/",
         "toolkit_repo_template": f"{TOOLKIT_BASE}/stable/deb/$(ARCH)/",
@@ -201,7 +205,7 @@ def build_repo(out_dir: Path, gnupg_home: Path) -> dict:
             debs = [pkgs.build_deb(p, cuda_dir) for p in pkgs.cuda_packages(arch)]
             _write_flat_repo(cuda_dir, debs, arch, "NVIDIA CUDA", gnupg_home, fingerprint, date)
             (cuda_dir / f"{key_id}.pub").write_bytes(public_key)
-            (cuda_dir / "cuda-archive-key.pub").write_bytes(public_key)
+            (cuda_dir / NVIDIA_CUDA_KEY_FILE).write_bytes(public_key)
 
             tk_dir = staging / TOOLKIT_BASE / "stable" / "deb" / arch
             debs = [pkgs.build_deb(p, tk_dir) for p in pkgs.toolkit_packages(arch)]
