@@ -294,6 +294,9 @@ def test_nvidia_smi_persistence_mode(sim_root):
         out = run(sim_root, "nvidia-smi", "-pm", "1", "-i", "0", check=True).stdout
         assert out == "Enabled persistence mode for GPU 00000000:18:00.0.\nAll done.\n"
         assert run(sim_root, "nvidia-smi", *query).stdout == "Enabled\nDisabled\n"
+        again = run(sim_root, "nvidia-smi", "-pm", "1", check=True).stdout
+        assert again == ("Persistence mode is already Enabled for GPU 00000000:18:00.0.\n"
+                         "Enabled persistence mode for GPU 00000000:2A:00.0.\nAll done.\n")
     # nvidia-persistenced running = every GPU in persistence mode
     (sim_root / "run/nvidia-sim/persistenced").touch()
     assert run(sim_root, "nvidia-smi", *query).stdout == "Enabled\nEnabled\n"
