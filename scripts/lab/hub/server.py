@@ -4,6 +4,7 @@ Answers what `huggingface_hub` (checked against 2.4.0) calls when `HF_ENDPOINT` 
 
     GET  /api/models/{repo}[/revision/{rev}][?blobs=true]   model info: sha, siblings (+ size, blobId, lfs)
     GET  /api/models/{repo}/tree/{rev}[/{path}][?recursive=true]  paths: oid, size, lfs {oid, size, pointerSize}
+    POST /api/models/{repo}/paths-info/{rev}  (form: paths=...)   the same entries for the given paths
     HEAD /{repo}/resolve/{rev}/{path}    X-Repo-Commit, ETag (git blob sha1; sha256 for LFS files, with
     GET  /{repo}/resolve/{rev}/{path}    X-Linked-Etag/X-Linked-Size), Content-Length, Range -> 206 / 416
     GET  /api/agent-harnesses            an empty registry (the client fetches it from HF_ENDPOINT)
@@ -55,7 +56,7 @@ LOG_KEEP = 500
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # "info", "tree", "resolve", "banner", "lab", "harnesses", "unknown"
+    kind: str  # "info", "tree", "paths-info", "resolve", "banner", "lab", "harnesses", "unknown"
     repo_id: str = ""
     revision: str | None = None
     path: str = ""
@@ -75,12 +76,14 @@ def parse_route(raw_path: str) -> Route:
     if len(segs) >= 3 and segs[:2] == ["api", "models"]:
         rest = segs[2:]
         for n in (2, 1):
-            if len(rest) > n and rest[n] in ("revision", "tree") and len(rest) >= n + 2:
+            if len(rest) > n and rest[n] in ("revision", "tree", "paths-info") and len(rest) >= n + 2:
                 repo = "/".join(rest[:n])
                 if rest[n] == "revision" and len(rest) == n + 2:
                     return Route("info", repo, rest[n + 1])
                 if rest[n] == "tree":
                     return Route("tree", repo, rest[n + 1], "/".join(rest[n + 2:]))
+                if rest[n] == "paths-info" and len(rest) == n + 2:
+                    return Route("paths-info", repo, rest[n + 1])
         if len(rest) in (1, 2) and all(rest):
             return Route("info", "/".join(rest), None)
         return Route("unknown")
@@ -465,8 +468,9 @@ class HubHandler(BaseHTTPRequestHandler):
             elif route.kind == "harnesses" and self.command in ("GET", "HEAD"):
                 # huggingface_hub >= 2.x fetches this registry (best effort) from HF_ENDPOINT
                 self._json(200, {"standardEnvVars": [], "harnesses": {}})
-            elif route.kind in ("info", "tree", "resolve"):
-                if self.command not in ("GET", "HEAD"):
+            elif route.kind in ("info", "tree", "paths-info", "resolve"):
+                allowed = ("POST",) if route.kind == "paths-info" else ("GET", "HEAD")
+                if self.command not in allowed:
                     raise HubError(405, None, "Method not allowed")
                 fault = self.state.take_fault(route.kind, self.command,
                                               route.path if route.kind == "resolve" else None)
@@ -479,6 +483,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     self._json(200, self.state.model_info(route.repo_id, route.revision, blobs))
                 elif route.kind == "tree":
                     self._tree(route)
+                elif route.kind == "paths-info":
+                    self._paths_info(route)
                 else:
                     file_key = f"{route.repo_id}/{route.path}"
                     status, sent = self._resolve(route, fault)
@@ -502,6 +508,20 @@ class HubHandler(BaseHTTPRequestHandler):
         if listing is None:
             raise HubError(404, "EntryNotFound", f"{route.path} does not exist on \"{sha}\"", sha)
         self._json(200, listing)
+
+    def _paths_info(self, route: Route) -> None:
+        sha = self.state.resolve_revision(route.repo_id, route.revision)
+        files = self.state.files(route.repo_id, sha)
+        form = parse_qs(self._body().decode("utf-8", "replace"))
+        out = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in files:
+                out.append(files[path].tree_entry())
+            elif path and any(f.startswith(path + "/") for f in files):
+                out.append({"type": "directory", "oid": _dir_oid(files, path), "size": 0,
+                            "path": path})
+        self._json(200, out)
 
     def _resolve(self, route: Route, fault: Fault | None) -> tuple[int, int]:
         sha = self.state.resolve_revision(route.repo_id, route.revision)
@@ -634,7 +654,8 @@ def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0, token: s
                     quiet: bool = True) -> HubServer:
     """Start a hub on a background thread (tests); `server.base_url`; `server.shutdown()` stops it."""
     server = HubServer((host, port), HubState(root, token, quiet))
-    threading.Thread(target=server.serve_forever, name="lab-hub", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="lab-hub",
+                     daemon=True).start()
     return server
 
 
