@@ -1,9 +1,9 @@
-"""The lab's Hugging Face Hub stand-in (scripts/lab/hub): the tiny model, and the server driven by the
-real `huggingface_hub` client on 127.0.0.1.
+"""The lab's Hugging Face Hub stand-in (scripts/lab/hub): the tiny model, and the server driven by
+the real `huggingface_hub` client on 127.0.0.1.
 
-The client tests need huggingface_hub (pinned in pyproject.toml): without it they FAIL with a message,
-they do not skip. All client traffic goes to a hub on loopback: HF_ENDPOINT and the client's import-time
-constants point at it, so nothing reaches huggingface.co.
+The client tests need huggingface_hub (pinned in pyproject.toml): without it they FAIL with a
+message, they do not skip. All client traffic goes to a hub on loopback: HF_ENDPOINT and the
+client's import-time constants point at it, so nothing reaches huggingface.co.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def hf(monkeypatch):
         from huggingface_hub import constants
     except ImportError as e:  # pragma: no cover - the environment is wrong
         pytest.fail(f"huggingface_hub is not installed ({e}): it is pinned in pyproject.toml "
-                    f"({PINNED_CLIENT}); install the pinned dependencies (scripts/lab.py bootstrap)",
+                    f"({PINNED_CLIENT}); install the pinned dependencies "
+                    "(scripts/lab.py bootstrap)",
                     pytrace=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return huggingface_hub
@@ -378,8 +380,8 @@ def test_every_response_says_it_is_a_stand_in(hub):
         assert r.headers["X-Lab-Stand-In"] == "gpu-fleet lab hub, not huggingface.co"
         assert "not huggingface.co" in r.headers["Server"]
         assert b"not huggingface.co" in r.read()
-    try:
-        urllib.request.urlopen(hub.base_url + f"/{REPO}/resolve/main/nope", timeout=10)
-    except urllib.error.HTTPError as e:
-        assert e.code == 404 and e.headers["X-Lab-Stand-In"]
-        assert e.headers["X-Error-Code"] == "EntryNotFound"
+    for path in ("nope", "..%2F..%2F..%2Fetc%2Fpasswd", "../refs/main"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(hub.base_url + f"/{REPO}/resolve/main/{path}", timeout=10)
+        assert err.value.code == 404 and err.value.headers["X-Lab-Stand-In"]
+        assert err.value.headers["X-Error-Code"] == "EntryNotFound"

@@ -1,9 +1,10 @@
-"""How a Hugging Face repository names its files, as pure functions (lab stand-in, not huggingface.co).
+"""How a Hugging Face repository names its files, as pure functions (lab stand-in, not the Hub).
 
-The Hub is git + git-lfs: a small file is a git blob and its ETag is the blob's sha1; a large one is an
-LFS pointer in git and its ETag is the sha256 of the content. Which files are LFS is decided by the
-repository's `.gitattributes` (`filter=lfs` patterns), as in git. The commit id is a real git commit
-object's sha1 over the tree git would store (pointers for LFS files), so it changes with the content.
+The Hub is git + git-lfs: a small file is a git blob and its ETag is the blob's sha1; a large one is
+an LFS pointer in git and its ETag is the sha256 of the content. Which files are LFS is decided by
+the repository's `.gitattributes` (`filter=lfs` patterns), as in git. The commit id is a real git
+commit object's sha1 over the tree git would store (pointers for LFS files), so it changes with the
+content.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ HF_GITATTRIBUTES = "".join(
 
 
 def git_blob_sha1(content: bytes) -> str:
-    """sha1 of the git blob object: what `git hash-object` prints and the Hub's ETag for small files."""
+    """sha1 of the git blob object (`git hash-object`): the Hub's ETag for small files."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
@@ -43,7 +44,7 @@ def lfs_patterns(gitattributes: str) -> list[str]:
 
 
 def is_lfs(path: str, patterns: list[str]) -> bool:
-    """Whether git-lfs stores `path` (a repository path with '/'), by gitattributes pattern rules."""
+    """Whether git-lfs stores `path` (a repository path with '/'), by gitattributes rules."""
     name = path.rsplit("/", 1)[-1]
     for pattern in patterns:
         if "/" in pattern.strip("/"):

@@ -1,14 +1,14 @@
-"""The lab's tiny model: a real-layout Llama causal LM, made from nothing (lab stand-in, not a real model).
+"""The lab's tiny model: a real-layout Llama causal LM made from nothing (LAB STAND-IN, no model).
 
-`build_files()` returns the repository's files as bytes, the same bytes on every run and machine: no
-network, no torch, no numpy. The weights come from a seeded splitmix64 stream, so they are noise: the
-model runs for real (every shape and name is that of `transformers`' LlamaForCausalLM) but what it
-says is gibberish. The tokenizer is byte-level BPE with no merges (every UTF-8 byte is one token).
+`build_files()` returns the repository's files as bytes, the same bytes on every run and machine:
+no network, no torch, no numpy. The weights come from a seeded splitmix64 stream, so they are
+noise: the model runs for real (every shape and name is that of `transformers`' LlamaForCausalLM)
+but what it says is gibberish. The tokenizer is byte-level BPE with no merges (a byte, a token).
 
-    files = build_files()                     # {"config.json": b"...", "model.safetensors": b"...", ...}
-    revision = commit_sha(files)              # 40 hex, a real git commit id of these files
-    write_repo(root)                          # root/gpufleet-lab/tiny-llama/<revision>/... + refs/main
-    python3 -m scripts.lab.hub.model ROOT     # the same, prints the repo id and revision
+    files = build_files()                  # {"config.json": b"...", "model.safetensors": ...}
+    revision = commit_sha(files)           # 40 hex, a real git commit id of these files
+    write_repo(root)                       # root/gpufleet-lab/tiny-llama/<revision>/..., refs/main
+    python3 -m scripts.lab.hub.model ROOT  # the same, prints the repo id and revision
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ INIT_STD = 0.02
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 BYTE_TOKENS = 256
 NAMED_SPECIALS = [BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-VOCAB_SIZE = 320  # 256 bytes + 64 special tokens (the named ones, then reserved ones), as Llama 3 pads
+VOCAB_SIZE = 320  # 256 bytes + 64 special tokens (named, then reserved), padded as Llama 3 does
 BOS_ID, EOS_ID, PAD_ID = BYTE_TOKENS, BYTE_TOKENS + 1, BYTE_TOKENS + 2
 EOT_ID = BYTE_TOKENS + 5
 TRANSFORMERS_VERSION = "4.57.1"
@@ -53,7 +53,8 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] "
     "+ '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 
@@ -156,7 +157,7 @@ def splitmix64(seed: int, count: int) -> list[int]:
 
 
 def tensor_values(name: str, shape: tuple[int, ...]) -> array:
-    """float32 values of one tensor: norms are 1.0; matrices uniform with std INIT_STD, seeded by name."""
+    """float32 values of a tensor: norms 1.0; matrices uniform, std INIT_STD, seeded by name."""
     count = math.prod(shape)
     if name.endswith("norm.weight"):
         return array("f", [1.0] * count)
@@ -168,7 +169,7 @@ def tensor_values(name: str, shape: tuple[int, ...]) -> array:
 
 def safetensors_bytes(tensors: dict[str, tuple[tuple[int, ...], array]],
                       metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors file of float32 tensors: u64 LE header size, JSON header, LE data, 8-aligned."""
+    """A safetensors file of float32 tensors: u64 LE header size, JSON header, LE data."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     chunks = []
     offset = 0
@@ -180,7 +181,8 @@ def safetensors_bytes(tensors: dict[str, tuple[tuple[int, ...], array]],
         if sys.byteorder != "little":
             data.byteswap()
         raw = data.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -212,7 +214,7 @@ def read_safetensors(blob: bytes) -> tuple[dict, dict[str, tuple[list[int], arra
 
 
 def tokenizer_json() -> dict:
-    """tokenizer.json in the `tokenizers` library's format: byte-level BPE, no merges, Llama-3 style."""
+    """tokenizer.json in the `tokenizers` format: byte-level BPE, no merges, Llama-3 specials."""
     byte_chars = bytes_to_unicode()
     vocab = {byte_chars[b]: b for b in range(256)}
     added = [
@@ -290,10 +292,13 @@ and served by the lab's stand-in for the Hugging Face Hub. Its weights are seede
 | | |
 |---|---|
 | architecture | `LlamaForCausalLM`, transformers' names and shapes |
-| size | hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads ({KV_HEADS} KV heads, head_dim {HEAD_DIM}), MLP {INTERMEDIATE}, SiLU, RMSNorm eps {RMS_EPS}, RoPE theta {ROPE_THETA} |
+| size | hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads ({KV_HEADS} KV heads, \
+head_dim {HEAD_DIM}), MLP {INTERMEDIATE}, SiLU, RMSNorm eps {RMS_EPS}, RoPE theta {ROPE_THETA} |
 | context | {MAX_POSITIONS} positions |
-| vocabulary | {VOCAB_SIZE}: the 256 bytes (byte-level BPE, no merges), then special tokens (`{BOS}` {BOS_ID}, `{EOS}` {EOS_ID}, `{PAD}` {PAD_ID}, `<|eot_id|>` {EOT_ID}, reserved) |
-| weights | {num_params} float32 parameters, `model.safetensors` {weights_size} bytes, untied `lm_head` |
+| vocabulary | {VOCAB_SIZE}: the 256 bytes (byte-level BPE, no merges), then special tokens \
+(`{BOS}` {BOS_ID}, `{EOS}` {EOS_ID}, `{PAD}` {PAD_ID}, `<|eot_id|>` {EOT_ID}, reserved) |
+| weights | {num_params} float32 parameters, `model.safetensors` {weights_size} bytes, \
+untied `lm_head` |
 """
 
 

@@ -2,24 +2,26 @@
 
 Answers what `huggingface_hub` (checked against 2.4.0) calls when `HF_ENDPOINT` points here:
 
-    GET  /api/models/{repo}[/revision/{rev}][?blobs=true]   model info: sha, siblings (+ size, blobId, lfs)
-    GET  /api/models/{repo}/tree/{rev}[/{path}][?recursive=true]  paths: oid, size, lfs {oid, size, pointerSize}
-    POST /api/models/{repo}/paths-info/{rev}  (form: paths=...)   the same entries for the given paths
-    HEAD /{repo}/resolve/{rev}/{path}    X-Repo-Commit, ETag (git blob sha1; sha256 for LFS files, with
-    GET  /{repo}/resolve/{rev}/{path}    X-Linked-Etag/X-Linked-Size), Content-Length, Range -> 206 / 416
+    GET  /api/models/{repo}[/revision/{rev}][?blobs=true]  model info: sha, siblings (+ size,
+                                                           blobId, lfs)
+    GET  /api/models/{repo}/tree/{rev}[/{path}][?recursive=true]
+                                         entries: oid, size, lfs {oid, size, pointerSize}
+    POST /api/models/{repo}/paths-info/{rev}  (form: paths=...)  the same entries for those paths
+    HEAD /{repo}/resolve/{rev}/{path}    X-Repo-Commit, ETag (git blob sha1; sha256 for LFS files,
+    GET  /{repo}/resolve/{rev}/{path}    + X-Linked-Etag/X-Linked-Size), Content-Length, Range
     GET  /api/agent-harnesses            an empty registry (the client fetches it from HF_ENDPOINT)
 
 Errors carry the Hub's headers (`X-Error-Code: RepoNotFound | RevisionNotFound | EntryNotFound`,
 `X-Error-Message`), so the client raises its own exception types. Every response says what this is
-(`X-Lab-Stand-In`, `Server`). With a token file, hub requests without `Authorization: Bearer <token>`
-get 401 (the token is never logged). Lab controls, never token-protected:
+(`X-Lab-Stand-In`, `Server`). With a token file, hub requests without `Authorization: Bearer
+<token>` get 401 (the token is never logged). Lab controls, never token-protected:
 
     POST /_lab/faults {"mode": "drop"|"429"|"500"|"corrupt", "file": opt, "times": N, "method": opt,
                        "retry_after": s}   queue a fault; GET lists, DELETE clears
     GET  /_lab/stats                       bytes served per file and in total, requests, per client
     POST /_lab/stats/reset
 
-Data: ROOT/<repo_id>/<40-hex revision>/<files>, branches in ROOT/<repo_id>/refs/<name> (see model.py).
+Data: ROOT/<repo_id>/<40-hex revision>/<files>, branches in ROOT/<repo_id>/refs/<name> (model.py).
 
     python3 -m scripts.lab.hub.server --root DIR --port P [--host H] [--token-file F] [--quiet]
 """
@@ -76,7 +78,7 @@ def parse_route(raw_path: str) -> Route:
     if len(segs) >= 3 and segs[:2] == ["api", "models"]:
         rest = segs[2:]
         for n in (2, 1):
-            if len(rest) > n and rest[n] in ("revision", "tree", "paths-info") and len(rest) >= n + 2:
+            if len(rest) >= n + 2 and rest[n] in ("revision", "tree", "paths-info"):
                 repo = "/".join(rest[:n])
                 if rest[n] == "revision" and len(rest) == n + 2:
                     return Route("info", repo, rest[n + 1])
@@ -287,10 +289,9 @@ class HubState:
 
     # repositories -------------------------------------------------------
     def repo_dir(self, repo_id: str) -> Path:
-        if not all(safe_repo_path(p) for p in [repo_id]) or repo_id.count("/") > 1:
-            raise HubError(404, "RepoNotFound", "Repository not found")
         d = self.root / repo_id
-        if not d.is_dir() or not (any(COMMIT_RE.match(c.name) for c in d.iterdir() if c.is_dir())):
+        if (not safe_repo_path(repo_id) or repo_id.count("/") > 1 or not d.is_dir()
+                or not any(COMMIT_RE.match(c.name) for c in d.iterdir() if c.is_dir())):
             raise HubError(404, "RepoNotFound", "Repository not found")
         return d
 
@@ -334,7 +335,8 @@ class HubState:
         sha = self.resolve_revision(repo_id, revision)
         files = self.files(repo_id, sha)
         mtime = (self.root / repo_id / sha).stat().st_mtime
-        when = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        when = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc)
+        when = when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
         author = repo_id.split("/")[0] if "/" in repo_id else None
         info = {
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
@@ -652,7 +654,7 @@ class HubServer(ThreadingHTTPServer):
 
 def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                     quiet: bool = True) -> HubServer:
-    """Start a hub on a background thread (tests); `server.base_url`; `server.shutdown()` stops it."""
+    """Start a hub on a background thread (tests): `.base_url`; `.shutdown()` stops it."""
     server = HubServer((host, port), HubState(root, token, quiet))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="lab-hub",
                      daemon=True).start()

@@ -1,4 +1,4 @@
-"""The lab's Hugging Face Hub stand-in (not huggingface.co) as a container on the lab's bridge network.
+"""The lab's Hugging Face Hub stand-in (not huggingface.co) as a container on the lab network.
 
 The image is built here, offline: `debootstrap --variant=minbase --include=python3 bookworm` from
 Debian's mirror, `docker import`ed (about 40 s, once per lab). The server code (this directory) and
@@ -109,7 +109,8 @@ def start(lab: str, network: str, address: str, data_dir: Path,
         _docker("rm", "-f", name)
     command = ["python3", "-m", "scripts.lab.hub.server", "--root", IN_CONTAINER_DATA,
                "--host", "0.0.0.0", "--port", str(PORT)]
-    volumes = ["-v", f"{CODE_DIR}:{IN_CONTAINER_CODE}:ro", "-v", f"{data_dir}:{IN_CONTAINER_DATA}:ro"]
+    volumes = ["-v", f"{CODE_DIR}:{IN_CONTAINER_CODE}:ro",
+               "-v", f"{data_dir}:{IN_CONTAINER_DATA}:ro"]
     if token_file:
         volumes += ["-v", f"{token_file}:{IN_CONTAINER_TOKEN}:ro"]
         command += ["--token-file", IN_CONTAINER_TOKEN]
