@@ -375,7 +375,16 @@ def test_token_is_required_when_configured(monkeypatch, hf, hub_root, tmp_path, 
         hub.server_close()
 
 
-def test_every_response_says_it_is_a_stand_in(hub):
+def test_every_response_says_it_is_a_stand_in(hub_root):
+    hub = server.serve_in_thread(hub_root)
+    try:
+        _check_stand_in_headers(hub)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
+def _check_stand_in_headers(hub: server.HubServer) -> None:
     with urllib.request.urlopen(hub.base_url + "/", timeout=10) as r:
         assert r.headers["X-Lab-Stand-In"] == "gpu-fleet lab hub, not huggingface.co"
         assert "not huggingface.co" in r.headers["Server"]
