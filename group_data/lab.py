@@ -1,0 +1,14 @@
+"""The lab's overrides: applied to every host of inventories/lab.py (pyinfra applies
+group_data/<inventory file name>.py to the hosts of that file). Stand-ins only, each said so."""
+
+# The lab cannot reach Docker's repository: it installs Debian's docker.io instead.
+docker_engine_source = "distro"
+
+# Lab hosts share this machine's disk: ask for what the lab really needs, not a GPU server's.
+preflight_min_free_gb_models = 1
+# (Docker images of the lab engine and gateway are small.)
+preflight_min_free_gb_docker = 2
+
+# Lab hosts run the development machine's micro-VM kernel, for which no distribution ships
+# headers; the NVIDIA stand-in builds no kernel module, so nothing would use them.
+preflight_require_kernel_headers = False

@@ -1,0 +1,39 @@
+"""The lab fleet, as `python3 scripts/lab.py up` left it (.lab/<lab>/hosts.json).
+
+    python3 scripts/lab.py up                      # hosts + the deploy
+    .venv/bin/pyinfra inventories/lab.py deploy.py  # deploy again (LAB_NAME picks the lab)
+
+Group data for every host of this file: group_data/lab.py (the lab's overrides).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from operations.config import validate_inventory
+
+_lab = os.environ.get("LAB_NAME") or "gpulab"
+_state_file = Path(__file__).resolve().parent.parent / ".lab" / _lab / "hosts.json"
+if not _state_file.exists():
+    raise SystemExit(f"lab {_lab} is not up: run `python3 scripts/lab.py up` first")
+_state = json.loads(_state_file.read_text())
+
+
+def _host(entry):
+    return (
+        entry["name"],
+        {
+            "ssh_hostname": entry["address"],
+            "ssh_user": _state["ssh_user"],
+            "ssh_key": _state["ssh_key"],
+            "ssh_known_hosts_file": _state["known_hosts"],
+            "ssh_strict_host_key_checking": "yes",
+            "lab_container": entry["container"],
+        },
+    )
+
+
+gpu_nodes = [_host(entry) for entry in _state["hosts"]]
+swarm_managers = [gpu_nodes[0][0]]
+
+validate_inventory(globals())

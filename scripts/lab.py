@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""The lab: a fleet of fresh servers on this machine, and the deploy run against them.
+
+    python3 scripts/lab.py up [--hosts N] [--no-deploy]   bootstrap, hosts, then the full deploy
+    python3 scripts/lab.py status [--json]                what is running, and where
+    python3 scripts/lab.py ssh NODE [COMMAND...]           a shell on a host, as the deploy user
+    python3 scripts/lab.py down [--purge-images]           remove everything the lab created
+    python3 scripts/lab.py bootstrap                       .venv with the pinned deps + a Docker engine
+
+Lab hosts are containers that behave like fresh Debian 12 servers (systemd, sshd, sudo, their
+own Docker data volume); pyinfra reaches them over real SSH. The lab's name comes from --name or
+LAB_NAME (default gpulab): the tests use their own name, so they never touch yours.
+
+Standard library only: this runs on a machine where nothing is installed yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.lab import fleet  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab.fleet import LabError, say  # noqa: E402
+
+VENV = REPO_ROOT / ".venv"
+VENV_STAMP = VENV / ".gpufleet-pins"
+# Host tools the lab needs on this machine, by the command that proves each is there.
+HOST_TOOLS = {
+    "dockerd": "docker.io",
+    "debootstrap": "debootstrap",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "gpg": "gnupg",
+}
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+
+
+def pinned_requirements() -> list[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["test"]]
+
+
+def ensure_venv() -> None:
+    """.venv with exactly the pins of pyproject.toml (reinstalled when the pins change)."""
+    requirements = pinned_requirements()
+    stamp = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
+    if VENV_STAMP.exists() and VENV_STAMP.read_text().strip() == stamp:
+        return
+    if not (VENV / "bin" / "python").exists():
+        say(f"creating the virtual environment {VENV}")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    say(f"installing {len(requirements)} pinned dependencies into .venv")
+    subprocess.run(
+        [str(VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+         *requirements],
+        check=True,
+    )
+    VENV_STAMP.write_text(stamp + "\n")
+
+
+def apt_install(packages: list[str]) -> None:
+    if os.geteuid() != 0:
+        raise LabError(f"missing {', '.join(packages)}: install them (as root: apt-get install {' '.join(packages)})")
+    say(f"installing {', '.join(packages)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def ensure_host_tools() -> None:
+    missing = sorted({package for tool, package in HOST_TOOLS.items() if not shutil.which(tool)})
+    if missing:
+        apt_install(missing)
+
+
+def docker_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def ensure_docker_engine(timeout_s: float = 60) -> None:
+    """A Docker engine that answers: started under systemd where there is one, else as a
+    detached dockerd (it must outlive this process: the tests and the deploy use it)."""
+    if docker_answers():
+        return
+    if Path("/run/systemd/system").exists():
+        say("docker: engine not running, starting docker.service")
+        subprocess.run(["systemctl", "start", "docker"], check=True)
+    else:
+        say("docker: engine not running, starting dockerd (log: /var/log/dockerd.log)")
+        with open("/var/log/dockerd.log", "ab") as log:
+            subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not docker_answers():
+        if time.monotonic() > deadline:
+            raise LabError(f"the Docker engine did not answer within {timeout_s:.0f}s: see /var/log/dockerd.log")
+        time.sleep(1)
+    say("docker: engine answers")
+
+
+def bootstrap() -> None:
+    ensure_host_tools()
+    ensure_venv()
+    ensure_docker_engine()
+
+
+# --- up / down / status / ssh -----------------------------------------------------------------
+
+
+def lab_services(lab: str) -> dict[str, str]:
+    """Stand-in services the deploy needs on the lab network. None are in the run yet: each
+    stand-in is started here by the issue that puts its phase into deploy.py."""
+    return {}
+
+
+def gpu_hardware(host_name: str) -> dict[str, bytes]:
+    """Simulated GPUs are the host's 'hardware': provisioned with the host, not by the deploy."""
+    from scripts.lab.nvidia_sim import hardware
+
+    return {"/etc/gpu-simulator/gpus.json": hardware.gpus_json(host_name).encode()}
+
+
+def up(lab: str, count: int, deploy: bool) -> int:
+    started = time.monotonic()
+    bootstrap()
+    image = fleet.ensure_host_image()
+    fleet.ensure_network(lab)
+    key = fleet.ensure_ssh_key(lab)
+    count = max(count, fleet.existing_host_count(lab))
+    hosts = fleet.planned_hosts(lab, count)
+    states = fleet.container_states(lab)
+    for index, host in enumerate(hosts, start=1):
+        state = states.get(host.container)
+        if state is None:
+            say(f"{host.name}: creating {host.container} at {host.address}")
+            fleet.create_host(lab, index, host, image, key.with_suffix(".pub").read_bytes(),
+                              gpu_hardware(host.name))
+        elif state != "running":
+            say(f"{host.name}: starting {host.container} (was {state})")
+            fleet.docker("start", host.container)
+    for host in hosts:
+        fleet.wait_until_ready(host, key)
+    known_hosts = fleet.state_dir(lab) / "known_hosts"
+    fleet.record_host_keys(hosts, known_hosts)
+    state_file = fleet.write_state(lab, hosts, key, known_hosts, lab_services(lab))
+    say(f"{len(hosts)} hosts ready in {time.monotonic() - started:.0f}s ({state_file.relative_to(REPO_ROOT)})")
+    if not deploy:
+        return 0
+    say("running the deploy: pyinfra inventories/lab.py deploy.py -y")
+    result = subprocess.run(
+        [str(VENV / "bin" / "pyinfra"), "inventories/lab.py", "deploy.py", "-y"],
+        cwd=REPO_ROOT, env={**os.environ, "LAB_NAME": lab},
+    )
+    print()
+    print(f"Lab '{lab}' is up. Next:")
+    print("  python3 scripts/lab.py status            hosts, addresses, state")
+    print("  python3 scripts/lab.py ssh node-1        a shell as the deploy user")
+    print("  .venv/bin/pyinfra inventories/lab.py deploy.py   run again: nothing should change")
+    print("  python3 scripts/lab.py down              remove the lab")
+    return result.returncode
+
+
+def status(lab: str, as_json: bool) -> int:
+    state = fleet.read_state(lab)
+    containers = fleet.container_states(lab) if docker_answers() else {}
+    hosts = []
+    for host in (state or {}).get("hosts", []):
+        hosts.append({**host, "state": containers.get(host["container"], "missing")})
+    report = {"lab": lab, "hosts": hosts}
+    endpoint = gateway_endpoint(state)
+    if endpoint:
+        report["endpoint"] = endpoint
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not state:
+        print(f"lab {lab} is not up (python3 scripts/lab.py up)")
+        return 1
+    print(f"lab {lab}  network {state['network']} {state['subnet']}")
+    print(f"{'name':<10}{'container':<28}{'address':<18}state")
+    for host in hosts:
+        print(f"{host['name']:<10}{host['container']:<28}{host['address']:<18}{host['state']}")
+    return 0
+
+
+def gateway_endpoint(state: dict | None) -> str | None:
+    """The stack gateway's base URL. There is no stack phase in the run yet, so there is no
+    endpoint to report; the stack issue fills this in."""
+    return None
+
+
+def ssh(lab: str, node: str, command: list[str]) -> int:
+    state = fleet.read_state(lab)
+    if not state:
+        raise LabError(f"lab {lab} is not up: run `python3 scripts/lab.py up` first")
+    host = next((h for h in state["hosts"] if h["name"] == node), None)
+    if host is None:
+        names = ", ".join(h["name"] for h in state["hosts"])
+        raise LabError(f"no host {node} in lab {lab} (hosts: {names})")
+    options = fleet.ssh_options(Path(state["ssh_key"]), Path(state["known_hosts"]))
+    os.execvp("ssh", ["ssh", *options, "-t" if not command else "-T",
+                      f"{state['ssh_user']}@{host['address']}", *command])
+
+
+def down(lab: str, purge_images: bool) -> int:
+    if not docker_answers():
+        raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
+    started = time.monotonic()
+    removed = fleet.remove_everything(lab)
+    say(f"removed {removed['container']} containers, {removed['network']} networks, "
+        f"{removed['volume']} volumes of lab {lab} in {time.monotonic() - started:.0f}s")
+    if purge_images:
+        images = fleet.docker("images", "-q", "--filter", "reference=gpufleet-lab-*").split()
+        if images:
+            fleet.docker("rmi", "-f", *sorted(set(images)))
+        say(f"removed {len(set(images))} lab images")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/lab.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", help="lab name (default: $LAB_NAME or gpulab)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("bootstrap", help=".venv with pinned deps, host tools, a Docker engine")
+    up_parser = commands.add_parser("up", help="start the lab hosts and run the deploy")
+    up_parser.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    up_parser.add_argument("--no-deploy", action="store_true", help="hosts only, no deploy")
+    status_parser = commands.add_parser("status", help="hosts and their state")
+    status_parser.add_argument("--json", action="store_true")
+    ssh_parser = commands.add_parser("ssh", help="ssh to a host as the deploy user")
+    ssh_parser.add_argument("node")
+    ssh_parser.add_argument("remote_command", nargs=argparse.REMAINDER)
+    down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
+    down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
+    args = parser.parse_args(argv)
+    lab = fleet.lab_name(args.name)
+    try:
+        if args.command == "bootstrap":
+            bootstrap()
+            say("ready")
+            return 0
+        if args.command == "up":
+            if args.hosts < 1:
+                raise LabError(f"--hosts {args.hosts}: expected at least 1")
+            return up(lab, args.hosts, deploy=not args.no_deploy)
+        if args.command == "status":
+            return status(lab, args.json)
+        if args.command == "ssh":
+            return ssh(lab, args.node, args.remote_command)
+        return down(lab, args.purge_images)
+    except LabError as error:
+        print(f"lab: error: {error}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        print(f"lab: error: {' '.join(map(str, error.cmd))} exited {error.returncode}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The lab fleet: containers on this machine that behave like fresh servers.
+
+Each host is a Debian 12 container with systemd as PID 1, sshd, sudo and a deploy user, its own
+Docker data volume, on a bridge network the lab creates with fixed addresses. Everything the lab
+creates carries the label gpufleet.lab=<lab>, so `down` removes exactly that and nothing else.
+
+Standard library only (the docker CLI through subprocess): `scripts/lab.py` runs this before any
+virtual environment exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATE_ROOT = REPO_ROOT / ".lab"
+HOST_IMAGE_DIR = Path(__file__).resolve().parent / "host-image"
+
+LABEL = "gpufleet.lab"
+SSH_USER = "ops"
+DEFAULT_LAB = "gpulab"
+FIRST_HOST_OCTET = 11
+SUITE = "bookworm"
+
+# The run flags that let a container run systemd and its own dockerd on these machines without
+# --privileged (see shared/LAB-NOTES.md: CAP_SYS_RESOURCE is not in the bounding set here).
+SYSTEMD_RUN_FLAGS = [
+    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined",
+    "--security-opt", "apparmor=unconfined",
+    "--security-opt", "systempaths=unconfined",
+    "--device-cgroup-rule", "a *:* rwm",
+    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
+    "--stop-signal", "SIGRTMIN+3",  # systemd shuts down cleanly on this, ignores SIGTERM
+]
+
+
+class LabError(Exception):
+    """Something the person running the lab must act on; printed as one line."""
+
+
+def say(message: str) -> None:
+    print(f"lab: {message}", flush=True)
+
+
+def docker(*args: str, check: bool = True, input: bytes | None = None) -> str:
+    result = subprocess.run(["docker", *args], input=input, capture_output=True)
+    if check and result.returncode != 0:
+        raise LabError(
+            f"docker {' '.join(args[:3])} ... failed: {result.stderr.decode(errors='replace').strip()}"
+        )
+    return result.stdout.decode(errors="replace").strip()
+
+
+def exists(kind: str, name: str) -> bool:
+    return subprocess.run(["docker", kind, "inspect", name], capture_output=True).returncode == 0
+
+
+# --- Names and addresses: pure ------------------------------------------------------------
+
+
+def lab_name(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("LAB_NAME") or DEFAULT_LAB
+
+
+def subnet_for(lab: str) -> ipaddress.IPv4Network:
+    """A /24 derived from the lab name, so two labs on one machine do not collide and the same
+    lab always gets the same addresses: 172.29.0.0/16 carved by a hash of the name."""
+    third = int(hashlib.sha256(lab.encode()).hexdigest(), 16) % 250 + 1
+    return ipaddress.ip_network(f"172.29.{third}.0/24")
+
+
+def host_address(subnet: ipaddress.IPv4Network, index: int) -> str:
+    """Address of host number `index` (1-based): .11, .12, ..."""
+    return str(subnet.network_address + FIRST_HOST_OCTET + index - 1)
+
+
+def service_address(subnet: ipaddress.IPv4Network, octet: int) -> str:
+    """Lab services (stand-in repositories, hub) sit below the hosts: .2 to .10."""
+    return str(subnet.network_address + octet)
+
+
+def network_name(lab: str) -> str:
+    return f"{lab}-net"
+
+
+def container_name(lab: str, index: int) -> str:
+    return f"{lab}-node-{index}"
+
+
+def volume_name(lab: str, index: int) -> str:
+    return f"{lab}-node-{index}-docker"
+
+
+def state_dir(lab: str) -> Path:
+    return STATE_ROOT / lab
+
+
+def recipe_hash(*paths: Path, extra: str = "") -> str:
+    """Content hash of an image recipe: a changed recipe builds a new image, an unchanged one
+    is reused."""
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# --- Images -------------------------------------------------------------------------------
+
+
+def debian_mirror() -> str:
+    """This machine's own Debian mirror: the lab uses what the machine already reaches."""
+    sources_d = Path("/etc/apt/sources.list.d")
+    files = [Path("/etc/apt/sources.list"), *sorted(sources_d.glob("*.sources")),
+             *sorted(sources_d.glob("*.list"))]
+    for path in files:
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"]:
+                uris = words[1:]
+            elif words[:1] == ["deb"]:
+                uris = [word for word in words[1:] if "://" in word][:1]
+            else:
+                continue
+            for uri in uris:
+                if uri.rstrip("/").endswith("/debian"):
+                    return uri
+    return "http://deb.debian.org/debian"
+
+
+def ensure_base_image() -> str:
+    """Debian 12 minbase from debootstrap, imported as an image (no registry needed)."""
+    mirror = debian_mirror()
+    tag = f"gpufleet-lab-base:{recipe_hash(extra=f'{SUITE} minbase {mirror}')}"
+    if exists("image", tag):
+        return tag
+    say(f"building the base image {tag} with debootstrap from {mirror} (about a minute, once)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gpufleet-rootfs-") as rootfs:
+        result = subprocess.run(
+            ["debootstrap", "--variant=minbase", SUITE, rootfs, mirror], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise LabError(f"debootstrap failed: {result.stderr.strip()[-400:]}")
+        sources = Path(rootfs, "etc/apt/sources.list")
+        sources.write_text(
+            f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n"
+        )
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run(
+            ["docker", "import", "--change", "CMD [\"/bin/bash\"]", "-", tag],
+            stdin=tar.stdout, capture_output=True,
+        )
+        tar.wait()
+        if imported.returncode != 0:
+            raise LabError(f"docker import failed: {imported.stderr.decode().strip()}")
+    say(f"base image ready in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+def ensure_host_image() -> str:
+    base = ensure_base_image()
+    tag = f"gpufleet-lab-host:{recipe_hash(HOST_IMAGE_DIR, extra=base)}"
+    if exists("image", tag):
+        return tag
+    say(f"building the host image {tag} (systemd, sshd, sudo, user {SSH_USER})")
+    started = time.monotonic()
+    result = subprocess.run(
+        ["docker", "build", "--build-arg", f"BASE={base}", "-t", tag, str(HOST_IMAGE_DIR)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise LabError(f"host image build failed: {result.stderr.strip()[-600:]}")
+    say(f"host image ready in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+# --- Hosts --------------------------------------------------------------------------------
+
+
+@dataclass
+class Host:
+    name: str
+    container: str
+    address: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "container": self.container, "address": self.address}
+
+
+def planned_hosts(lab: str, count: int) -> list[Host]:
+    subnet = subnet_for(lab)
+    return [
+        Host(f"node-{i}", container_name(lab, i), host_address(subnet, i)) for i in range(1, count + 1)
+    ]
+
+
+def existing_host_count(lab: str) -> int:
+    names = docker("ps", "-a", "--filter", f"label={LABEL}={lab}", "--filter",
+                   f"label=gpufleet.role=host", "--format", "{{.Names}}").split()
+    return len(names)
+
+
+def ensure_network(lab: str) -> str:
+    name = network_name(lab)
+    if exists("network", name):
+        return name
+    subnet = subnet_for(lab)
+    taken = docker("network", "ls", "-q")
+    for network_id in taken.split():
+        info = json.loads(docker("network", "inspect", network_id))[0]
+        for config in (info.get("IPAM") or {}).get("Config") or []:
+            other = config.get("Subnet")
+            if other and ipaddress.ip_network(other, strict=False).overlaps(subnet):
+                raise LabError(
+                    f"subnet {subnet} for lab '{lab}' overlaps docker network {info['Name']} ({other}): "
+                    "choose another lab name with --name"
+                )
+    say(f"network {name} {subnet}")
+    docker("network", "create", "--driver", "bridge", "--subnet", str(subnet),
+           "--label", f"{LABEL}={lab}", name)
+    return name
+
+
+def ensure_ssh_key(lab: str) -> Path:
+    key = state_dir(lab) / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{lab}-deploy",
+                        "-f", str(key)], check=True)
+    key.chmod(0o600)
+    return key
+
+
+def copy_files_into(container: str, files: dict[str, bytes], new_dirs: tuple[str, ...] = ()) -> None:
+    """docker cp files (absolute path -> content) into a container; `new_dirs` are created
+    (root, 0755) first. Existing directories keep their owner and mode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp, "files.tar")
+        with tarfile.open(archive, "w") as tar:
+            for directory in new_dirs:
+                info = tarfile.TarInfo(directory.lstrip("/"))
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            for path, data in files.items():
+                info = tarfile.TarInfo(path.lstrip("/"))
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, fileobj=io.BytesIO(data))
+        docker("cp", "-", f"{container}:/", input=archive.read_bytes())
+
+
+def create_host(lab: str, index: int, host: Host, image: str, public_key: bytes,
+                hardware: dict[str, bytes]) -> None:
+    """Create, provision with its 'hardware' and the deploy user's key, then start."""
+    volume = volume_name(lab, index)
+    if not exists("volume", volume):
+        docker("volume", "create", "--label", f"{LABEL}={lab}", volume)
+    docker(
+        "create", "--name", host.container, "--hostname", host.name,
+        "--network", network_name(lab), "--ip", host.address,
+        "--label", f"{LABEL}={lab}", "--label", "gpufleet.role=host",
+        "--restart", "unless-stopped",
+        "-v", f"{volume}:/var/lib/docker",
+        *SYSTEMD_RUN_FLAGS, image,
+    )
+    copy_files_into(host.container, {f"/home/{SSH_USER}/.ssh/authorized_keys": public_key})
+    copy_files_into(host.container, hardware,
+                    new_dirs=tuple(sorted({str(Path(path).parent) for path in hardware})))
+    docker("start", host.container)
+
+
+def wait_until_ready(host: Host, key: Path, timeout_s: float = 120) -> None:
+    """systemd has finished booting and sshd accepts the lab key."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        state = subprocess.run(
+            ["docker", "exec", host.container, "systemctl", "is-system-running"],
+            capture_output=True, text=True,
+        ).stdout.strip()
+        if state in ("running", "degraded"):
+            probe = subprocess.run(
+                ["ssh", *ssh_options(key, None), f"{SSH_USER}@{host.address}", "true"],
+                capture_output=True, text=True, timeout=20,
+            )
+            if probe.returncode == 0:
+                return
+            last = probe.stderr.strip()
+        else:
+            last = f"systemd is {state or 'not answering'}"
+        time.sleep(1)
+    raise LabError(f"{host.name} did not become ready in {timeout_s:.0f}s: {last}")
+
+
+def ssh_options(key: Path, known_hosts: Path | None) -> list[str]:
+    options = ["-i", str(key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+               "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+    if known_hosts is None:  # first contact, while recording the keys
+        options += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    else:
+        options += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
+    return options
+
+
+def record_host_keys(hosts: list[Host], known_hosts: Path) -> None:
+    lines = []
+    for host in hosts:
+        scanned = subprocess.run(["ssh-keyscan", "-T", "5", "-t", "ed25519", host.address],
+                                 capture_output=True, text=True)
+        lines += [line for line in scanned.stdout.splitlines() if line and not line.startswith("#")]
+    known_hosts.write_text("\n".join(lines) + "\n")
+
+
+def write_state(lab: str, hosts: list[Host], key: Path, known_hosts: Path,
+                services: dict[str, str]) -> Path:
+    state = {
+        "lab": lab,
+        "ssh_user": SSH_USER,
+        "ssh_key": str(key),
+        "known_hosts": str(known_hosts),
+        "network": network_name(lab),
+        "subnet": str(subnet_for(lab)),
+        "services": services,
+        "hosts": [host.as_dict() for host in hosts],
+    }
+    path = state_dir(lab) / "hosts.json"
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(state, indent=2) + "\n")
+    staging.replace(path)
+    return path
+
+
+def read_state(lab: str) -> dict | None:
+    path = state_dir(lab) / "hosts.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def container_states(lab: str) -> dict[str, str]:
+    out = docker("ps", "-a", "--filter", f"label={LABEL}={lab}", "--format", "{{.Names}}\t{{.State}}")
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def remove_everything(lab: str) -> dict[str, int]:
+    """Every container, network and volume labelled with this lab, and its state directory."""
+    removed = {}
+    for kind, list_args in (
+        ("container", ["ps", "-a", "-q"]),
+        ("network", ["network", "ls", "-q"]),
+        ("volume", ["volume", "ls", "-q"]),
+    ):
+        ids = docker(*list_args, "--filter", f"label={LABEL}={lab}").split()
+        if ids:
+            rm = ["rm", "-f"] if kind == "container" else [kind, "rm"]
+            docker(*rm, *ids)
+        removed[kind] = len(ids)
+    shutil.rmtree(state_dir(lab), ignore_errors=True)
+    return removed
+
+
+def leftovers(lab: str) -> list[str]:
+    found = []
+    for list_args in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
+        found += docker(*list_args, "-q", "--filter", f"label={LABEL}={lab}").split()
+    return found
