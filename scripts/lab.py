@@ -138,10 +138,10 @@ def up(lab: str, count: int, deploy: bool) -> int:
     started = time.monotonic()
     bootstrap()
     image = fleet.ensure_host_image()
-    fleet.ensure_network(lab)
+    subnet = fleet.ensure_network(lab)
     key = fleet.ensure_ssh_key(lab)
     count = max(count, fleet.existing_host_count(lab))
-    hosts = fleet.planned_hosts(lab, count)
+    hosts = fleet.planned_hosts(lab, subnet, count)
     states = fleet.container_states(lab)
     for index, host in enumerate(hosts, start=1):
         state = states.get(host.container)
@@ -156,7 +156,7 @@ def up(lab: str, count: int, deploy: bool) -> int:
         fleet.wait_until_ready(host, key)
     known_hosts = fleet.state_dir(lab) / "known_hosts"
     fleet.record_host_keys(hosts, known_hosts)
-    state_file = fleet.write_state(lab, hosts, key, known_hosts, lab_services(lab))
+    state_file = fleet.write_state(lab, subnet, hosts, key, known_hosts, lab_services(lab))
     say(f"{len(hosts)} hosts ready in {time.monotonic() - started:.0f}s ({state_file.relative_to(REPO_ROOT)})")
     if not deploy:
         return 0

@@ -75,11 +75,16 @@ def lab_name(explicit: str | None = None) -> str:
     return explicit or os.environ.get("LAB_NAME") or DEFAULT_LAB
 
 
-def subnet_for(lab: str) -> ipaddress.IPv4Network:
-    """A /24 derived from the lab name, so two labs on one machine do not collide and the same
-    lab always gets the same addresses: 172.29.0.0/16 carved by a hash of the name."""
-    third = int(hashlib.sha256(lab.encode()).hexdigest(), 16) % 250 + 1
-    return ipaddress.ip_network(f"172.29.{third}.0/24")
+def subnet_for(lab: str, taken: tuple[ipaddress.IPv4Network, ...] = ()) -> ipaddress.IPv4Network:
+    """A /24 in 172.29.0.0/16 for a new lab: the one a hash of the name points at, or the next
+    one that no existing network overlaps. The same name on the same machine gets the same
+    addresses; two labs never share a subnet."""
+    start = int(hashlib.sha256(lab.encode()).hexdigest(), 16) % 250
+    for step in range(250):
+        candidate = ipaddress.ip_network(f"172.29.{(start + step) % 250 + 1}.0/24")
+        if not any(candidate.overlaps(other) for other in taken):
+            return candidate
+    raise LabError("no free /24 left in 172.29.0.0/16 for another lab")
 
 
 def host_address(subnet: ipaddress.IPv4Network, index: int) -> str:
@@ -203,8 +208,7 @@ class Host:
         return {"name": self.name, "container": self.container, "address": self.address}
 
 
-def planned_hosts(lab: str, count: int) -> list[Host]:
-    subnet = subnet_for(lab)
+def planned_hosts(lab: str, subnet: ipaddress.IPv4Network, count: int) -> list[Host]:
     return [
         Host(f"node-{i}", container_name(lab, i), host_address(subnet, i)) for i in range(1, count + 1)
     ]
@@ -216,25 +220,28 @@ def existing_host_count(lab: str) -> int:
     return len(names)
 
 
-def ensure_network(lab: str) -> str:
-    name = network_name(lab)
-    if exists("network", name):
-        return name
-    subnet = subnet_for(lab)
-    taken = docker("network", "ls", "-q")
-    for network_id in taken.split():
+def docker_subnets() -> dict[str, ipaddress.IPv4Network]:
+    """Every IPv4 subnet Docker networks on this machine use, by network name."""
+    subnets = {}
+    for network_id in docker("network", "ls", "-q").split():
         info = json.loads(docker("network", "inspect", network_id))[0]
         for config in (info.get("IPAM") or {}).get("Config") or []:
-            other = config.get("Subnet")
-            if other and ipaddress.ip_network(other, strict=False).overlaps(subnet):
-                raise LabError(
-                    f"subnet {subnet} for lab '{lab}' overlaps docker network {info['Name']} ({other}): "
-                    "choose another lab name with --name"
-                )
+            if config.get("Subnet") and ":" not in config["Subnet"]:
+                subnets[info["Name"]] = ipaddress.ip_network(config["Subnet"], strict=False)
+    return subnets
+
+
+def ensure_network(lab: str) -> ipaddress.IPv4Network:
+    """The lab's bridge network (created on first use); returns its subnet."""
+    name = network_name(lab)
+    subnets = docker_subnets()
+    if name in subnets:
+        return subnets[name]
+    subnet = subnet_for(lab, tuple(subnets.values()))
     say(f"network {name} {subnet}")
     docker("network", "create", "--driver", "bridge", "--subnet", str(subnet),
            "--label", f"{LABEL}={lab}", name)
-    return name
+    return subnet
 
 
 def ensure_ssh_key(lab: str) -> Path:
@@ -326,15 +333,15 @@ def record_host_keys(hosts: list[Host], known_hosts: Path) -> None:
     known_hosts.write_text("\n".join(lines) + "\n")
 
 
-def write_state(lab: str, hosts: list[Host], key: Path, known_hosts: Path,
-                services: dict[str, str]) -> Path:
+def write_state(lab: str, subnet: ipaddress.IPv4Network, hosts: list[Host], key: Path,
+                known_hosts: Path, services: dict[str, str]) -> Path:
     state = {
         "lab": lab,
         "ssh_user": SSH_USER,
         "ssh_key": str(key),
         "known_hosts": str(known_hosts),
         "network": network_name(lab),
-        "subnet": str(subnet_for(lab)),
+        "subnet": str(subnet),
         "services": services,
         "hosts": [host.as_dict() for host in hosts],
     }

@@ -1,0 +1,82 @@
+"""The lab fleet for integration tests: brought up fresh once per test session, torn down after.
+
+The tests' lab has its own name (LAB_NAME, default gpulab-test), so a developer's lab is never
+touched. LAB_KEEP=1 leaves it running for a look afterwards (`python3 scripts/lab.py --name
+gpulab-test status`). A machine without a Docker engine fails these tests: `.ci/run` and the
+README's first command start one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_CLI = [sys.executable, str(REPO / "scripts" / "lab.py")]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.lab)
+
+
+@dataclass
+class Lab:
+    name: str
+    state: dict = field(default_factory=dict)
+
+    @property
+    def hosts(self) -> list[dict]:
+        return self.state["hosts"]
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "LAB_NAME": self.name}
+
+    def cli(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([*LAB_CLI, "--name", self.name, *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def ssh(self, node: str, command: str) -> subprocess.CompletedProcess:
+        return self.cli("ssh", node, command, timeout=120)
+
+    def pyinfra(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / ".venv" / "bin" / "pyinfra"), *args], cwd=REPO,
+                              env=self.env, capture_output=True, text=True, timeout=900)
+
+    def reload(self) -> None:
+        self.state = json.loads((REPO / ".lab" / self.name / "hosts.json").read_text())
+
+
+def _labelled(name: str) -> list[str]:
+    found = []
+    for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
+        listed = subprocess.run(["docker", *kind, "-q", "--filter", f"label=gpufleet.lab={name}"],
+                                capture_output=True, text=True)
+        found += listed.stdout.split()
+    return found
+
+
+@pytest.fixture(scope="session")
+def lab():
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("no Docker engine answers: run `python3 scripts/lab.py bootstrap` first")
+    lab = Lab(os.environ.get("LAB_NAME") or "gpulab-test")
+    lab.cli("down")  # fresh hosts: whatever an earlier run left is removed first
+    up = lab.cli("up", "--hosts", "3", "--no-deploy")
+    assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+    lab.reload()
+    yield lab
+    if os.environ.get("LAB_KEEP") == "1":
+        return
+    down = lab.cli("down")
+    assert down.returncode == 0, down.stderr
+    assert _labelled(lab.name) == [], "lab down left containers, networks or volumes behind"
+    assert not (REPO / ".lab" / lab.name).exists()

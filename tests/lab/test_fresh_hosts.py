@@ -1,0 +1,73 @@
+"""The lab hosts look like fresh servers, and the lab CLI keeps its promises.
+
+Read-only checks on fresh hosts: this module runs before test_run.py (pytest runs files in
+alphabetical order), which expects hosts the deploy has never touched."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+
+def test_status_json_has_the_documented_shape(lab):
+    result = lab.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["lab"] == lab.name
+    assert [h["name"] for h in status["hosts"]] == ["node-1", "node-2", "node-3"]
+    for host in status["hosts"]:
+        assert set(host) >= {"name", "container", "address", "state"}
+        assert host["state"] == "running"
+    assert "endpoint" not in status  # no stack phase in the run yet: no endpoint is invented
+
+
+def test_up_again_reuses_the_same_hosts(lab):
+    before = {h["container"]: _container_id(h["container"]) for h in lab.hosts}
+    result = lab.cli("up", "--hosts", "3", "--no-deploy")
+    assert result.returncode == 0, result.stderr
+    assert "creating" not in result.stdout
+    assert {c: _container_id(c) for c in before} == before
+
+
+def test_hosts_are_reached_over_ssh_as_a_sudo_user(lab):
+    for host in lab.hosts:
+        result = lab.ssh(host["name"], "id -un; hostname; sudo -n true && echo sudo-ok")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["ops", host["name"], "sudo-ok"]
+
+
+def test_hosts_boot_systemd_with_their_own_identity(lab):
+    machine_ids, host_keys = set(), set()
+    for host in lab.hosts:
+        result = lab.ssh(
+            host["name"],
+            "ps -p 1 -o comm=; systemctl is-system-running; cat /etc/machine-id; "
+            "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
+        )
+        pid1, system_state, machine_id, host_key = result.stdout.splitlines()
+        assert pid1 == "systemd"
+        assert system_state == "running"
+        machine_ids.add(machine_id)
+        host_keys.add(host_key.split()[1])
+    assert len(machine_ids) == len(lab.hosts), "hosts share a machine-id"
+    assert len(host_keys) == len(lab.hosts), "hosts share an SSH host key"
+
+
+def test_fresh_hosts_have_nothing_the_deploy_installs(lab):
+    for host in lab.hosts:
+        result = lab.ssh(host["name"], "for c in docker dockerd nvidia-smi python3; do command -v $c; done; true")
+        assert result.stdout.strip() == "", f"{host['name']} already has: {result.stdout}"
+
+
+def test_ssh_to_an_unknown_node_is_a_clear_error(lab):
+    result = lab.cli("ssh", "node-9", "true")
+    assert result.returncode == 1
+    assert "no host node-9" in result.stderr and "node-1" in result.stderr
+
+
+def _container_id(name):
+    import subprocess
+
+    return subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True,
+                          text=True).stdout.strip()
