@@ -228,10 +228,24 @@ def load_group_data(directory: Path = GROUP_DATA_DIR) -> dict[str, dict[str, Any
     return groups
 
 
+def group_data_dirs(inventory_file: str) -> list[Path]:
+    """Where pyinfra looks for group data, in its order: group_data/ in the working directory,
+    then beside the inventory's directory."""
+    dirs = [Path.cwd() / "group_data"]
+    beside_inventory = Path(inventory_file).resolve().parent / "group_data"
+    if beside_inventory != dirs[0]:
+        dirs.append(beside_inventory)
+    return [directory for directory in dirs if directory.is_dir()]
+
+
 def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
     """Every problem in an inventory and its group data, one line each (empty: all good)."""
     problems: list[str] = []
-    per_host = inventory_host_data(inventory_globals, load_group_data())
+    group_data: dict[str, dict[str, Any]] = {}
+    for directory in group_data_dirs(inventory_globals["__file__"]):
+        for group, data in load_group_data(directory).items():
+            group_data.setdefault(group, {}).update(data)
+    per_host = inventory_host_data(inventory_globals, group_data)
     if not per_host:
         problems.append(f"{inventory_globals['__file__']}: the inventory names no hosts")
     for name, data in per_host.items():

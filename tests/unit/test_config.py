@@ -1,5 +1,6 @@
 """The configuration model: defaults are valid, and bad values are refused in one clear line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,31 @@ def test_pyinfra_refuses_bad_data_before_connecting(tmp_path, host_data, expecte
     assert f"configuration error: host gpu-01: {expected}" in output
     assert "Connecting to hosts" not in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("docker_log_max_file = 0", "key 'docker_log_max_file' = 0: expected a number >= 1"),
+        ('models_dir = "relative/models"', "key 'models_dir' = 'relative/models': expected an absolute path"),
+        ("preflight_require_time_sync = 1", "key 'preflight_require_time_sync' = 1: expected True or False"),
+        ('docker_daemon_confg = {"debug": True}', "unknown key 'docker_daemon_confg'"),
+    ],
+)
+def test_pyinfra_refuses_bad_group_data_before_connecting(tmp_path, line, expected):
+    # A fleet of its own: the repository's group data plus one bad line, run from its directory
+    # the way users run pyinfra (group_data/ is found in the working directory).
+    (tmp_path / "group_data").mkdir()
+    defaults = (REPO / "group_data" / "all.py").read_text()
+    (tmp_path / "group_data" / "all.py").write_text(defaults + "\n" + line + "\n")
+    inventory = write_inventory(tmp_path, '[("gpu-01", {"ssh_hostname": "127.0.0.1", "ssh_port": 9}), "gpu-02"]')
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), str(inventory), str(REPO / "deploy.py"), "--dry"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == config.EXIT_BAD_CONFIG, output
+    for name in ("gpu-01", "gpu-02"):
+        assert f"configuration error: host {name}: {expected}" in output
+    assert "Connecting to hosts" not in output and "Traceback" not in output
