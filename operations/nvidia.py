@@ -494,13 +494,13 @@ def cuda_repository(repo_url: str, key_fingerprint: str):
         yield install_key_command(uri + CUDA_KEY_FILE, CUDA_KEYRING, key_fingerprint)
 
     # A flat repository: the suite is "/" and there are no components.
-    yield from apt.sources_file._inner(
-        filename=CUDA_SOURCES_NAME,
-        uris=uri,
-        suites="/",
-        signed_by=CUDA_KEYRING,
+    source = list(
+        apt.sources_file._inner(
+            filename=CUDA_SOURCES_NAME, uris=uri, suites="/", signed_by=CUDA_KEYRING
+        )
     )
-    if key_ok:
+    yield from source
+    if key_ok and not source:
         host.noop(f"the CUDA repository {uri} is configured with its key")
 
 
@@ -659,10 +659,14 @@ def driver_services(fabricmanager: Any = "auto", running: bool = True):
     services = [PERSISTENCED_SERVICE]
     if wants_fabricmanager(fabricmanager, state):
         services.append(FABRICMANAGER_SERVICE)
+    commands = []
     for service in services:
-        yield from systemd.service._inner(
+        commands += systemd.service._inner(
             service=service, running=True if running else None, enabled=True
         )
+    yield from commands
+    if not commands:
+        host.noop(f"{' and '.join(services)} {'running and ' if running else ''}enabled")
 
 
 def verify_command(version: str, wait_s: int = VERIFY_WAIT_S) -> str:

@@ -243,13 +243,13 @@ def toolkit_repository(repo_url: str, key_url: str, key_fingerprint: str):
         yield from tool_commands(state["packages"], needed=True)
         yield install_key_command(key_url, TOOLKIT_KEYRING, key_fingerprint)
 
-    yield from apt.sources_file._inner(
-        filename=TOOLKIT_SOURCES_NAME,
-        uris=uri,
-        suites="/",
-        signed_by=TOOLKIT_KEYRING,
+    source = list(
+        apt.sources_file._inner(
+            filename=TOOLKIT_SOURCES_NAME, uris=uri, suites="/", signed_by=TOOLKIT_KEYRING
+        )
     )
-    if key_ok:
+    yield from source
+    if key_ok and not source:
         host.noop(f"the Container Toolkit repository {uri} is configured with its key")
 
 
