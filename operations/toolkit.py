@@ -372,12 +372,13 @@ def verify_gpu_container(image: str, expected_gpus: int | None = None):
         # The GPUs the driver phase found (read when the check runs, after any reboot).
         expected_gpus = host.get_fact(NvidiaHost)["gpu_count"] or None
     want = f"-eq {int(expected_gpus)}" if expected_gpus else "-ge 1"
+    wanted = f"{int(expected_gpus)}" if expected_gpus else "at least 1"
     yield StringCommand(
         f"out=$(docker run --rm --runtime={RUNTIME_NAME} -e NVIDIA_VISIBLE_DEVICES=all",
         QuoteString(image),
         'nvidia-smi -L) || { echo "a GPU container could not run" >&2; exit 1; };',
         'echo "$out"; n=$(echo "$out" | grep -c "^GPU ");',
-        f'[ "$n" {want} ] || {{ echo "a GPU container saw $n GPU(s), expected {want}" >&2; exit 1; }}',
+        f'[ "$n" {want} ] || {{ echo "a GPU container saw $n GPU(s), expected {wanted}" >&2; exit 1; }}',
     )
 
 
