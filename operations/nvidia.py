@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import time
 from io import StringIO
 from typing import Any
 
@@ -32,14 +33,17 @@ from pyinfra import host
 from pyinfra.api import (
     FactBase,
     FileUploadCommand,
+    FunctionCommand,
     OperationError,
     QuoteString,
     StringCommand,
     deploy,
     operation,
 )
+from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
 from pyinfra.facts.apt import noninteractive_apt
-from pyinfra.operations import apt, server, systemd
+from pyinfra.facts.files import File
+from pyinfra.operations import apt, systemd
 
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
 CUDA_SOURCES_NAME = "nvidia-cuda"  # -> /etc/apt/sources.list.d/nvidia-cuda.sources
@@ -78,6 +82,11 @@ GPU_QUERY_FIELDS = (
 )
 
 VERIFY_WAIT_S = 120
+
+# Written before a reboot into /run (a tmpfs, emptied by every boot): the host has rebooted once
+# a fresh connection no longer finds it. pyinfra's server.reboot compares /proc/uptime instead,
+# which a container (the lab's hosts) shares with its machine and so never goes down.
+REBOOT_MARKER = "/run/gpu-fleet-reboot-pending"
 
 
 # --- Pure logic -----------------------------------------------------------------------------
@@ -629,6 +638,7 @@ def nouveau_blacklist():
         host.noop(f"{NOUVEAU_BLACKLIST} already blacklists nouveau")
         return
     staged = f"{NOUVEAU_BLACKLIST}.pyinfra-new"
+    yield StringCommand("install -d -m 0755", posixpath.dirname(NOUVEAU_BLACKLIST))
     yield FileUploadCommand(StringIO(NOUVEAU_BLACKLIST_TEXT), staged)
     yield StringCommand(
         "chown root:root", staged, "&& chmod 0644", staged,
@@ -680,11 +690,45 @@ def verify_command(version: str, wait_s: int = VERIFY_WAIT_S) -> str:
     )
 
 
+def reboot_commands(reboot_timeout: int, delay: int = 10, interval: int = 5):
+    """The commands of a reboot that waits for the host to come back, as pyinfra's
+    server.reboot does, but told apart by a marker in /run rather than by /proc/uptime."""
+
+    def remove_askpass(state, host):
+        remove_any_sudo_askpass_file(host)
+
+    def wait_for_reboot(state, host):  # pragma: no cover - needs a real reboot
+        time.sleep(delay)
+        clear_askpass_cache(host)
+        host.disconnect()
+        deadline = time.monotonic() + reboot_timeout
+        while True:
+            host.connect(show_errors=False)
+            if host.connected and host.get_fact(File, path=REBOOT_MARKER) is None:
+                return
+            if time.monotonic() > deadline:
+                raise Exception(f"the host did not come back within {reboot_timeout}s of a reboot")
+            if host.connected:
+                host.disconnect()
+            time.sleep(interval)
+
+    def forget_sudo(state, host):
+        clear_askpass_cache(host)
+
+    yield FunctionCommand(remove_askpass, (), {})
+    yield f"touch {REBOOT_MARKER}"
+    # Detached, so the SSH channel closes before the machine goes down.
+    yield "( sleep 1 && systemctl reboot ) </dev/null >/dev/null 2>&1 &"
+    yield FunctionCommand(wait_for_reboot, (), {})
+    yield FunctionCommand(forget_sudo, (), {})
+
+
 @operation(is_idempotent=False)
 def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: int = 900):
     """
     Reboot the host when its GPUs need it (the installed driver is not the loaded one, or
-    nouveau is loaded), wait for it to come back, and check that nvidia-smi reports
+    nouveau is loaded), wait for it to come back (a marker in /run, emptied by the boot, tells
+    a rebooted host from one still going down), and check that nvidia-smi reports
     ``version``. A host whose loaded driver is already right is never rebooted. When a reboot
     is needed and ``allow_reboot`` is False the host fails with "reboot required" (pyinfra runs
     nothing more on it; other hosts go on).
@@ -716,7 +760,7 @@ def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: 
             f"reboot required: {reason}; nvidia_allow_reboot is False, so this host stops here. "
             "Reboot it (or allow reboots) and run again."
         )
-    yield from server.reboot._inner(delay=10, interval=5, reboot_timeout=reboot_timeout)
+    yield from reboot_commands(reboot_timeout)
     yield verify_command(version)
 
 

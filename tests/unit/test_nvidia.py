@@ -224,3 +224,52 @@ def test_verify_command_checks_the_exact_version():
     command = nvidia.verify_command("580.95.05", wait_s=10)
     assert '= "580.95.05" ]' in command
     assert "-ge 5" in command
+
+
+class _RebootingHost:
+    """Connects, and finds the /run marker on the first two connections (still going down)."""
+
+    def __init__(self, marker_seen: int):
+        self.marker_seen = marker_seen
+        self.connected = False
+        self.events = []
+
+    def connect(self, show_errors=True):
+        self.connected = True
+        self.events.append("connect")
+
+    def disconnect(self):
+        self.connected = False
+        self.events.append("disconnect")
+
+    def get_fact(self, fact, path):
+        assert path == nvidia.REBOOT_MARKER
+        self.events.append("marker?")
+        if self.marker_seen > 0:
+            self.marker_seen -= 1
+            return {"size": 0}
+        return None
+
+
+def _wait_function():
+    commands = list(nvidia.reboot_commands(reboot_timeout=30, delay=0, interval=0))
+    assert commands[1] == f"touch {nvidia.REBOOT_MARKER}"
+    assert "systemctl reboot" in commands[2]
+    return commands[3].function
+
+
+def test_reboot_waits_until_the_marker_is_gone(monkeypatch):
+    monkeypatch.setattr(nvidia, "clear_askpass_cache", lambda host: None)
+    host = _RebootingHost(marker_seen=2)
+    _wait_function()(None, host)
+    assert host.events.count("marker?") == 3
+    assert host.connected
+
+
+def test_reboot_wait_gives_up_after_the_timeout(monkeypatch):
+    monkeypatch.setattr(nvidia, "clear_askpass_cache", lambda host: None)
+    clock = iter(range(0, 10_000, 20))
+    monkeypatch.setattr(nvidia.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(nvidia.time, "sleep", lambda seconds: None)
+    with pytest.raises(Exception, match="did not come back within 30s"):
+        _wait_function()(None, _RebootingHost(marker_seen=1_000))
