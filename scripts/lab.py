@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.lab import fleet  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab import fleet, images  # noqa: E402  (needs the repo root on sys.path)
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
@@ -41,7 +42,9 @@ HOST_TOOLS = {
     "debootstrap": "debootstrap",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "ssh-keyscan": "openssh-client",
     "gpg": "gnupg",
+    "apt-ftparchive": "apt-utils",  # the stand-in apt repositories are indexed with it
 }
 
 
@@ -76,9 +79,12 @@ def apt_install(packages: list[str]) -> None:
         raise LabError(f"missing {', '.join(packages)}: install them (as root: apt-get install {' '.join(packages)})")
     say(f"installing {', '.join(packages)} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    for command in (["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()[-800:]
+            raise LabError(f"{' '.join(command[:2])} failed (exit {result.returncode}): {output}")
 
 
 def ensure_host_tools() -> None:
@@ -137,7 +143,7 @@ def gpu_hardware(host_name: str) -> dict[str, bytes]:
 def up(lab: str, count: int, deploy: bool) -> int:
     started = time.monotonic()
     bootstrap()
-    image = fleet.ensure_host_image()
+    image = images.ensure_host()
     subnet = fleet.ensure_network(lab)
     key = fleet.ensure_ssh_key(lab)
     count = max(count, fleet.existing_host_count(lab))
@@ -171,6 +177,7 @@ def up(lab: str, count: int, deploy: bool) -> int:
     print("  python3 scripts/lab.py ssh node-1        a shell as the deploy user")
     print("  .venv/bin/pyinfra inventories/lab.py deploy.py   run again: nothing should change")
     print("  python3 scripts/lab.py down              remove the lab")
+    print("  README.md, section 'The lab'             what the lab is and what it stands in for")
     return result.returncode
 
 
@@ -190,11 +197,25 @@ def status(lab: str, as_json: bool) -> int:
     if not state:
         print(f"lab {lab} is not up (python3 scripts/lab.py up)")
         return 1
+    key, known_hosts = Path(state["ssh_key"]), Path(state["known_hosts"])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reachable = list(pool.map(
+            lambda h: h["state"] == "running" and fleet.ssh_answers(h["address"], key, known_hosts),
+            hosts,
+        ))
     print(f"lab {lab}  network {state['network']} {state['subnet']}")
-    print(f"{'name':<10}{'container':<28}{'address':<18}state")
-    for host in hosts:
-        print(f"{host['name']:<10}{host['container']:<28}{host['address']:<18}{host['state']}")
-    return 0
+    print(status_table(hosts, reachable))
+    return 0 if all(reachable) else 1
+
+
+def status_table(hosts: list[dict], reachable: list[bool]) -> str:
+    """The status table: one row per host, with whether the deploy user gets in over SSH."""
+    rows = [("name", "container", "address", "state", "ssh")]
+    rows += [(h["name"], h["container"], h["address"], h["state"], "ok" if ok else "NO")
+             for h, ok in zip(hosts, reachable)]
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
+    return "\n".join("".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[4]
+                     for row in rows)
 
 
 def gateway_endpoint(state: dict | None) -> str | None:
@@ -224,10 +245,14 @@ def down(lab: str, purge_images: bool) -> int:
     say(f"removed {removed['container']} containers, {removed['network']} networks, "
         f"{removed['volume']} volumes of lab {lab} in {time.monotonic() - started:.0f}s")
     if purge_images:
-        images = fleet.docker("images", "-q", "--filter", "reference=gpufleet-lab-*").split()
-        if images:
-            fleet.docker("rmi", "-f", *sorted(set(images)))
-        say(f"removed {len(set(images))} lab images")
+        tags = images.lab_images(lab)
+        kept = []
+        for tag in tags:
+            # Another lab's containers may still run from a shared image: keep it, say so.
+            if subprocess.run(["docker", "rmi", tag], capture_output=True).returncode != 0:
+                kept.append(tag)
+        say(f"removed {len(tags) - len(kept)} lab images"
+            + (f"; kept {', '.join(kept)} (in use by another lab's containers)" if kept else ""))
     return 0
 
 
@@ -262,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ssh":
             return ssh(lab, args.node, args.remote_command)
         return down(lab, args.purge_images)
-    except LabError as error:
+    except (LabError, images.ImageError) as error:
         print(f"lab: error: {error}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:

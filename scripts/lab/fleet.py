@@ -25,13 +25,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_ROOT = REPO_ROOT / ".lab"
-HOST_IMAGE_DIR = Path(__file__).resolve().parent / "host-image"
 
 LABEL = "gpufleet.lab"
 SSH_USER = "ops"
 DEFAULT_LAB = "gpulab"
 FIRST_HOST_OCTET = 11
-SUITE = "bookworm"
 
 # The run flags that let a container run systemd and its own dockerd on these machines without
 # --privileged (see shared/LAB-NOTES.md: CAP_SYS_RESOURCE is not in the bounding set here).
@@ -113,88 +111,6 @@ def state_dir(lab: str) -> Path:
     return STATE_ROOT / lab
 
 
-def recipe_hash(*paths: Path, extra: str = "") -> str:
-    """Content hash of an image recipe: a changed recipe builds a new image, an unchanged one
-    is reused."""
-    digest = hashlib.sha256(extra.encode())
-    for path in paths:
-        for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-# --- Images -------------------------------------------------------------------------------
-
-
-def debian_mirror() -> str:
-    """This machine's own Debian mirror: the lab uses what the machine already reaches."""
-    sources_d = Path("/etc/apt/sources.list.d")
-    files = [Path("/etc/apt/sources.list"), *sorted(sources_d.glob("*.sources")),
-             *sorted(sources_d.glob("*.list"))]
-    for path in files:
-        if not path.is_file():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
-            words = line.split()
-            if words[:1] == ["URIs:"]:
-                uris = words[1:]
-            elif words[:1] == ["deb"]:
-                uris = [word for word in words[1:] if "://" in word][:1]
-            else:
-                continue
-            for uri in uris:
-                if uri.rstrip("/").endswith("/debian"):
-                    return uri
-    return "http://deb.debian.org/debian"
-
-
-def ensure_base_image() -> str:
-    """Debian 12 minbase from debootstrap, imported as an image (no registry needed)."""
-    mirror = debian_mirror()
-    tag = f"gpufleet-lab-base:{recipe_hash(extra=f'{SUITE} minbase {mirror}')}"
-    if exists("image", tag):
-        return tag
-    say(f"building the base image {tag} with debootstrap from {mirror} (about a minute, once)")
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gpufleet-rootfs-") as rootfs:
-        result = subprocess.run(
-            ["debootstrap", "--variant=minbase", SUITE, rootfs, mirror], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise LabError(f"debootstrap failed: {result.stderr.strip()[-400:]}")
-        sources = Path(rootfs, "etc/apt/sources.list")
-        sources.write_text(
-            f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n"
-        )
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "--change", "CMD [\"/bin/bash\"]", "-", tag],
-            stdin=tar.stdout, capture_output=True,
-        )
-        tar.wait()
-        if imported.returncode != 0:
-            raise LabError(f"docker import failed: {imported.stderr.decode().strip()}")
-    say(f"base image ready in {time.monotonic() - started:.0f}s")
-    return tag
-
-
-def ensure_host_image() -> str:
-    base = ensure_base_image()
-    tag = f"gpufleet-lab-host:{recipe_hash(HOST_IMAGE_DIR, extra=base)}"
-    if exists("image", tag):
-        return tag
-    say(f"building the host image {tag} (systemd, sshd, sudo, user {SSH_USER})")
-    started = time.monotonic()
-    result = subprocess.run(
-        ["docker", "build", "--build-arg", f"BASE={base}", "-t", tag, str(HOST_IMAGE_DIR)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        raise LabError(f"host image build failed: {result.stderr.strip()[-600:]}")
-    say(f"host image ready in {time.monotonic() - started:.0f}s")
-    return tag
-
-
 # --- Hosts --------------------------------------------------------------------------------
 
 
@@ -238,6 +154,11 @@ def ensure_network(lab: str) -> ipaddress.IPv4Network:
     if name in subnets:
         return subnets[name]
     subnet = subnet_for(lab, tuple(subnets.values()))
+    preferred = subnet_for(lab)
+    if subnet != preferred:
+        users = ", ".join(sorted(n for n, s in subnets.items() if s.overlaps(preferred)))
+        say(f"network {name}: {preferred} (this lab name's usual subnet) overlaps existing "
+            f"Docker network(s) {users}; using {subnet} instead")
     say(f"network {name} {subnet}")
     docker("network", "create", "--driver", "bridge", "--subnet", str(subnet),
            "--label", f"{LABEL}={lab}", name)
@@ -254,7 +175,8 @@ def ensure_ssh_key(lab: str) -> Path:
     return key
 
 
-def copy_files_into(container: str, files: dict[str, bytes], new_dirs: tuple[str, ...] = ()) -> None:
+def copy_files_into(container: str, files: dict[str, bytes], new_dirs: tuple[str, ...] = (),
+                    mode: int = 0o644) -> None:
     """docker cp files (absolute path -> content) into a container; `new_dirs` are created
     (root, 0755) first. Existing directories keep their owner and mode."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +188,7 @@ def copy_files_into(container: str, files: dict[str, bytes], new_dirs: tuple[str
                 tar.addfile(info)
             for path, data in files.items():
                 info = tarfile.TarInfo(path.lstrip("/"))
-                info.size, info.mode = len(data), 0o644
+                info.size, info.mode = len(data), mode
                 tar.addfile(info, fileobj=io.BytesIO(data))
         docker("cp", "-", f"{container}:/", input=archive.read_bytes())
 
@@ -285,29 +207,45 @@ def create_host(lab: str, index: int, host: Host, image: str, public_key: bytes,
         "-v", f"{volume}:/var/lib/docker",
         *SYSTEMD_RUN_FLAGS, image,
     )
-    copy_files_into(host.container, {f"/home/{SSH_USER}/.ssh/authorized_keys": public_key})
+    copy_files_into(host.container, {f"/home/{SSH_USER}/.ssh/authorized_keys": public_key},
+                    mode=0o600)
     copy_files_into(host.container, hardware,
                     new_dirs=tuple(sorted({str(Path(path).parent) for path in hardware})))
     docker("start", host.container)
+    # docker cp writes files as root; the key belongs to the user, as on a provisioned server.
+    docker("exec", host.container, "chown", f"{SSH_USER}:{SSH_USER}",
+           f"/home/{SSH_USER}/.ssh/authorized_keys")
 
 
 def wait_until_ready(host: Host, key: Path, timeout_s: float = 120) -> None:
     """systemd has finished booting and sshd accepts the lab key."""
     deadline = time.monotonic() + timeout_s
     last = ""
+    reported_degraded = False
     while time.monotonic() < deadline:
         state = subprocess.run(
             ["docker", "exec", host.container, "systemctl", "is-system-running"],
             capture_output=True, text=True,
         ).stdout.strip()
+        if state == "degraded" and not reported_degraded:
+            # Booted, but a unit failed: usable, and worth a line (a fresh host should not).
+            failed = docker("exec", host.container, "systemctl", "list-units", "--failed",
+                            "--plain", "--no-legend", check=False)
+            units = ", ".join(line.split()[0] for line in failed.splitlines() if line.split())
+            say(f"{host.name}: systemd is degraded (failed: {units or 'none listed'})")
+            reported_degraded = True
         if state in ("running", "degraded"):
-            probe = subprocess.run(
-                ["ssh", *ssh_options(key, None), f"{SSH_USER}@{host.address}", "true"],
-                capture_output=True, text=True, timeout=20,
-            )
-            if probe.returncode == 0:
-                return
-            last = probe.stderr.strip()
+            try:
+                probe = subprocess.run(
+                    ["ssh", *ssh_options(key, None), f"{SSH_USER}@{host.address}", "true"],
+                    capture_output=True, text=True, timeout=20,
+                )
+            except subprocess.TimeoutExpired:
+                last = "ssh did not answer within 20s"
+            else:
+                if probe.returncode == 0:
+                    return
+                last = probe.stderr.strip()
         else:
             last = f"systemd is {state or 'not answering'}"
         time.sleep(1)
@@ -322,6 +260,16 @@ def ssh_options(key: Path, known_hosts: Path | None) -> list[str]:
     else:
         options += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
     return options
+
+
+def ssh_answers(address: str, key: Path, known_hosts: Path, timeout_s: float = 10) -> bool:
+    """The deploy user gets a shell on the host, with the lab's key and recorded host key."""
+    try:
+        probe = subprocess.run(["ssh", *ssh_options(key, known_hosts), f"{SSH_USER}@{address}", "true"],
+                               capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
 
 
 def record_host_keys(hosts: list[Host], known_hosts: Path) -> None:

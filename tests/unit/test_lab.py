@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scripts.lab import fleet
+from scripts.lab import fleet, images
 
 
 def test_subnets_are_stable_per_lab_and_inside_the_lab_range():
@@ -39,11 +39,11 @@ def test_hosts_get_fixed_addresses_after_the_service_range():
 
 def test_recipe_hash_changes_with_the_recipe(tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM base\n")
-    first = fleet.recipe_hash(tmp_path)
-    assert fleet.recipe_hash(tmp_path) == first
+    first = images.recipe_hash(tmp_path)
+    assert images.recipe_hash(tmp_path) == first
     (tmp_path / "Dockerfile").write_text("FROM base\nRUN true\n")
-    assert fleet.recipe_hash(tmp_path) != first
-    assert fleet.recipe_hash(tmp_path, extra="other base") != fleet.recipe_hash(tmp_path)
+    assert images.recipe_hash(tmp_path) != first
+    assert images.recipe_hash(tmp_path, extra="other base") != images.recipe_hash(tmp_path)
 
 
 def test_the_lab_inventory_maps_hosts_json_to_pyinfra_hosts(tmp_path, monkeypatch):
@@ -73,3 +73,51 @@ def test_the_lab_inventory_says_how_to_start_a_lab_that_is_not_up(monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(fleet.REPO_ROOT / "inventories" / "lab.py"))
     assert str(stopped.value) == "lab no-such-lab is not up: run `python3 scripts/lab.py up` first"
+
+
+def test_recipe_hash_sees_files_in_subdirectories_and_their_place(tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "unit.service").write_text("[Unit]\n")
+    first = images.recipe_hash(tmp_path)
+    (tmp_path / "files" / "unit.service").rename(tmp_path / "unit.service")
+    assert images.recipe_hash(tmp_path) != first, "a file moved in the recipe must rebuild"
+
+
+def test_the_mirror_comes_from_this_machines_apt_sources():
+    deb822 = (
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n\n"
+        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+    )
+    assert images.mirror_from_sources([deb822]) == "http://deb.debian.org/debian"
+    one_line = (
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb [arch=amd64] http://mirror.example.org/debian/ bookworm main\n"
+    )
+    assert images.mirror_from_sources(["", one_line]) == "http://mirror.example.org/debian"
+    security_only = "deb http://security.debian.org/debian-security bookworm-security main\n"
+    assert images.mirror_from_sources([security_only]) is None
+
+
+def test_the_image_apt_sources_use_the_same_mirror():
+    text = images.apt_sources_list("http://mirror.example.org/debian")
+    assert text.splitlines() == [
+        "deb http://mirror.example.org/debian bookworm main",
+        "deb http://mirror.example.org/debian bookworm-updates main",
+    ]
+
+
+def test_the_status_table_shows_every_host_and_whether_ssh_answers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lab_cli", fleet.REPO_ROOT / "scripts" / "lab.py")
+    lab_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lab_cli)
+    hosts = [
+        {"name": "node-1", "container": "gpulab-node-1", "address": "172.29.9.11", "state": "running"},
+        {"name": "node-2", "container": "gpulab-node-2", "address": "172.29.9.12", "state": "exited"},
+    ]
+    lines = lab_cli.status_table(hosts, [True, False]).splitlines()
+    assert lines[0].split() == ["name", "container", "address", "state", "ssh"]
+    assert lines[1].split() == ["node-1", "gpulab-node-1", "172.29.9.11", "running", "ok"]
+    assert lines[2].split() == ["node-2", "gpulab-node-2", "172.29.9.12", "exited", "NO"]
+    assert len({line.index("172.29") for line in lines[1:]}) == 1, "columns are aligned"

@@ -60,6 +60,22 @@ def test_fresh_hosts_have_nothing_the_deploy_installs(lab):
         assert result.stdout.strip() == "", f"{host['name']} already has: {result.stdout}"
 
 
+def test_pyinfra_reaches_every_host_through_the_lab_inventory(lab):
+    """The hand-off to the deploy: inventories/lab.py, the lab key, strict host key checking
+    against the keys the lab recorded, sudo. Runs a read-only command, installs nothing."""
+    result = lab.pyinfra("-y", "inventories/lab.py", "exec", "--", "id -un")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for host in lab.hosts:
+        assert f"[{host['name']}] root" in output, output
+
+
+def test_the_deploy_users_key_is_its_own(lab):
+    for host in lab.hosts:
+        result = lab.ssh(host["name"], "stat -c '%U %a' ~/.ssh/authorized_keys")
+        assert result.stdout.split() == ["ops", "600"], result.stdout + result.stderr
+
+
 def test_ssh_to_an_unknown_node_is_a_clear_error(lab):
     result = lab.cli("ssh", "node-9", "true")
     assert result.returncode == 1
