@@ -200,6 +200,12 @@ def reboot_reason(state: dict[str, Any]) -> str | None:
         return f"NVIDIA driver {installed} is installed but not loaded"
     if installed and loaded and installed != loaded:
         return f"NVIDIA driver {installed} is installed but {loaded} is loaded"
+    installed_flavour, loaded_flavour = driver.get("installed_flavour"), driver.get("loaded_flavour")
+    if installed_flavour and loaded_flavour and installed_flavour != loaded_flavour:
+        return (
+            f"the {installed_flavour} kernel modules are installed but the {loaded_flavour} "
+            "ones are loaded"
+        )
     return None
 
 
@@ -249,6 +255,23 @@ def installed_driver_version(packages: dict[str, dict[str, Any]]) -> str | None:
         for name in sorted(packages):
             if pattern.match(name):
                 return upstream_version(packages[name]["version"])
+    return None
+
+
+def installed_driver_flavour(packages: dict[str, dict[str, Any]]) -> str | None:
+    """"open" or "proprietary" from the installed kernel module package, or None."""
+    for name in sorted(packages):
+        if _KERNEL_PACKAGE.match(name):
+            return "open" if name.endswith("-open") or "-open-" in name else "proprietary"
+    return None
+
+
+def loaded_driver_flavour(proc_line: str) -> str | None:
+    """"open" or "proprietary" from /proc/driver/nvidia/version's banner, or None."""
+    if "Open Kernel Module" in proc_line:
+        return "open"
+    if "Kernel Module" in proc_line:
+        return "proprietary"
     return None
 
 
@@ -364,7 +387,9 @@ def parse_nvidia_host(lines: list[str]) -> dict[str, Any]:
         "pci": {"gpus": pci_gpus, "nvswitches": pci_switches},
         "driver": {
             "installed_version": installed_driver_version(packages),
+            "installed_flavour": installed_driver_flavour(packages),
             "loaded_version": loaded,
+            "loaded_flavour": loaded_driver_flavour(first("proc")),
             "loaded": loaded is not None,
             "cuda_version": cuda,
             "smi_error": smi_error,
@@ -598,7 +623,15 @@ def driver_packages(
             )
             lines.append(f"specs=\"$specs {name}=$v\"")
         extra = ["--allow-downgrades"] if any(name in installed for name, _ in missing) else []
-        if any(installed.get(name, {}).get("held") for name, _ in missing):
+        # A held package in the way: one being replaced, or the other flavour's kernel
+        # modules (which the wanted ones conflict with).
+        wanted_names = {name for name, _ in wanted}
+        in_the_way = [
+            name for name, info in installed.items()
+            if info["held"] and name not in wanted_names
+            and (_KERNEL_PACKAGE.match(name) or re.match(r"^nvidia-headless-\d+", name))
+        ]
+        if in_the_way or any(installed.get(name, {}).get("held") for name, _ in missing):
             extra.append("--allow-change-held-packages")
         install = _apt_install(["$specs"] + ([headers] if want_headers else []), " ".join(extra))
         lines.append(install)

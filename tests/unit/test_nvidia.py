@@ -273,3 +273,24 @@ def test_reboot_wait_gives_up_after_the_timeout(monkeypatch):
     monkeypatch.setattr(nvidia.time, "sleep", lambda seconds: None)
     with pytest.raises(Exception, match="did not come back within 30s"):
         _wait_function()(None, _RebootingHost(marker_seen=1_000))
+
+
+def test_reboot_reason_for_a_flavour_switch():
+    state = _state(installed="580.95.05", loaded="580.95.05")
+    state["driver"].update(installed_flavour="open", loaded_flavour="proprietary")
+    assert "open kernel modules are installed but the proprietary" in nvidia.reboot_reason(state)
+    state["driver"]["loaded_flavour"] = None  # unknown (no /proc banner): no guess
+    assert nvidia.reboot_reason(state) is None
+
+
+def test_flavours_from_packages_and_banner():
+    assert nvidia.installed_driver_flavour({"nvidia-dkms-580-open": {}}) == "open"
+    assert nvidia.installed_driver_flavour({"nvidia-kernel-dkms": {}}) == "proprietary"
+    assert nvidia.installed_driver_flavour({"nvidia-utils-580": {}}) is None
+    assert nvidia.loaded_driver_flavour(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build"
+    ) == "open"
+    assert nvidia.loaded_driver_flavour(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024"
+    ) == "proprietary"
+    assert nvidia.loaded_driver_flavour("") is None
