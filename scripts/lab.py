@@ -94,6 +94,8 @@ def ensure_host_tools() -> None:
 
 
 def docker_answers() -> bool:
+    if not shutil.which("docker"):  # a bare machine: bootstrap installs docker.io
+        return False
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 

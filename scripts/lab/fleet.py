@@ -130,10 +130,19 @@ def planned_hosts(lab: str, subnet: ipaddress.IPv4Network, count: int) -> list[H
     ]
 
 
+def host_count_from_names(lab: str, names: list[str]) -> int:
+    """How many hosts a lab has, from its host containers' names: the highest node number (a
+    gap left by a removed container is filled again by `up`, not renumbered)."""
+    prefix = f"{lab}-node-"
+    numbers = [int(n[len(prefix):]) for n in names
+               if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return max(numbers, default=0)
+
+
 def existing_host_count(lab: str) -> int:
     names = docker("ps", "-a", "--filter", f"label={LABEL}={lab}", "--filter",
-                   f"label=gpufleet.role=host", "--format", "{{.Names}}").split()
-    return len(names)
+                   "label=gpufleet.role=host", "--format", "{{.Names}}").split()
+    return host_count_from_names(lab, names)
 
 
 def docker_subnets() -> dict[str, ipaddress.IPv4Network]:

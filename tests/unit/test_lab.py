@@ -121,3 +121,10 @@ def test_the_status_table_shows_every_host_and_whether_ssh_answers():
     assert lines[1].split() == ["node-1", "gpulab-node-1", "172.29.9.11", "running", "ok"]
     assert lines[2].split() == ["node-2", "gpulab-node-2", "172.29.9.12", "exited", "NO"]
     assert len({line.index("172.29") for line in lines[1:]}) == 1, "columns are aligned"
+
+
+def test_the_host_count_is_the_highest_node_number_of_this_lab():
+    names = ["gpulab-node-1", "gpulab-node-3", "gpulab-test-node-7", "gpulab-node-x"]
+    assert fleet.host_count_from_names("gpulab", names) == 3  # node-2 was removed: up recreates it
+    assert fleet.host_count_from_names("gpulab-test", names) == 7
+    assert fleet.host_count_from_names("other", names) == 0
