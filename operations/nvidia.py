@@ -117,7 +117,9 @@ def driver_package_names(
     """The driver packages for a distribution as (name, pinned to the driver version) pairs.
     Raises ValueError for a combination NVIDIA does not package this way."""
     if flavour not in ("open", "proprietary"):
-        raise ValueError(f"unknown nvidia_driver_flavour {flavour!r} (expected 'open' or 'proprietary')")
+        raise ValueError(
+            f"unknown nvidia_driver_flavour {flavour!r} (expected 'open' or 'proprietary')"
+        )
     if not branch.isdigit():
         raise ValueError(f"nvidia_driver_branch must be digits such as '580', not {branch!r}")
     if distro_id == "debian":
@@ -200,7 +202,8 @@ def reboot_reason(state: dict[str, Any]) -> str | None:
         return f"NVIDIA driver {installed} is installed but not loaded"
     if installed and loaded and installed != loaded:
         return f"NVIDIA driver {installed} is installed but {loaded} is loaded"
-    installed_flavour, loaded_flavour = driver.get("installed_flavour"), driver.get("loaded_flavour")
+    installed_flavour = driver.get("installed_flavour")
+    loaded_flavour = driver.get("loaded_flavour")
     if installed_flavour and loaded_flavour and installed_flavour != loaded_flavour:
         return (
             f"the {installed_flavour} kernel modules are installed but the {loaded_flavour} "
@@ -442,7 +445,8 @@ class NvidiaHost(FactBase):
             "'nvidia-*' 'cuda-drivers*' 'libnvidia-*' "
             + " ".join(REPO_TOOL_PACKAGES)
             + ' "linux-headers-$(uname -r)" 2>/dev/null; '
-            f"if [ -e {NOUVEAU_BLACKLIST} ]; then echo '##blacklist'; cat {NOUVEAU_BLACKLIST}; echo; fi; "
+            f"if [ -e {NOUVEAU_BLACKLIST} ]; then echo '##blacklist'; "
+            f"cat {NOUVEAU_BLACKLIST}; echo; fi; "
             f"echo '##keyring'; if [ -s {CUDA_KEYRING} ]; then echo present; "
             f"gpg --show-keys --with-colons {CUDA_KEYRING} 2>/dev/null | "
             "awk -F: '$1 == \"fpr\" { print \"fpr:\" $10 }'; fi; "
@@ -615,10 +619,12 @@ def driver_packages(
                 continue
             lines.append(
                 f"v=$(apt-cache madison {name} | awk -v want='{version}-' "
-                "'{ v = $3; sub(/^[0-9]+:/, \"\", v); if (index(v, want) == 1) { print $3; exit } }')"
+                "'{ v = $3; sub(/^[0-9]+:/, \"\", v); "
+                "if (index(v, want) == 1) { print $3; exit } }')"
             )
             lines.append(
-                f"[ -n \"$v\" ] || {{ echo 'no {name} {version} in the configured repositories' >&2; "
+                f"[ -n \"$v\" ] || {{ echo 'no {name} {version} in the configured "
+                "repositories' >&2; "
                 "exit 1; }"
             )
             lines.append(f"specs=\"$specs {name}=$v\"")

@@ -83,7 +83,8 @@ def toolkit_repo_uri(base_url: str, dpkg_arch: str) -> str:
     """The flat repository directory for an architecture: NVIDIA's `$(ARCH)`, spelt out."""
     if dpkg_arch not in ("amd64", "arm64"):
         raise ValueError(
-            f"the NVIDIA Container Toolkit repository has no packages for {dpkg_arch or '(unknown)'}"
+            "the NVIDIA Container Toolkit repository has no packages for "
+            f"{dpkg_arch or '(unknown)'}"
         )
     return f"{base_url.rstrip('/')}/{dpkg_arch}"
 
@@ -186,7 +187,7 @@ class ToolkitHost(FactBase):
         {
             "arch": "amd64",
             "packages": {"nvidia-container-toolkit": {"version": "1.19.1-1", "held": True}},
-            "keyring": {"present": True, "fingerprints": ["C95B321B61E88C1809C4F759DDCAE044F796ECB0"]},
+            "keyring": {"present": True, "fingerprints": ["C95B...96ECB0"]},
             "config": "swarm-resource = \\"DOCKER_RESOURCE_NVIDIA-GPU\\"\\n...",
         }
     """
@@ -200,7 +201,8 @@ class ToolkitHost(FactBase):
             f"echo '##keyring'; if [ -s {TOOLKIT_KEYRING} ]; then echo present; "
             f"gpg --show-keys --with-colons {TOOLKIT_KEYRING} 2>/dev/null | "
             "awk -F: '$1 == \"fpr\" { print \"fpr:\" $10 }'; fi; "
-            f"if [ -e {RUNTIME_CONFIG} ]; then echo '##config'; cat {RUNTIME_CONFIG}; echo; fi; true"
+            f"if [ -e {RUNTIME_CONFIG} ]; then echo '##config'; cat {RUNTIME_CONFIG}; echo; fi; "
+            "true"
         )
 
     def process(self, output):
@@ -378,7 +380,8 @@ def verify_gpu_container(image: str, expected_gpus: int | None = None):
         QuoteString(image),
         'nvidia-smi -L) || { echo "a GPU container could not run" >&2; exit 1; };',
         'echo "$out"; n=$(echo "$out" | grep -c "^GPU ");',
-        f'[ "$n" {want} ] || {{ echo "a GPU container saw $n GPU(s), expected {wanted}" >&2; exit 1; }}',
+        f'[ "$n" {want} ] ||',
+        f'{{ echo "a GPU container saw $n GPU(s), expected {wanted}" >&2; exit 1; }}',
     )
 
 
