@@ -294,3 +294,52 @@ def test_flavours_from_packages_and_banner():
         "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024"
     ) == "proprietary"
     assert nvidia.loaded_driver_flavour("") is None
+
+
+# The keys this phase reads, with their proposed defaults (group_data/all.py).
+SETTINGS = dict(
+    nvidia_cuda_repo_url="https://developer.download.nvidia.com/compute/cuda/repos",
+    nvidia_cuda_key_fingerprint="EB693B3035CD5710E231E123A4B469963BF863CC",
+    nvidia_driver_branch="580",
+    nvidia_driver_version="580.95.05",
+    nvidia_driver_flavour="open",
+    nvidia_fabricmanager="auto",
+    nvidia_allow_reboot=False,
+    nvidia_reboot_timeout_s=900,
+    preflight_require_kernel_headers=True,
+)
+
+
+def test_phase_passes_the_settings_to_its_operations(monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    def recorder(op_name, changes):
+        def record(**kwargs):
+            calls.append((op_name, kwargs))
+            return SimpleNamespace(did_change=lambda: changes)
+
+        return record
+
+    for op_name in ("cuda_repository", "driver_packages", "nouveau_blacklist",
+                    "driver_services", "verify_driver"):
+        monkeypatch.setattr(nvidia, op_name, recorder(op_name, False))
+    monkeypatch.setattr(nvidia, "reboot_for_driver", recorder("reboot_for_driver", True))
+
+    result = nvidia.nvidia_driver._inner(SimpleNamespace(**SETTINGS))
+
+    by_name = {}
+    for op_name, kwargs in calls:
+        by_name.setdefault(op_name, []).append(kwargs)
+    assert [name for name, _ in calls] == [
+        "cuda_repository", "driver_packages", "nouveau_blacklist", "driver_services",
+        "reboot_for_driver", "verify_driver", "driver_services",
+    ]
+    packages = by_name["driver_packages"][0]
+    assert packages["version"] == "580.95.05" and packages["kernel_headers"] is True
+    assert packages["allow_reboot"] is False
+    assert by_name["reboot_for_driver"][0]["reboot_timeout"] == 900
+    # Services are enabled before the reboot and started only after it.
+    assert [c["running"] for c in by_name["driver_services"]] == [False, True]
+    assert result.changed() is True

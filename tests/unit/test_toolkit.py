@@ -100,3 +100,32 @@ def test_toolkit_repo_uri():
     )
     with pytest.raises(ValueError):
         toolkit.toolkit_repo_uri(base, "i386")
+
+
+def test_phase_passes_the_settings_to_its_operations(monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    def record(op_name):
+        def op(**kwargs):
+            calls.append((op_name, kwargs))
+            return SimpleNamespace(did_change=lambda: False)
+
+        return op
+
+    for op_name in ("toolkit_repository", "toolkit_packages", "runtime_config"):
+        monkeypatch.setattr(toolkit, op_name, record(op_name))
+    settings = SimpleNamespace(
+        nvidia_container_toolkit_repo_url="https://nvidia.github.io/libnvidia-container/stable/deb",
+        nvidia_container_toolkit_key_url="https://nvidia.github.io/libnvidia-container/gpgkey",
+        nvidia_container_toolkit_key_fingerprint="C95B321B61E88C1809C4F759DDCAE044F796ECB0",
+        nvidia_container_toolkit_version="1.19.1-1",
+    )
+    result = toolkit.container_toolkit._inner(settings)
+    assert [name for name, _ in calls] == [
+        "toolkit_repository", "toolkit_packages", "runtime_config",
+    ]
+    assert calls[1][1]["version"] == "1.19.1-1"
+    assert calls[2][1]["swarm_resource"] == "DOCKER_RESOURCE_NVIDIA-GPU"
+    assert result.changed() is False
