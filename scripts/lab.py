@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
     down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
     args = parser.parse_args(argv)
-    lab = fleet.lab_name(args.name)
     try:
+        lab = fleet.lab_name(args.name)
         if args.command == "bootstrap":
             bootstrap()
             say("ready")

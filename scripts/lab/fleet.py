@@ -15,6 +15,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -70,7 +71,13 @@ def exists(kind: str, name: str) -> bool:
 
 
 def lab_name(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("LAB_NAME") or DEFAULT_LAB
+    """--name, else $LAB_NAME, else gpulab; refused unless it makes valid Docker and file names
+    (it prefixes containers, the network, volumes and .lab/<lab>/)."""
+    name = explicit or os.environ.get("LAB_NAME") or DEFAULT_LAB
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,39}", name):
+        raise LabError(f"lab name {name!r}: expected 1-40 of a-z 0-9 _ . - (starting with a "
+                       "letter or digit)")
+    return name
 
 
 def subnet_for(lab: str, taken: tuple[ipaddress.IPv4Network, ...] = ()) -> ipaddress.IPv4Network:

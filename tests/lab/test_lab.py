@@ -56,7 +56,10 @@ def test_hosts_boot_systemd_with_their_own_identity(lab):
 
 def test_fresh_hosts_have_nothing_the_deploy_installs(lab):
     for host in lab.hosts:
-        result = lab.ssh(host["name"], "for c in docker dockerd nvidia-smi python3; do command -v $c; done; true")
+        result = lab.ssh(
+            host["name"],
+            "for c in docker dockerd nvidia-smi python3 curl gpg; do command -v $c; done; true",
+        )
         assert result.stdout.strip() == "", f"{host['name']} already has: {result.stdout}"
 
 

@@ -128,3 +128,14 @@ def test_the_host_count_is_the_highest_node_number_of_this_lab():
     assert fleet.host_count_from_names("gpulab", names) == 3  # node-2 was removed: up recreates it
     assert fleet.host_count_from_names("gpulab-test", names) == 7
     assert fleet.host_count_from_names("other", names) == 0
+
+
+def test_lab_names_must_make_valid_docker_and_file_names(monkeypatch):
+    monkeypatch.delenv("LAB_NAME", raising=False)
+    assert fleet.lab_name() == "gpulab"
+    monkeypatch.setenv("LAB_NAME", "gpulab-ci")
+    assert fleet.lab_name() == "gpulab-ci"
+    assert fleet.lab_name("mine") == "mine"
+    for bad in ("../etc", "Has Space", "-dash", "a" * 41):
+        with pytest.raises(fleet.LabError, match="lab name"):
+            fleet.lab_name(bad)
