@@ -24,7 +24,9 @@ SUPPORTED_ARCH = ("x86_64", "aarch64")
 GIB = 1024**3
 
 # POSIX sh: runs on any of the supported systems as the deploy user, never fails (each probe's
-# outcome is a value), and changes nothing (apt-cache reads the lists that are there).
+# outcome is a value), and changes nothing (apt-cache reads the lists that are there; no update).
+# Disk: the directories may not exist yet, so the nearest existing parent is measured; `dev` (the
+# filesystem's device number, shared by bind mounts) tells whether both live on one filesystem.
 _READINESS_SCRIPT = r"""
 models_dir=$1; docker_dir=$2
 . /etc/os-release 2>/dev/null
@@ -33,20 +35,32 @@ echo "os_version=${VERSION_ID:-unknown}"
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
 nearest() { p=$1; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; echo "$p"; }
-disk() { df -Pk "$(nearest "$2")" 2>/dev/null | awk -v k="$1" 'NR==2 {print k "_fs=" $1 " " $6; print k "_avail_kib=" $4}'; }
+disk() {
+  d=$(nearest "$2")
+  echo "$1_dev=$(stat -c %d "$d" 2>/dev/null)"
+  df -Pk "$d" 2>/dev/null |
+    awk -v k="$1" 'NR==2 {print k "_fs=" $1 " " $6; print k "_avail_kib=" $4}'
+}
 disk models "$models_dir"
 disk docker "$docker_dir"
 if [ -e "/lib/modules/$(uname -r)/build" ]; then echo "headers=installed"
-elif apt-cache policy "linux-headers-$(uname -r)" 2>/dev/null | grep -q 'Candidate: [0-9]'; then echo "headers=available"
+elif apt-cache policy "linux-headers-$(uname -r)" 2>/dev/null | grep -q 'Candidate: [0-9]'
+then echo "headers=available"
 else echo "headers=missing"; fi
-echo "container=$(systemd-detect-virt --container 2>/dev/null || echo none)"
+virt=$(systemd-detect-virt --container 2>/dev/null) || virt=none
+if [ "$virt" = none ]; then
+  if [ -e /.dockerenv ]; then virt=docker; elif [ -e /run/.containerenv ]; then virt=podman; fi
+fi
+echo "container=$virt"
 echo "ntp_synchronized=$(timedatectl show -p NTPSynchronized --value 2>/dev/null || echo unknown)"
 for unit in chrony chronyd systemd-timesyncd ntp ntpd ntpsec; do
   if systemctl is-active --quiet "$unit" 2>/dev/null; then echo "time_daemon=$unit"; break; fi
 done
 if [ "$(id -u)" = 0 ]; then echo "sudo=root"
+elif ! command -v sudo >/dev/null 2>&1; then echo "sudo=missing"
 elif sudo -n true 2>/dev/null; then echo "sudo=ok"
 else echo "sudo=password"; fi
+exit 0
 """
 
 
@@ -60,9 +74,17 @@ class HostReadiness(FactBase):
 
     def command(self, models_dir: str, docker_data_root: str) -> StringCommand:
         return StringCommand(
-            "sh", "-c", QuoteString(_READINESS_SCRIPT), "preflight",
-            QuoteString(models_dir), QuoteString(docker_data_root),
+            "sh",
+            "-c",
+            QuoteString(_READINESS_SCRIPT),
+            "preflight",
+            QuoteString(models_dir),
+            QuoteString(docker_data_root),
         )
+
+    def default(self) -> dict[str, str]:
+        # No output at all (a shell that printed nothing): every check then fails with a reason.
+        return {}
 
     def process(self, output: list[str]) -> dict[str, str]:
         readiness = {}
@@ -88,27 +110,45 @@ def _free_gib(readiness: dict[str, str], which: str) -> float | None:
         return None
 
 
+def _mount(readiness: dict[str, str], which: str) -> str:
+    """The mount point df named for a directory ("device mountpoint" -> "mountpoint")."""
+    return readiness.get(f"{which}_fs", "?").split(" ")[-1]
+
+
+def same_filesystem(readiness: dict[str, str]) -> bool:
+    """Whether models_dir and docker_data_root share one filesystem (and so its free space).
+
+    The device number decides (a bind mount shares it; two tmpfs or overlay mounts do not);
+    without it, df's "device mountpoint" does.
+    """
+    models_dev, docker_dev = readiness.get("models_dev"), readiness.get("docker_dev")
+    if models_dev and docker_dev:
+        return models_dev == docker_dev
+    return readiness.get("models_fs", "?") == readiness.get("docker_fs", "?")
+
+
 def disk_failures(readiness: dict[str, str], req: Requirements) -> list[str]:
     models, docker = _free_gib(readiness, "models"), _free_gib(readiness, "docker")
     if models is None or docker is None:
         return ["free disk could not be measured (df failed)"]
-    models_fs, docker_fs = readiness.get("models_fs", "?"), readiness.get("docker_fs", "?")
-    if models_fs == docker_fs:
+    if same_filesystem(readiness):
         need = req.min_free_gb_models + req.min_free_gb_docker
         if models < need:
-            mount = models_fs.split(" ")[-1]
+            summed = f"models {req.min_free_gb_models} + docker {req.min_free_gb_docker}"
+            mount = _mount(readiness, "models")
             return [
-                f"{models:.1f} GiB free on {mount}, need {need} GiB "
-                f"(models {req.min_free_gb_models} + docker {req.min_free_gb_docker}: same filesystem)"
+                f"{models:.1f} GiB free on {mount}, need {need} GiB ({summed}: same filesystem)"
             ]
         return []
     failures = []
-    for label, free, need, fs in (
-        ("models", models, req.min_free_gb_models, models_fs),
-        ("docker", docker, req.min_free_gb_docker, docker_fs),
+    for label, free, need in (
+        ("models", models, req.min_free_gb_models),
+        ("docker", docker, req.min_free_gb_docker),
     ):
         if free < need:
-            failures.append(f"{free:.1f} GiB free for {label} on {fs.split(' ')[-1]}, need {need} GiB")
+            failures.append(
+                f"{free:.1f} GiB free for {label} on {_mount(readiness, label)}, need {need} GiB"
+            )
     return failures
 
 
@@ -123,14 +163,20 @@ def readiness_failures(readiness: dict[str, str], req: Requirements) -> list[str
     if arch not in SUPPORTED_ARCH:
         failures.append(f"unsupported architecture {arch} (supported: {', '.join(SUPPORTED_ARCH)})")
     failures += disk_failures(readiness, req)
-    if req.require_kernel_headers and readiness.get("headers") == "missing":
+    if req.require_kernel_headers and readiness.get("headers") not in ("installed", "available"):
+        kernel = readiness.get("kernel")
         failures.append(
-            f"no kernel headers for the running kernel {readiness.get('kernel', '?')} "
-            f"(linux-headers-{readiness.get('kernel', '?')} is neither installed nor available from apt)"
+            f"no kernel headers for the running kernel {kernel} "
+            f"(linux-headers-{kernel} is neither installed nor available from apt)"
+            if kernel
+            else "kernel headers could not be checked (running kernel unknown)"
         )
     if req.require_time_sync and not clock_is_synchronised(readiness):
         failures.append("clock not synchronised (no chrony, ntpd or systemd-timesyncd active)")
-    if readiness.get("sudo") not in ("ok", "root"):
+    sudo = readiness.get("sudo")
+    if sudo == "missing":
+        failures.append("sudo is not installed (the deploy user needs passwordless sudo)")
+    elif sudo not in ("ok", "root"):
         failures.append("sudo needs a password for the deploy user (passwordless sudo is required)")
     return failures
 
@@ -145,27 +191,42 @@ def clock_is_synchronised(readiness: dict[str, str]) -> bool:
 
 
 def readiness_summary(readiness: dict[str, str], req: Requirements) -> str:
-    parts = [
-        f"{readiness.get('os_id')} {readiness.get('os_version')} {readiness.get('arch')}",
-        f"{_free_gib(readiness, 'models'):.0f} GiB free for models",
-    ]
+    """What a passing host was found to be, for its noop line."""
+    parts = [f"{readiness.get('os_id')} {readiness.get('os_version')} {readiness.get('arch')}"]
+    models, docker = _free_gib(readiness, "models") or 0, _free_gib(readiness, "docker") or 0
+    if same_filesystem(readiness):
+        parts.append(
+            f"{models:.0f} GiB free on {_mount(readiness, 'models')} for models and docker"
+        )
+    else:
+        parts.append(f"{models:.0f} GiB free for models on {_mount(readiness, 'models')}")
+        parts.append(f"{docker:.0f} GiB free for docker on {_mount(readiness, 'docker')}")
     if req.require_kernel_headers:
         parts.append(f"headers {readiness.get('headers')}")
     if req.require_time_sync:
         container = readiness.get("container", "none")
-        parts.append(
-            f"clock from the {container} host" if container != "none"
-            else f"clock synchronised ({readiness.get('time_daemon') or 'NTP'})"
-        )
-    parts.append("sudo ok")
+        if readiness.get("ntp_synchronized") == "yes" or readiness.get("time_daemon"):
+            parts.append(f"clock synchronised ({readiness.get('time_daemon') or 'NTP'})")
+        else:
+            parts.append(f"clock from the {container} host (a container shares its host's clock)")
+    parts.append("sudo ok" if readiness.get("sudo") == "ok" else "connected as root")
     return ", ".join(parts)
 
 
 def fail_host(state, host, reason: str) -> bool:
-    """A FunctionCommand that fails the host it runs for, and only it: pyinfra then runs no
-    later operation on that host and the other hosts go on. (Raising OperationError from an
-    operation at execution time would abort the run for every host.) pyinfra passes
-    state and host, and honours the return value, only to functions that take both."""
+    """Fail the host this runs for, and only it, printing the reason once.
+
+    Why a FunctionCommand returning False (checked against two lab hosts with pyinfra 3.10):
+    - pyinfra marks a host failed when one of its commands returns False: the operation shows
+      "Error" for that host alone, `state.fail_hosts` drops it from the active hosts (so none of
+      its later operations run), the other hosts go on, and the run exits 1.
+    - Raising OperationError from the operation's generator instead escapes `_run_host_op`
+      (generator exceptions are not caught there): the greenlet dies with a traceback and the
+      whole run aborts, healthy hosts included. With change detection on (no -y), the raise
+      would come at plan time and stop the run before anything starts.
+    pyinfra passes state and host, and honours the return value, only for functions whose
+    signature names both.
+    """
     host.log_styled(reason, fg="red", log_func=logger.error)
     return False
 
@@ -220,7 +281,16 @@ def _readiness(models_dir: str, docker_data_root: str) -> dict[str, str]:
 @deploy("Preflight")
 def preflight(settings) -> bool:
     """Check the host; returns whether it passed, so that deploy.py plans no further phase for
-    a host that did not (not even the fact reads of later phases, which would need sudo)."""
+    a host that did not.
+
+    `verify` alone stops the host at execution time. The fact is also read here, at plan
+    time, because when pyinfra detects changes (--dry, or no -y) it runs every later phase's
+    operations at plan time: on a host refused for its sudo, their sudo fact reads prompt for a
+    password and abort the whole run (seen against the lab), and an unsupported OS would make
+    them raise. pyinfra 3.10 keeps no fact cache, so the script runs twice per host (here and in
+    `verify`); it is read-only and quick. In those change-detecting runs the reasons are also
+    printed now, since --dry never reaches `verify`'s execution.
+    """
     verify(
         name="Host is ready for the deploy",
         models_dir=settings.models_dir,
@@ -236,5 +306,11 @@ def preflight(settings) -> bool:
         settings.preflight_require_kernel_headers,
         settings.preflight_require_time_sync,
     )
-    readiness = _readiness(settings.models_dir, settings.docker_data_root)
-    return not readiness_failures(readiness, requirements)
+    failures = readiness_failures(
+        _readiness(settings.models_dir, settings.docker_data_root), requirements
+    )
+    if failures and host.state.should_check_for_changes():
+        host.log_styled(
+            "preflight will fail: " + "; ".join(failures), fg="yellow", log_func=logger.warning
+        )
+    return not failures
