@@ -288,13 +288,34 @@ def ssh_answers(address: str, key: Path, known_hosts: Path, timeout_s: float = 1
     return probe.returncode == 0
 
 
+def known_hosts_line(address: str, scanned: str, on_disk: str) -> str:
+    """The known_hosts line for a host: its ed25519 key as ssh-keyscan saw it over the network,
+    accepted only if it is the key the host has on disk (read through the container runtime,
+    a channel nobody on the network can answer). Raises LabError otherwise."""
+    disk_words = on_disk.split()
+    if len(disk_words) < 2 or disk_words[0] != "ssh-ed25519":
+        raise LabError(f"{address}: no ed25519 host key on disk ({on_disk.strip()[:60]!r})")
+    for line in scanned.splitlines():
+        words = line.split()
+        if len(words) >= 3 and not line.startswith("#") and words[1] == "ssh-ed25519":
+            if words[0] != address or words[2] != disk_words[1]:
+                raise LabError(f"{address}: the host key that answered on the network is not "
+                               "the one on the host's disk: not recording it")
+            return f"{address} ssh-ed25519 {words[2]}"
+    raise LabError(f"{address}: ssh-keyscan got no ed25519 host key")
+
+
 def record_host_keys(hosts: list[Host], known_hosts: Path) -> None:
+    """known_hosts for pyinfra's strict host key checking: one verified line per host."""
     lines = []
     for host in hosts:
         scanned = subprocess.run(["ssh-keyscan", "-T", "5", "-t", "ed25519", host.address],
                                  capture_output=True, text=True)
-        lines += [line for line in scanned.stdout.splitlines() if line and not line.startswith("#")]
-    known_hosts.write_text("\n".join(lines) + "\n")
+        on_disk = docker("exec", host.container, "cat", "/etc/ssh/ssh_host_ed25519_key.pub")
+        lines.append(known_hosts_line(host.address, scanned.stdout, on_disk))
+    staging = known_hosts.with_suffix(".tmp")
+    staging.write_text("\n".join(lines) + "\n")
+    staging.replace(known_hosts)
 
 
 def write_state(lab: str, subnet: ipaddress.IPv4Network, hosts: list[Host], key: Path,

@@ -139,3 +139,15 @@ def test_lab_names_must_make_valid_docker_and_file_names(monkeypatch):
     for bad in ("../etc", "Has Space", "-dash", "a" * 41):
         with pytest.raises(fleet.LabError, match="lab name"):
             fleet.lab_name(bad)
+
+
+def test_a_scanned_host_key_is_recorded_only_if_it_is_the_one_on_the_hosts_disk():
+    scanned = "# 172.29.9.11:22 SSH-2.0-OpenSSH_9.2p1\n172.29.9.11 ssh-ed25519 AAAAkey1\n"
+    on_disk = "ssh-ed25519 AAAAkey1 root@node-1\n"
+    assert fleet.known_hosts_line("172.29.9.11", scanned, on_disk) == "172.29.9.11 ssh-ed25519 AAAAkey1"
+    with pytest.raises(fleet.LabError, match="not the one on the host's disk"):
+        fleet.known_hosts_line("172.29.9.11", scanned, "ssh-ed25519 AAAAother root@node-1")
+    with pytest.raises(fleet.LabError, match="not the one on the host's disk"):
+        fleet.known_hosts_line("172.29.9.12", scanned, on_disk)  # another address answered
+    with pytest.raises(fleet.LabError, match="got no ed25519 host key"):
+        fleet.known_hosts_line("172.29.9.11", "", on_disk)
