@@ -163,18 +163,38 @@ def docker_subnets() -> dict[str, ipaddress.IPv4Network]:
     return subnets
 
 
+def routed_subnets(proc_net_route: str) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(interface, destination) of every route in /proc/net/route except the default route.
+    Addresses there are little-endian hex."""
+    routes = []
+    for line in proc_net_route.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        destination = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+        mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+        network = ipaddress.IPv4Network(f"{destination}/{mask}", strict=False)
+        if network.prefixlen > 0:
+            routes.append((fields[0], network))
+    return routes
+
+
 def ensure_network(lab: str) -> ipaddress.IPv4Network:
     """The lab's bridge network (created on first use); returns its subnet."""
     name = network_name(lab)
     subnets = docker_subnets()
     if name in subnets:
         return subnets[name]
-    subnet = subnet_for(lab, tuple(subnets.values()))
+    # Besides Docker's networks, whatever this machine routes (a LAN, a VPN) is taken too.
+    taken = {**{f"route on {iface}": net for iface, net in routed_subnets(
+        Path("/proc/net/route").read_text() if Path("/proc/net/route").exists() else "")},
+        **{f"Docker network {n}": net for n, net in subnets.items()}}
+    subnet = subnet_for(lab, tuple(taken.values()))
     preferred = subnet_for(lab)
     if subnet != preferred:
-        users = ", ".join(sorted(n for n, s in subnets.items() if s.overlaps(preferred)))
-        say(f"network {name}: {preferred} (this lab name's usual subnet) overlaps existing "
-            f"Docker network(s) {users}; using {subnet} instead")
+        users = ", ".join(sorted(n for n, net in taken.items() if net.overlaps(preferred)))
+        say(f"network {name}: {preferred} (this lab name's usual subnet) overlaps {users}; "
+            f"using {subnet} instead")
     say(f"network {name} {subnet}")
     docker("network", "create", "--driver", "bridge", "--subnet", str(subnet),
            "--label", f"{LABEL}={lab}", name)

@@ -151,3 +151,17 @@ def test_a_scanned_host_key_is_recorded_only_if_it_is_the_one_on_the_hosts_disk(
         fleet.known_hosts_line("172.29.9.12", scanned, on_disk)  # another address answered
     with pytest.raises(fleet.LabError, match="got no ed25519 host key"):
         fleet.known_hosts_line("172.29.9.11", "", on_disk)
+
+
+def test_routes_of_this_machine_count_as_taken_subnets():
+    proc_net_route = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+        "wg0\t00001DAC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+    )
+    routes = fleet.routed_subnets(proc_net_route)
+    assert routes == [("docker0", ipaddress.ip_network("172.17.0.0/16")),
+                      ("wg0", ipaddress.ip_network("172.29.0.0/16"))]  # the default route is not
+    with pytest.raises(fleet.LabError, match="no free /24"):
+        fleet.subnet_for("gpulab", taken=tuple(net for _, net in routes))
