@@ -22,7 +22,7 @@ import copy
 import json
 import posixpath
 from io import StringIO
-from typing import Any
+from typing import Any, Callable
 
 from pyinfra import host
 from pyinfra.api import (
@@ -36,6 +36,8 @@ from pyinfra.api import (
 )
 from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt, systemd
+
+from operations.phase import PhaseResult
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
@@ -401,14 +403,16 @@ def install_engine(source: str, version: str, apt_url: str):
 
 
 @operation()
-def daemon_json(managed: dict, path: str = DAEMON_JSON):
+def daemon_json(managed: dict | Callable[[], dict], path: str = DAEMON_JSON):
     """
     Merge the managed keys into the Docker daemon configuration: keys an operator added by hand
     are kept, managed keys win (nested objects merged key by key). The file is compared as
     data; when it differs, the new file is staged next to it (0644 root), checked with
     ``dockerd --validate`` where the engine has it, and moved into place.
 
-    + managed: the daemon.json keys this deploy owns
+    + managed: the daemon.json keys this deploy owns, or a function returning them, called when
+      the operation runs (for keys known only then, such as the GPUs of a host whose driver is
+      loaded earlier in the same run)
     + path: the daemon configuration file
 
     **Example:**
@@ -420,6 +424,8 @@ def daemon_json(managed: dict, path: str = DAEMON_JSON):
             managed={"log-driver": "json-file", "log-opts": {"max-size": "100m"}},
         )
     """
+    if callable(managed):
+        managed = managed()
     current = host.get_fact(DaemonJson, path=path)
     if current["error"]:
         raise OperationError(
@@ -477,33 +483,36 @@ def wait_for_engine(timeout: int = ENGINE_ANSWER_TIMEOUT_S, socket: str = "/var/
 
 
 @deploy("Docker Engine")
-def docker_engine(settings, extra_daemon_config=None):
+def docker_engine(settings, extra_daemon_config=None) -> PhaseResult:
     """Install the engine, merge daemon.json, restart only when it changed, keep it running.
 
-    `extra_daemon_config`: daemon.json keys from later phases (NVIDIA runtime, generic
-    resources), merged under the operator's `docker_daemon_config`.
+    `extra_daemon_config`: daemon.json keys from other phases (NVIDIA runtime, generic
+    resources), merged under the operator's `docker_daemon_config`; a dict, or a function
+    called when daemon.json is merged (the GPUs of a fresh host are known only after its driver
+    is loaded, later than this phase is planned). Returns whether anything changed.
     """
     if settings.docker_engine_source == "docker":
         install_name = f"Install Docker Engine {settings.docker_version} (Docker's repository)"
     else:
         install_name = "Install Docker Engine (distribution's docker.io)"
-    install_engine(
+    install = install_engine(
         name=install_name,
         source=settings.docker_engine_source,
         version=settings.docker_version,
         apt_url=settings.docker_apt_url.rstrip("/"),
     )
 
-    config = daemon_json(
-        name=f"Merge {DAEMON_JSON}",
-        managed=managed_daemon_config(
+    def managed() -> dict[str, Any]:
+        extra = extra_daemon_config() if callable(extra_daemon_config) else extra_daemon_config
+        return managed_daemon_config(
             settings.docker_log_max_size,
             settings.docker_log_max_file,
             settings.docker_daemon_config,
-            extra_daemon_config,
+            extra,
             settings.docker_data_root,
-        ),
-    )
+        )
+
+    config = daemon_json(name=f"Merge {DAEMON_JSON}", managed=managed)
     restarted = systemd.service(
         name="Restart Docker (daemon.json changed)",
         service=DOCKER_SERVICE,
@@ -517,7 +526,8 @@ def docker_engine(settings, extra_daemon_config=None):
         running=True,
         enabled=True,
     )
-    wait_for_engine(
+    waited = wait_for_engine(
         name="Wait for Docker Engine to answer",
         _if=lambda: restarted.did_change() or started.did_change(),
     )
+    return PhaseResult([install, config, restarted, started, waited])

@@ -45,6 +45,8 @@ from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, systemd
 
+from operations.phase import PhaseResult
+
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
 CUDA_SOURCES_NAME = "nvidia-cuda"  # -> /etc/apt/sources.list.d/nvidia-cuda.sources
 # The key file NVIDIA publishes in every ubuntu2204/ubuntu2404/debian12 repository directory.
@@ -829,16 +831,6 @@ def verify_driver(version: str):
 
 
 # --- Phase ----------------------------------------------------------------------------------
-
-
-class PhaseResult:
-    """What a phase hands to later ones: whether any of its operations changed the host."""
-
-    def __init__(self, ops: list[Any]):
-        self.ops = ops
-
-    def changed(self) -> bool:
-        return any(op.did_change() for op in self.ops)
 
 
 @deploy("NVIDIA driver")

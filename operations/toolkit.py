@@ -36,12 +36,12 @@ from pyinfra.operations import apt
 from operations.nvidia import (
     REPO_TOOL_PACKAGES,
     NvidiaHost,
-    PhaseResult,
     _apt_install,
     install_key_command,
     key_fingerprint_ok,
     tool_commands,
 )
+from operations.phase import PhaseResult
 
 TOOLKIT_KEYRING = "/etc/apt/keyrings/nvidia-container-toolkit.gpg"
 TOOLKIT_SOURCES_NAME = "nvidia-container-toolkit"  # -> .../sources.list.d/<name>.sources
