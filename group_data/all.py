@@ -22,6 +22,38 @@ preflight_require_kernel_headers = True
 # Swarm TLS certificates and logs need a synchronised clock (chrony, ntpd or timesyncd).
 preflight_require_time_sync = True
 
+# --- NVIDIA driver -------------------------------------------------------------------------
+# Base URL of NVIDIA's CUDA apt repository; "<distro>/<arch>/" (ubuntu2204, ubuntu2404 or
+# debian12; x86_64 or sbsa) is appended, and the key is "<that>/3bf863cc.pub". A mirror may be named.
+nvidia_cuda_repo_url = "https://developer.download.nvidia.com/compute/cuda/repos"
+# Fingerprint of the CUDA repository's signing key: a downloaded key with another one is refused.
+nvidia_cuda_key_fingerprint = "EB693B3035CD5710E231E123A4B469963BF863CC"
+# Driver branch; it names the packages (Ubuntu hosts: branches up to 580).
+nvidia_driver_branch = "580"
+# Exact driver version installed, held, and required to be loaded; on nvidia_driver_branch.
+nvidia_driver_version = "580.95.05"
+# Kernel modules: "open" (NVIDIA's choice from Turing on, required for Blackwell) or "proprietary".
+nvidia_driver_flavour = "open"
+# NVIDIA Fabric Manager: "auto" runs it on NVSwitch systems (HGX/DGX); True or False forces it.
+nvidia_fabricmanager = "auto"
+# May the deploy reboot a host to load a new driver? If False, a host that needs a reboot fails
+# with "reboot required" (the others go on) and a loaded driver is never changed in place.
+nvidia_allow_reboot = False
+# Seconds to wait for a rebooting host to answer again (GPU servers can take 10 minutes to POST).
+nvidia_reboot_timeout_s = 900
+
+# --- NVIDIA Container Toolkit --------------------------------------------------------------
+# libnvidia-container apt repository base; "/<dpkg arch>" is appended (NVIDIA's $(ARCH)).
+nvidia_container_toolkit_repo_url = "https://nvidia.github.io/libnvidia-container/stable/deb"
+# Its armoured signing key...
+nvidia_container_toolkit_key_url = "https://nvidia.github.io/libnvidia-container/gpgkey"
+# ...and that key's fingerprint (a key with another one is refused).
+nvidia_container_toolkit_key_fingerprint = "C95B321B61E88C1809C4F759DDCAE044F796ECB0"
+# Toolkit apt version, installed and held; 1.19.0-1 or later (1.18 broke GPUs for Docker Swarm).
+nvidia_container_toolkit_version = "1.19.1-1"
+# Image for the one-off container that proves GPUs reach containers (run only after a change).
+nvidia_container_verify_image = "ubuntu:24.04"
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GROUP_DATA_DIR = REPO_ROOT / "group_data"
@@ -54,6 +55,22 @@ GiB = Annotated[int, Field(ge=0, le=1_000_000)]
 DockerSize = Annotated[str, Field(pattern=r"^[1-9][0-9]*[kmg]$")]
 SemVer = Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")]
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{40}$")]
+ImageRef = Annotated[str, Field(pattern=r"^[^\s]+$")]
+
+
+def _toolkit_at_least_1_19(value: str) -> str:
+    upstream = value.split("-", 1)[0].split("~", 1)[0]
+    if tuple(int(part) for part in upstream.split(".")[:2]) < (1, 19):
+        raise ValueError("1.19.0-1 or later (1.18 dropped Docker Swarm support in its default mode)")
+    return value
+
+
+ToolkitVersion = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(~rc\.[0-9]+)?-[0-9]+$"),
+    AfterValidator(_toolkit_at_least_1_19),
+]
 
 
 class Settings(BaseModel):
@@ -71,6 +88,23 @@ class Settings(BaseModel):
     preflight_require_kernel_headers: bool
     preflight_require_time_sync: bool
 
+    # NVIDIA driver
+    nvidia_cuda_repo_url: HttpUrl
+    nvidia_cuda_key_fingerprint: Fingerprint
+    nvidia_driver_branch: Annotated[str, Field(pattern=r"^[0-9]{3}$")]
+    nvidia_driver_version: Annotated[str, Field(pattern=r"^[0-9]{3}\.[0-9]+(\.[0-9]+)?$")]
+    nvidia_driver_flavour: Literal["open", "proprietary"]
+    nvidia_fabricmanager: Literal["auto"] | bool
+    nvidia_allow_reboot: bool
+    nvidia_reboot_timeout_s: Annotated[int, Field(ge=60, le=3600)]
+
+    # NVIDIA Container Toolkit
+    nvidia_container_toolkit_repo_url: HttpUrl
+    nvidia_container_toolkit_key_url: HttpUrl
+    nvidia_container_toolkit_key_fingerprint: Fingerprint
+    nvidia_container_toolkit_version: ToolkitVersion
+    nvidia_container_verify_image: ImageRef
+
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
     docker_version: SemVer
@@ -78,6 +112,16 @@ class Settings(BaseModel):
     docker_log_max_size: DockerSize
     docker_log_max_file: Annotated[int, Field(ge=1, le=100)]
     docker_daemon_config: Annotated[dict[str, Any], AfterValidator(_json_keys)]
+
+    @model_validator(mode="after")
+    def _driver_version_on_branch(self) -> "Settings":
+        if not self.nvidia_driver_version.startswith(self.nvidia_driver_branch + "."):
+            raise PydanticCustomError(
+                "driver_not_on_branch",
+                "expected a version on nvidia_driver_branch {branch} (starting with '{branch}.')",
+                {"key": "nvidia_driver_version", "branch": self.nvidia_driver_branch},
+            )
+        return self
 
 
 def _pyinfra_keys() -> set[str]:
@@ -108,6 +152,8 @@ def _describe_expectation(error: dict[str, Any]) -> str:
     message = error["msg"]
     if kind == "missing":
         return "this key is required (group_data/all.py sets a default: was it removed?)"
+    if kind == "driver_not_on_branch":
+        return message
     if kind == "value_error":
         # Our own validators raise ValueError("<what is accepted>").
         return "expected " + message.removeprefix("Value error, ")
@@ -134,23 +180,32 @@ _PATTERN_WORDS = {
     r"^[1-9][0-9]*[kmg]$": "a size such as '100m' (a number followed by k, m or g)",
     r"^[0-9]+\.[0-9]+\.[0-9]+$": "a version such as '28.5.2'",
     r"^https?://[^\s/]+(/[^\s]*)?$": "an http(s) URL such as 'https://download.docker.com/linux'",
+    r"^[0-9A-Fa-f]{40}$": "a 40-hex-digit key fingerprint",
+    r"^[0-9]{3}$": "a driver branch such as '580'",
+    r"^[0-9]{3}\.[0-9]+(\.[0-9]+)?$": "a driver version such as '580.95.05'",
+    r"^[0-9]+\.[0-9]+\.[0-9]+(~rc\.[0-9]+)?-[0-9]+$": "an apt version such as '1.19.1-1'",
+    r"^[^\s]+$": "an image reference without spaces, such as 'ubuntu:24.04'",
 }
 
 
 def _format_errors(host_name: str, data: dict[str, Any], error: ValidationError) -> list[str]:
+    """One line per key: pydantic reports a union (e.g. "auto" | bool) once per member, and a
+    cross-key rule with no location (it names its key in the error's context)."""
+    expectations: dict[str, list[str]] = {}
     lines = []
     for item in error.errors():
-        key = str(item["loc"][0]) if item["loc"] else "?"
-        where = ".".join(str(part) for part in item["loc"])
+        key = str(item["loc"][0]) if item["loc"] else item.get("ctx", {}).get("key", "?")
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, Settings.model_fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see the keys in README.md"
             lines.append(f"host {host_name}: unknown key '{key}' = {data[key]!r}: {hint}")
             continue
-        value = data.get(key, "<missing>") if where == key else item.get("input")
-        lines.append(
-            f"host {host_name}: key '{where}' = {value!r}: {_describe_expectation(item)}"
-        )
+        expectations.setdefault(key, []).append(_describe_expectation(item))
+    for key, described in expectations.items():
+        value = data.get(key, "<missing>")
+        if len(described) > 1:
+            described = ["expected " + " or ".join(d.removeprefix("expected ") for d in described)]
+        lines.append(f"host {host_name}: key '{key}' = {value!r}: {described[0]}")
     return lines
 
 

@@ -52,6 +52,15 @@ def test_every_model_key_has_a_default_with_a_comment():
         ("docker_version", "latest", "expected a version such as '28.5.2'"),
         ("docker_apt_url", "download.docker.com", "expected an http(s) URL"),
         ("docker_daemon_config", {"labels": {1, 2}}, "JSON-serialisable"),
+        ("nvidia_driver_flavour", "closed", "expected 'open' or 'proprietary'"),
+        ("nvidia_fabricmanager", "yes", "expected 'auto' or True or False"),
+        ("nvidia_driver_version", "570.86.15", "expected a version on nvidia_driver_branch 580"),
+        ("nvidia_driver_version", "latest", "expected a driver version such as '580.95.05'"),
+        ("nvidia_container_toolkit_version", "1.18.0-1", "1.19.0-1 or later"),
+        ("nvidia_container_toolkit_version", "1.19", "expected an apt version such as '1.19.1-1'"),
+        ("nvidia_cuda_key_fingerprint", "3bf863cc", "expected a 40-hex-digit key fingerprint"),
+        ("nvidia_reboot_timeout_s", 10, "expected a number >= 60"),
+        ("nvidia_container_verify_image", "ubuntu 24.04", "expected an image reference without spaces"),
     ],
 )
 def test_a_bad_value_names_host_key_value_and_what_is_accepted(defaults, key, value, expected):
