@@ -17,9 +17,9 @@ Standard library only: this runs on a machine where nothing is installed yet.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +35,6 @@ from scripts.lab import fleet, images  # noqa: E402  (needs the repo root on sys
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
-VENV_STAMP = VENV / ".gpufleet-pins"
 # Host tools the lab needs on this machine, by the command that proves each is there.
 HOST_TOOLS = {
     "dockerd": "docker.io",
@@ -56,22 +55,65 @@ def pinned_requirements() -> list[str]:
     return [*project["dependencies"], *project["optional-dependencies"]["test"]]
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: PyYAML == pyyaml, a_b == a-b
+
+
+def pin_mismatches(pins: list[str], installed: dict[str, str | None]) -> list[str]:
+    """One line per pin the environment does not satisfy ("name: 1.0 installed, 2.0 pinned").
+    `pins` are `name==version` strings; `installed` maps normalized names to the installed
+    version (None when absent)."""
+    problems = []
+    for pin in pins:
+        name, sep, version = pin.partition("==")
+        if not sep:
+            raise LabError(f"pyproject.toml: {pin!r} is not pinned (expected name==version)")
+        name, version = name.strip(), version.strip()
+        have = installed.get(_normalized(name))
+        if have != version:
+            problems.append(f"{name}: {have or 'not'} installed, {version} pinned")
+    return problems
+
+
+def installed_versions(names: list[str]) -> dict[str, str | None]:
+    """What .venv has installed of `names` (normalized name -> version or None)."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        return {}
+    probe = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(n):\n"
+        "    try:\n        return m.version(n)\n"
+        "    except m.PackageNotFoundError:\n        return None\n"
+        "print(json.dumps({n: v(n) for n in sys.argv[1:]}))\n"
+    )
+    result = subprocess.run([str(python), "-c", probe, *names], capture_output=True, text=True)
+    if result.returncode != 0:  # a broken environment: reinstall
+        return {}
+    return {_normalized(name): version for name, version in json.loads(result.stdout).items()}
+
+
 def ensure_venv() -> None:
-    """.venv with exactly the pins of pyproject.toml (reinstalled when the pins change)."""
-    requirements = pinned_requirements()
-    stamp = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
-    if VENV_STAMP.exists() and VENV_STAMP.read_text().strip() == stamp:
-        return
+    """.venv with exactly the pins of pyproject.toml: created when missing, and pip runs only
+    when what is installed differs from the pins (checked package by package, every time)."""
+    pins = pinned_requirements()
+    names = [pin.partition("==")[0].strip() for pin in pins]
     if not (VENV / "bin" / "python").exists():
-        say(f"creating the virtual environment {VENV}")
+        say(f"venv: creating {VENV}")
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    say(f"installing {len(requirements)} pinned dependencies into .venv")
+    problems = pin_mismatches(pins, installed_versions(names))
+    if not problems:
+        return
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    say(f"venv: {shown}: installing the {len(pins)} pinned dependencies")
     subprocess.run(
-        [str(VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-         *requirements],
+        [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", *pins],
         check=True,
     )
-    VENV_STAMP.write_text(stamp + "\n")
+    problems = pin_mismatches(pins, installed_versions(names))
+    if problems:
+        raise LabError(f".venv still differs from pyproject.toml after pip install: {'; '.join(problems)}")
 
 
 def apt_install(packages: list[str]) -> None:

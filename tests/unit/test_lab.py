@@ -165,3 +165,35 @@ def test_routes_of_this_machine_count_as_taken_subnets():
                       ("wg0", ipaddress.ip_network("172.29.0.0/16"))]  # the default route is not
     with pytest.raises(fleet.LabError, match="no free /24"):
         fleet.subnet_for("gpulab", taken=tuple(net for _, net in routes))
+
+
+def _lab_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lab_cli", fleet.REPO_ROOT / "scripts" / "lab.py")
+    lab_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lab_cli)
+    return lab_cli
+
+
+def test_bootstrap_sees_a_venv_that_drifted_from_the_pins():
+    lab_cli = _lab_cli()
+    pins = ["pyinfra==3.10.0", "PyYAML==6.0.3", "huggingface_hub==2.4.0"]
+    exact = {"pyinfra": "3.10.0", "pyyaml": "6.0.3", "huggingface-hub": "2.4.0"}
+    assert lab_cli.pin_mismatches(pins, exact) == []
+    drifted = {**exact, "pyinfra": "3.9.0"}
+    del drifted["pyyaml"]
+    assert lab_cli.pin_mismatches(pins, drifted) == [
+        "pyinfra: 3.9.0 installed, 3.10.0 pinned",
+        "PyYAML: not installed, 6.0.3 pinned",
+    ]
+    assert lab_cli.pin_mismatches(pins, {}) != []  # no .venv yet: everything is installed
+    with pytest.raises(lab_cli.LabError, match="not pinned"):
+        lab_cli.pin_mismatches(["pyinfra>=3"], exact)
+
+
+def test_the_pins_bootstrap_installs_are_pyprojects_and_all_exact():
+    lab_cli = _lab_cli()
+    pins = lab_cli.pinned_requirements()
+    assert "pyinfra==3.10.0" in pins and any(p.startswith("pytest==") for p in pins)
+    assert all("==" in pin for pin in pins)
