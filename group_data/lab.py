@@ -12,3 +12,7 @@ preflight_min_free_gb_docker = 2
 # Lab hosts run the development machine's micro-VM kernel, for which no distribution ships
 # headers; the NVIDIA stand-in builds no kernel module, so nothing would use them.
 preflight_require_kernel_headers = False
+
+# A lab host is a container: a reboot is a container restart, seconds long, and the simulated
+# driver is loaded only at boot, exactly like a real kernel module.
+nvidia_allow_reboot = True

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.lab import fleet, images  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab import fleet, images, services  # noqa: E402  (needs the repo root on sys.path)
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
@@ -171,12 +171,6 @@ def bootstrap() -> None:
 # --- up / down / status / ssh -----------------------------------------------------------------
 
 
-def lab_services(lab: str) -> dict[str, str]:
-    """Stand-in services the deploy needs on the lab network. None are in the run yet: each
-    stand-in is started here by the issue that puts its phase into deploy.py."""
-    return {}
-
-
 def gpu_hardware(host_name: str) -> dict[str, bytes]:
     """Simulated GPUs are the host's 'hardware': provisioned with the host, not by the deploy."""
     from scripts.lab.nvidia_sim import hardware
@@ -206,7 +200,8 @@ def up(lab: str, count: int, deploy: bool) -> int:
         fleet.wait_until_ready(host, key)
     known_hosts = fleet.state_dir(lab) / "known_hosts"
     fleet.record_host_keys(hosts, known_hosts)
-    state_file = fleet.write_state(lab, subnet, hosts, key, known_hosts, lab_services(lab))
+    stand_ins = services.start(lab, subnet, fleet.state_dir(lab))
+    state_file = fleet.write_state(lab, subnet, hosts, key, known_hosts, stand_ins)
     say(f"{len(hosts)} hosts ready in {time.monotonic() - started:.0f}s ({state_file.relative_to(REPO_ROOT)})")
     if not deploy:
         return 0

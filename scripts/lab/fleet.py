@@ -339,7 +339,7 @@ def record_host_keys(hosts: list[Host], known_hosts: Path) -> None:
 
 
 def write_state(lab: str, subnet: ipaddress.IPv4Network, hosts: list[Host], key: Path,
-                known_hosts: Path, services: dict[str, str]) -> Path:
+                known_hosts: Path, settings: dict[str, object]) -> Path:
     state = {
         "lab": lab,
         "ssh_user": SSH_USER,
@@ -347,7 +347,7 @@ def write_state(lab: str, subnet: ipaddress.IPv4Network, hosts: list[Host], key:
         "known_hosts": str(known_hosts),
         "network": network_name(lab),
         "subnet": str(subnet),
-        "services": services,
+        "settings": settings,  # configuration keys that select the lab's stand-ins
         "hosts": [host.as_dict() for host in hosts],
     }
     path = state_dir(lab) / "hosts.json"
