@@ -1037,10 +1037,15 @@ def model(
     yield StringCommand(
         "install -d -m 0755", QuoteString(models_dir), QuoteString(posixpath.dirname(stage)),
         "&& install -d -m 0700", QuoteString(stage), *[QuoteString(d) for d in dirs],
-        "&& chown -R", QuoteString(user), QuoteString(stage),
+        # Directories only: a file kept from an earlier run may be a hard link to the live copy.
+        "&& chown", QuoteString(user), QuoteString(stage), *[QuoteString(d) for d in dirs],
     )
-    if plan.remove:
-        yield StringCommand("rm -rf --", *[QuoteString(posixpath.join(stage, p)) for p in plan.remove])
+    # Unwanted leftovers, and files about to be sent again (SFTP cannot overwrite a root-owned
+    # file: a rejected or cut-off one may be).
+    resend = [e["path"] for e in plan.send if e["path"] in state["staging"]]
+    doomed = plan.remove + [p for p in resend if p not in plan.remove]
+    if doomed:
+        yield StringCommand("rm -rf --", *[QuoteString(posixpath.join(stage, p)) for p in doomed])
     # 3. Files the host already holds: hard links (a copy across filesystems).
     for source, dest in plan.link:
         src, dst = QuoteString(posixpath.join(target, source)), QuoteString(posixpath.join(stage, dest))
