@@ -148,13 +148,6 @@ def hub_hash(entry: dict[str, Any]) -> str:
     return f"sha256:{entry['lfs_sha256']}" if entry.get("lfs_sha256") else f"git:{entry['git_oid']}"
 
 
-def git_blob_sha1(data_chunks, size: int) -> hashlib._Hash:  # type: ignore[name-defined]
-    digest = hashlib.sha1(f"blob {size}\0".encode())
-    for chunk in data_chunks:
-        digest.update(chunk)
-    return digest
-
-
 def selection_key(repo_id: str, revision: str, allow: list[str] | None, ignore: list[str] | None):
     blob = json.dumps([repo_id, revision, allow or None, ignore or None], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -418,7 +411,9 @@ def read_token(token_file: str | None, environ=os.environ) -> str | bool:
         try:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as error:
-            raise OperationError(f"hf_token_file {path}: cannot read it ({error.strerror})") from None
+            raise OperationError(
+                f"hf_token_file {path}: cannot read it ({error.strerror})"
+            ) from None
         if not token:
             raise OperationError(f"hf_token_file {path} is empty")
         return token
@@ -1011,7 +1006,9 @@ def model(
 
     plan = plan_host(state, wanted, verify)
     margin = free_margin_gb * GIB
-    refusal = disk_refusal(f"{models_dir} on this host", state["avail_bytes"], plan.send_bytes, margin)
+    refusal = disk_refusal(
+        f"{models_dir} on this host", state["avail_bytes"], plan.send_bytes, margin
+    )
     if refusal:
         raise OperationError(f"model {label}: {refusal}")
 
@@ -1048,7 +1045,8 @@ def model(
         yield StringCommand("rm -rf --", *[QuoteString(posixpath.join(stage, p)) for p in doomed])
     # 3. Files the host already holds: hard links (a copy across filesystems).
     for source, dest in plan.link:
-        src, dst = QuoteString(posixpath.join(target, source)), QuoteString(posixpath.join(stage, dest))
+        src = QuoteString(posixpath.join(target, source))
+        dst = QuoteString(posixpath.join(stage, dest))
         yield StringCommand("ln -f --", src, dst, "2>/dev/null || cp -p --", src, dst)
     # 4. The files it lacks, then the manifest and sums, straight into staging over SFTP.
     for entry in plan.send:
@@ -1077,10 +1075,7 @@ class _ReportAtPhaseEnd(BaseStateCallback):
         if self.done or not any(self.op_name in n for n in state.get_op_meta(op_hash).names):
             return
         self.done = True
-        hosts = [h.name for h in state.inventory.iter_activated_hosts()] if hasattr(
-            state.inventory, "iter_activated_hosts"
-        ) else [h.name for h in state.inventory]
-        logger.info(LEDGER.summary(hosts))
+        logger.info(LEDGER.summary([h.name for h in state.inventory.iter_activated_hosts()]))
 
 
 REPORT_OP_NAME = "Report hub and LAN bytes"
@@ -1106,7 +1101,9 @@ def _spec(entry: Any) -> dict[str, Any]:
 def models_for_host(models: list[Any], host_groups: list[str]) -> list[dict[str, Any]]:
     """The model entries whose `groups` include one of the host's groups."""
     groups = set(host_groups)
-    return [spec for spec in map(_spec, models) if groups & set(spec.get("groups") or ["gpu_nodes"])]
+    return [
+        spec for spec in map(_spec, models) if groups & set(spec.get("groups") or ["gpu_nodes"])
+    ]
 
 
 @deploy("Model weights")

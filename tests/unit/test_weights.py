@@ -58,7 +58,8 @@ def test_select_files_refuses_paths_it_would_not_create(path):
         weights.select_files([entry(path, 1)])
 
 
-@pytest.mark.parametrize("revision", ["main", "4eab0cd0", "4EAB0CD005A1F7148F5D417D86428A174A186129"])
+@pytest.mark.parametrize("revision",
+                         ["main", "4eab0cd0", "4EAB0CD005A1F7148F5D417D86428A174A186129"])
 def test_revision_must_be_a_pinned_commit(revision):
     with pytest.raises(OperationError, match="40-hex commit"):
         weights.check_model_spec("tiny", REPO, revision)
@@ -394,3 +395,10 @@ def test_the_listing_for_planning_comes_from_the_hub_once_then_from_the_cache(tm
     assert weights.remote_listing("http://127.0.0.1:9", REPO, REV, None,
                                   str(tmp_path / "cache")) == listing
     assert _stats(hub)["requests"] == 1
+
+
+def test_the_phase_summary_names_hub_and_lan_bytes_per_host():
+    ledger = weights.Ledger(hub={"tiny": 569911}, lan={"node-1": 569911}, lan_files={"node-1": 8})
+    assert ledger.summary(["node-1", "node-2"]) == (
+        "Model weights: hub bytes 569911 (556.6 KiB: tiny 556.6 KiB); LAN bytes 569911 "
+        "(node-1 556.6 KiB (8 files), node-2 0 B (0 files))")
