@@ -402,3 +402,56 @@ def test_the_phase_summary_names_hub_and_lan_bytes_per_host():
     assert ledger.summary(["node-1", "node-2"]) == (
         "Model weights: hub bytes 569911 (556.6 KiB: tiny 556.6 KiB); LAN bytes 569911 "
         "(node-1 556.6 KiB (8 files), node-2 0 B (0 files))")
+
+
+# ------------------------------------------------------------------ the host's finalize script
+
+
+def _stage(models: Path, files: dict[str, bytes], sums_from: dict[str, bytes]) -> Path:
+    import hashlib
+
+    stage = Path(weights.staging_dir(str(models), "tiny", REV))
+    stage.mkdir(parents=True)
+    for path, data in files.items():
+        (stage / path).parent.mkdir(parents=True, exist_ok=True)
+        (stage / path).write_bytes(data)
+    (stage / weights.SUMS_NAME).write_text("".join(
+        f"{hashlib.sha256(data).hexdigest()}  {path}\n" for path, data in sums_from.items()))
+    (stage / weights.MANIFEST_NAME).write_text("{}")
+    return stage
+
+
+def _run_finalize(models: Path, stale=()) -> subprocess.CompletedProcess:
+    command = weights._finalize_command(str(models), "tiny", REV, list(stale)).get_raw_value()
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the script chowns to root, as it does under sudo")
+def test_finalize_swaps_a_verified_copy_in_and_keeps_the_old_one_on_a_mismatch(tmp_path):
+    models = tmp_path / "models"
+    live = models / "tiny"
+    live.mkdir(parents=True)
+    (live / "config.json").write_text("old")
+    good = {"config.json": b"new", "sub/w.bin": b"weights"}
+
+    # a byte changed in transit: the live copy stays, the bad file leaves staging and is named
+    stage = _stage(models, dict(good, **{"sub/w.bin": b"weightz"}), good)
+    result = _run_finalize(models)
+    assert result.returncode != 0 and "sub/w.bin" in result.stderr
+    assert (live / "config.json").read_text() == "old"
+    assert (stage / weights.REJECTED_NAME).read_text() == "sub/w.bin\n"
+    assert not (stage / "sub/w.bin").exists() and (stage / "config.json").exists()
+
+    # the next run re-sent it: verified, swapped in, root-owned 0644/0755, old copy and stale gone
+    (stage / "sub/w.bin").write_bytes(b"weights")
+    stale = models / ".staging" / "tiny-0123456789ab"
+    stale.mkdir()
+    result = _run_finalize(models, ["tiny-0123456789ab"])
+    assert result.returncode == 0, result.stderr
+    assert (live / "config.json").read_text() == "new"
+    assert (live / "sub/w.bin").read_bytes() == b"weights"
+    assert not (live / weights.REJECTED_NAME).exists()
+    assert oct((live / "sub/w.bin").stat().st_mode & 0o777) == "0o644"
+    assert oct((live / "sub").stat().st_mode & 0o777) == "0o755"
+    assert not stage.exists() and not stale.exists()
+    assert sorted(p.name for p in (models / ".staging").iterdir()) == []
