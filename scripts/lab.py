@@ -283,6 +283,7 @@ def down(lab: str, purge_images: bool) -> int:
     if not docker_answers():
         raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
     started = time.monotonic()
+    services.stop(lab)
     removed = fleet.remove_everything(lab)
     say(f"removed {removed['container']} containers, {removed['network']} networks, "
         f"{removed['volume']} volumes of lab {lab} in {time.monotonic() - started:.0f}s")
