@@ -5,18 +5,35 @@ of the inventory. The configuration was already checked when the inventory loade
 connection); `settings_for` gives each phase the host's typed settings.
 
 A host that fails preflight is reported and left untouched: no later phase is planned for it,
-and the other hosts go on.
+and the other hosts go on. A host that fails in a later phase (a driver that needs a reboot the
+data forbids, say) stops there; the others go on.
 """
 
 from pyinfra import host
 
 from operations.config import settings_for
 from operations.docker_engine import docker_engine
+from operations.nvidia import nvidia_driver
 from operations.preflight import preflight
+from operations.toolkit import container_toolkit, current_gpu_daemon_config, gpu_container_check
 
 settings = settings_for(host)
 
 # 1. Preflight: OS, architecture, disk, kernel headers, time sync, sudo. Changes nothing.
 if preflight(settings):
-    # 2. Docker Engine: pinned packages, daemon.json merged, restarted only when it changed.
-    docker_engine(settings)
+    # 2. NVIDIA driver: CUDA repository, pinned and held driver, nouveau out, a reboot only when
+    #    the loaded driver is not the pinned one.
+    driver = nvidia_driver(settings)
+
+    # 3. NVIDIA Container Toolkit: pinned and held, swarm-resource set for Swarm's GPUs.
+    toolkit = container_toolkit(settings)
+
+    # 4. Docker Engine: pinned packages; daemon.json merged with the nvidia runtime as default and
+    #    one NVIDIA-GPU generic resource per GPU (read when merged, after the driver is loaded);
+    #    restarted only when it changed.
+    engine = docker_engine(settings, extra_daemon_config=current_gpu_daemon_config)
+
+    # 5. Proof that GPUs reach containers, run only when one of the above changed something.
+    gpu_container_check(
+        settings, changed=lambda: driver.changed() or toolkit.changed() or engine.changed()
+    )

@@ -34,6 +34,14 @@ def changes_by_operation(results):
     return {op["name"]: op["success"] for op in results["operations"] if op["success"]}
 
 
+def reboots(lab, node):
+    """How many times a lab host has rebooted: a reboot is a restart of its container."""
+    container = next(h["container"] for h in lab.hosts if h["name"] == node)
+    result = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", container],
+                            capture_output=True, text=True)
+    return int(result.stdout.strip())
+
+
 def root_exec(lab, node, command):
     """Act as someone with console access to the host (not through the deploy's SSH user)."""
     container = next(h["container"] for h in lab.hosts if h["name"] == node)
@@ -58,19 +66,33 @@ def test_a_host_failing_preflight_is_reported_and_left_untouched(lab):
     assert f"[{broken}] preflight failed: sudo needs a password" in output
     assert broken not in hosts_changed(results), "a host that failed preflight was changed"
     assert set(healthy) <= hosts_changed(results)
-    assert root_exec(lab, broken, "command -v dockerd").returncode != 0
+    assert root_exec(lab, broken, "command -v dockerd nvidia-smi").stdout == ""
+    assert reboots(lab, broken) == 0
     for node in healthy:
         assert lab.ssh(node, "sudo docker info --format '{{.ServerVersion}}'").returncode == 0
 
 
-def test_a_rerun_converges_the_fleet(lab):
+def test_a_rerun_converges_the_fleet_with_gpus_in_docker(lab):
     result, results = deploy(lab)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert hosts_failed(results) == set()
     for host in lab.hosts:
-        info = lab.ssh(host["name"], "sudo docker info --format '{{json .}}'")
-        assert info.returncode == 0, info.stderr
-        assert json.loads(info.stdout)["LoggingDriver"] == "json-file"
+        node = host["name"]
+        # The driver was installed and loaded by exactly one reboot of each host.
+        assert reboots(lab, node) == 1
+        uuids = lab.ssh(node, "nvidia-smi --query-gpu=uuid --format=csv,noheader").stdout.split()
+        assert len(uuids) == 2, f"{node}: the simulated GPUs are not visible: {uuids}"
+        info = json.loads(lab.ssh(node, "sudo docker info --format '{{json .}}'").stdout)
+        assert info["LoggingDriver"] == "json-file"
+        assert info["DefaultRuntime"] == "nvidia"
+        assert "nvidia" in info["Runtimes"]
+        advertised = sorted(r["NamedResourceSpec"]["Value"] for r in info["GenericResources"]
+                            if r["NamedResourceSpec"]["Kind"] == "NVIDIA-GPU")
+        assert advertised == sorted(uuids)
+        config = lab.ssh(node, "grep '^swarm-resource' /etc/nvidia-container-runtime/config.toml")
+        assert config.stdout.strip() == 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"'
+        held = lab.ssh(node, "apt-mark showhold").stdout.split()
+        assert {"nvidia-driver-cuda", "nvidia-container-toolkit"} <= set(held)
 
 
 def test_a_second_run_changes_nothing_on_any_host(lab):
@@ -78,6 +100,7 @@ def test_a_second_run_changes_nothing_on_any_host(lab):
     assert result.returncode == 0, result.stderr
     assert changes_by_operation(results) == {}
     assert results["totals"]["success"] == 0 and results["totals"]["error"] == 0
+    assert [reboots(lab, host["name"]) for host in lab.hosts] == [1] * len(lab.hosts)
 
 
 def test_a_hand_edited_daemon_json_is_repaired_and_the_operators_keys_kept(lab):
