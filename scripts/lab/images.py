@@ -139,6 +139,16 @@ def ensure_image(name: str, context: Path, what: str = "") -> str:
     return tag
 
 
+def ensure_image_from(name: str, files: dict[str, str], what: str = "") -> str:
+    """ensure_image of a build context given as file name -> text (a Dockerfile starting `ARG
+    BASE` / `FROM ${BASE}`, and what it COPYs), written to a scratch directory: the tag hashes
+    the names and contents, not where they were written."""
+    with tempfile.TemporaryDirectory(prefix="gpufleet-image-") as tmp:
+        for file_name, text in files.items():
+            Path(tmp, file_name).write_text(text)
+        return ensure_image(name, Path(tmp), what)
+
+
 def ensure_host() -> str:
     """The lab host image: a fresh Debian 12 server (systemd, sshd, sudo, user ops)."""
     return ensure_image(f"{IMAGE_PREFIX}host", HOST_IMAGE_DIR,

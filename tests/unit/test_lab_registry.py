@@ -127,3 +127,15 @@ def test_a_running_container_is_kept_only_with_same_image_address_and_port():
         "true gpufleet-lab-registry:abc 172.29.7.2 127.0.0.1:25123"
     fmt = service.state_format("gpulab-net")
     assert '"gpulab-net"' in fmt and '"5000/tcp"' in fmt
+
+
+def test_image_is_tagged_by_its_recipe_not_by_where_it_was_written(monkeypatch, tmp_path):
+    from scripts.lab import images
+
+    monkeypatch.setattr(images, "ensure_base", lambda: "gpufleet-lab-base:abc")
+    monkeypatch.setattr(images, "_image_exists", lambda tag: True)  # nothing is built
+    for name, text in service.recipe_files().items():
+        (tmp_path / name).write_text(text)
+    recipe = images.recipe_hash(tmp_path, extra="gpufleet-lab-base:abc")
+    expected = f"gpufleet-lab-registry:{recipe}"
+    assert service.ensure_image("lab-a") == service.ensure_image("lab-b") == expected

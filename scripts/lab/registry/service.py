@@ -26,11 +26,9 @@ import hashlib
 import json
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from scripts.lab import images
 from scripts.lab.fleet import LABEL, LabError, docker, exists, say
@@ -242,10 +240,8 @@ def remote_manifest(push: str, repository: str, digest: str) -> dict | None:
 def ensure_image(lab: str | None = None) -> str:
     """The registry image (Debian 12 minbase + docker-registry + config.yml), tagged
     gpufleet-lab-registry:<hash of the recipe and base>; built once (about 15 s), shared by labs."""
-    with tempfile.TemporaryDirectory(prefix="gpufleet-registry-image-") as tmp:
-        for name, text in recipe_files().items():
-            Path(tmp, name).write_text(text)
-        return images.ensure_image(IMAGE_NAME, Path(tmp), "Debian's docker-registry, lab stand-in")
+    return images.ensure_image_from(IMAGE_NAME, recipe_files(),
+                                    "Debian's docker-registry, lab stand-in")
 
 
 def _port_free(port: int) -> bool:
