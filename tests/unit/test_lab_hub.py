@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.lab.hub import gitobjects, model, server
+from scripts.lab.hub import gitobjects, model, server, service
 
 # Before huggingface_hub can be imported (it reads these once): loopback only, quiet.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
@@ -394,3 +394,19 @@ def _check_stand_in_headers(hub: server.HubServer) -> None:
             urllib.request.urlopen(hub.base_url + f"/{REPO}/resolve/main/{path}", timeout=10)
         assert err.value.code == 404 and err.value.headers["X-Lab-Stand-In"]
         assert err.value.headers["X-Error-Code"] == "EntryNotFound"
+
+
+
+# ------------------------------------------------------------------ the hub's image
+
+
+def test_hub_image_is_the_shared_base_with_python3():
+    lines = service.render_dockerfile().splitlines()
+    assert "ARG BASE" in lines and "FROM ${BASE}" in lines
+    assert " && apt-get install -y --no-install-recommends python3 \\" in lines
+    # The server runs as `python3 -m scripts.lab.hub.server` from the mounted code.
+    assert "WORKDIR /opt/gpufleet" in lines
+    assert service.IN_CONTAINER_CODE == "/opt/gpufleet/scripts/lab/hub"
+    # Shared by every lab and purged with the lab's image cache (images.lab_images).
+    assert service.IMAGE_NAME == "gpufleet-lab-hub"
+    assert service.container_name("gpulab") == "gpulab-hub"

@@ -2,12 +2,14 @@
 
     python -m scripts.lab.hub.e2e [--keep]
 
-Builds the image (about 40 s the first time), writes the tiny model into a scratch directory,
-starts the hub with a token on a scratch bridge network (172.31.250.0/24, created and removed
-here), then drives the real huggingface_hub client from this machine against the container:
-a wrong token is refused (401), the right one downloads every file intact, a second download
-moves no file bytes, a dropped connection is survived. Cleans up everything unless --keep.
-Needs a Docker engine, debootstrap and huggingface_hub (pinned in pyproject.toml).
+Builds the image (FROM the lab's shared base, about 15 s the first time), writes the tiny model
+into a scratch directory, starts the hub with a token on a scratch bridge network
+(172.31.250.0/24, created and removed here), then drives the real huggingface_hub client from
+this machine against the container: a wrong token is refused (401), the right one downloads
+every file intact, a second download moves no file bytes, a dropped connection is survived.
+Cleans up everything unless --keep, except the image: the lab's shared, hash-tagged one, kept
+like the base (`lab.py down --purge-images` removes it). Needs a Docker engine, debootstrap (for
+the base) and huggingface_hub (pinned in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def run(keep: bool) -> None:
         revision = model.write_repo(workdir / "data")
         token_file = workdir / "token"
         token_file.write_text(TOKEN + "\n")
-        step("image (debootstrap minbase + python3, about 40 s when not built yet)")
-        service.ensure_image(LAB)
+        step("image (the lab base + python3, about 15 s when not built yet)")
+        step(f"image {service.ensure_image(LAB)}")
         base = service.start(LAB, NETWORK, ADDRESS, workdir / "data", token_file=token_file)
         step(f"hub at {base}, {model.REPO_ID}@{revision}")
 
