@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.lab.nvidia_sim import hardware, packages, repo
+from scripts.lab.nvidia_sim import hardware, packages, repo, server
 
 needs_tools = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("dpkg-deb", "gpg", "gpgv", "perl")),
@@ -472,3 +472,17 @@ def test_runtime_honours_swarm_resource(sim_root, tmp_path):
     mounts = {m["destination"]: m for m in json.loads((bundle / "config.json").read_text())["mounts"]}
     visible = json.loads(Path(mounts["/etc/gpu-simulator/gpus.json"]["source"]).read_text())
     assert [g["uuid"] for g in visible["gpus"]] == [gpus[0]["uuid"]]
+
+
+# ------------------------------------------------------------------------------ server image
+
+
+def test_server_image_is_the_shared_base_with_busybox_httpd_serving_srv():
+    lines = server.render_dockerfile().splitlines()
+    assert "ARG BASE" in lines and "FROM ${BASE}" in lines
+    assert " && apt-get install -y --no-install-recommends busybox-static \\" in lines
+    assert lines[-1] == 'CMD ["/bin/busybox", "httpd", "-f", "-v", "-p", "80", "-h", "/srv"]'
+    assert "SIMULATOR" in server.render_dockerfile()
+    # Shared by every lab and purged with the lab's image cache (images.lab_images).
+    assert server.IMAGE_NAME == "gpufleet-lab-nvidia-sim-http"
+    assert server.container_name("gpulab") == "gpulab-nvidia-sim-repo"
