@@ -54,6 +54,22 @@ nvidia_container_toolkit_version = "1.19.1-1"
 # Image for the one-off container that proves GPUs reach containers (run only after a change).
 nvidia_container_verify_image = "ubuntu:24.04"
 
+# --- Model weights -------------------------------------------------------------------------
+# Models pre-downloaded to <models_dir>/<name>/ before any engine starts. Each entry:
+# {"name": dir name, "repo_id": Hub repo, "revision": pinned 40-hex commit,
+#  "allow_patterns": [...], "ignore_patterns": [...], "groups": ["gpu_nodes"] (hosts needing it)}.
+models = []
+# Hugging Face Hub base URL (a mirror can be named here).
+hf_endpoint = "https://huggingface.co"
+# File on the control machine holding the Hub token; None: the HF_TOKEN environment variable, or no token.
+hf_token_file = None
+# Control-machine cache: the Hub is read once per revision, hosts are filled from here.
+weights_cache_dir = "~/.cache/gpufleet/weights"
+# How each run checks weights already on a host: "size" (cheap) or "sha256" (re-reads every byte).
+weights_verify = "size"
+# GiB that must stay free after a transfer, on each host and in the control cache.
+weights_free_margin_gb = 5
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

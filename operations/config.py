@@ -73,6 +73,28 @@ ToolkitVersion = Annotated[
 ]
 
 
+def _home_or_absolute(value: str) -> str:
+    if not (value.startswith("/") or value.startswith("~")):
+        raise ValueError("an absolute path (or one starting with ~) on the control machine")
+    return value
+
+
+ControlPath = Annotated[str, AfterValidator(_home_or_absolute)]
+
+
+class ModelSpec(BaseModel):
+    """One model to pre-download to <models_dir>/<name>/ on the hosts of `groups`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
+    allow_patterns: list[str] = []
+    ignore_patterns: list[str] = []
+    groups: list[str] = ["gpu_nodes"]
+
+
 class Settings(BaseModel):
     """Every key the deploy reads; defaults live in group_data/all.py (one comment per key)."""
 
@@ -105,6 +127,14 @@ class Settings(BaseModel):
     nvidia_container_toolkit_version: ToolkitVersion
     nvidia_container_verify_image: ImageRef
 
+    # Model weights
+    models: list[ModelSpec]
+    hf_endpoint: HttpUrl
+    hf_token_file: ControlPath | None
+    weights_cache_dir: ControlPath
+    weights_verify: Literal["size", "sha256"]
+    weights_free_margin_gb: GiB
+
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
     docker_version: SemVer
@@ -112,6 +142,18 @@ class Settings(BaseModel):
     docker_log_max_size: DockerSize
     docker_log_max_file: Annotated[int, Field(ge=1, le=100)]
     docker_daemon_config: Annotated[dict[str, Any], AfterValidator(_json_keys)]
+
+    @model_validator(mode="after")
+    def _model_names_unique(self) -> "Settings":
+        names = [spec.name for spec in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise PydanticCustomError(
+                "duplicate_model_name",
+                "expected one entry per model name; {names} appear more than once",
+                {"key": "models", "names": ", ".join(duplicates)},
+            )
+        return self
 
     @model_validator(mode="after")
     def _driver_version_on_branch(self) -> "Settings":
@@ -152,7 +194,7 @@ def _describe_expectation(error: dict[str, Any]) -> str:
     message = error["msg"]
     if kind == "missing":
         return "this key is required (group_data/all.py sets a default: was it removed?)"
-    if kind == "driver_not_on_branch":
+    if kind in ("driver_not_on_branch", "duplicate_model_name"):
         return message
     if kind == "value_error":
         # Our own validators raise ValueError("<what is accepted>").
@@ -185,22 +227,41 @@ _PATTERN_WORDS = {
     r"^[0-9]{3}\.[0-9]+(\.[0-9]+)?$": "a driver version such as '580.95.05'",
     r"^[0-9]+\.[0-9]+\.[0-9]+(~rc\.[0-9]+)?-[0-9]+$": "an apt version such as '1.19.1-1'",
     r"^[^\s]+$": "an image reference without spaces, such as 'ubuntu:24.04'",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$": "a directory name of letters, digits, '.', '_' or '-'",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$": "a Hub repo id such as 'meta-llama/Llama-3.1-8B-Instruct'",
+    r"^[0-9a-f]{40}$": "a pinned 40-hex commit (not a branch or tag)",
 }
 
 
+def _path(loc: tuple) -> str:
+    """models[0].revision"""
+    return str(loc[0]) + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+
+
 def _format_errors(host_name: str, data: dict[str, Any], error: ValidationError) -> list[str]:
-    """One line per key: pydantic reports a union (e.g. "auto" | bool) once per member, and a
-    cross-key rule with no location (it names its key in the error's context)."""
+    """One line per problem. pydantic reports a union (e.g. "auto" | bool) once per member:
+    those are folded into one line per key. Inside a list or dict value (models) each problem
+    gets its own line with its path. A cross-key rule has no location: it names its key in the
+    error's context."""
     expectations: dict[str, list[str]] = {}
     lines = []
     for item in error.errors():
-        key = str(item["loc"][0]) if item["loc"] else item.get("ctx", {}).get("key", "?")
+        loc = item["loc"] or (item.get("ctx", {}).get("key", "?"),)
+        key = str(loc[0])
+        nested = len(loc) > 1 and isinstance(data.get(key), (list, tuple, dict))
         if item["type"] == "extra_forbidden":
+            if nested:
+                lines.append(f"host {host_name}: unknown key '{_path(loc)}' = {item['input']!r}: "
+                             f"see 'models' in README.md for the keys of an entry")
+                continue
             close = difflib.get_close_matches(key, Settings.model_fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see the keys in README.md"
             lines.append(f"host {host_name}: unknown key '{key}' = {data[key]!r}: {hint}")
-            continue
-        expectations.setdefault(key, []).append(_describe_expectation(item))
+        elif nested:
+            lines.append(f"host {host_name}: key '{_path(loc)}' = {item.get('input')!r}: "
+                         f"{_describe_expectation(item)}")
+        else:
+            expectations.setdefault(key, []).append(_describe_expectation(item))
     for key, described in expectations.items():
         value = data.get(key, "<missing>")
         if len(described) > 1:

@@ -165,3 +165,31 @@ def test_pyinfra_refuses_bad_group_data_before_connecting(tmp_path, line, expect
     for name in ("gpu-01", "gpu-02"):
         assert f"configuration error: host {name}: {expected}" in output
     assert "Connecting to hosts" not in output and "Traceback" not in output
+
+
+GOOD_MODEL = {"name": "llama", "repo_id": "meta-llama/Llama-3.1-8B-Instruct",
+              "revision": "0e9e39f249a16976918f6564b8830bc894c89659"}
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({**GOOD_MODEL, "revision": "main"},
+         "key 'models[0].revision' = 'main': expected a pinned 40-hex commit (not a branch or tag)"),
+        ({**GOOD_MODEL, "repo_id": "llama"},
+         "key 'models[0].repo_id' = 'llama': expected a Hub repo id"),
+        ({**GOOD_MODEL, "name": "../etc"},
+         "key 'models[0].name' = '../etc': expected a directory name"),
+        ({**GOOD_MODEL, "revison": "x"}, "unknown key 'models[0].revison' = 'x'"),
+    ],
+)
+def test_a_bad_model_entry_is_named_by_its_path(defaults, entry, expected):
+    lines = problems_for(defaults, models=[entry])
+    assert lines == [f"host gpu-01: {expected}"] or lines[0].startswith(f"host gpu-01: {expected}")
+
+
+def test_models_are_accepted_and_names_must_be_unique(defaults):
+    assert problems_for(defaults, models=[GOOD_MODEL]) == []
+    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL])
+    assert lines == ["host gpu-01: key 'models' = " + repr([GOOD_MODEL, GOOD_MODEL])
+                     + ": expected one entry per model name; llama appear more than once"]
