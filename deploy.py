@@ -16,6 +16,7 @@ from operations.docker_engine import docker_engine
 from operations.nvidia import nvidia_driver
 from operations.preflight import preflight
 from operations.toolkit import container_toolkit, current_gpu_daemon_config, gpu_container_check
+from operations.weights import model_weights
 
 settings = settings_for(host)
 
@@ -37,3 +38,7 @@ if preflight(settings):
     gpu_container_check(
         settings, changed=lambda: driver.changed() or toolkit.changed() or engine.changed()
     )
+
+    # 6. Model weights: each model read from the Hub once per fleet (on the control machine),
+    #    verified against the Hub's hashes, staged on each host, checked, moved into place.
+    model_weights(settings)

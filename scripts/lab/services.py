@@ -5,6 +5,7 @@ Each returns the configuration keys that point the production code at it: they a
 host data. That is the only way a stand-in enters a run: production code knows none of them.
 
     .2  the NVIDIA stand-in: signed apt repositories laid out like NVIDIA's (scripts/lab/nvidia_sim)
+    .3  the Hugging Face Hub stand-in: a tiny model behind the Hub's API, token required (scripts/lab/hub)
     .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry)
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from scripts.lab import fleet
 
 NVIDIA_REPO_OCTET = 2
+HUB_OCTET = 3
 REGISTRY_OCTET = 4
 # The image of the GPU container check: a plain Debian userland, as NVIDIA's own checks use a
 # plain distribution image (the runtime brings nvidia-smi into the container).
@@ -24,7 +26,11 @@ VERIFY_IMAGE = "lab/debian:bookworm"
 
 def start(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, object]:
     """Start (or keep) every stand-in the deploy uses; return the settings that select them."""
-    return {**nvidia_repositories(lab, subnet, state_dir), **registry(lab, subnet)}
+    return {
+        **nvidia_repositories(lab, subnet, state_dir),
+        **hub(lab, subnet, state_dir),
+        **registry(lab, subnet),
+    }
 
 
 def stop(lab: str) -> None:
@@ -73,4 +79,36 @@ def registry_settings(address: str, verify_image: str) -> dict[str, object]:
     return {
         "docker_daemon_config": {"insecure-registries": [address]},
         "nvidia_container_verify_image": verify_image,
+    }
+
+
+def hub(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, object]:
+    """The Hub stand-in, requiring a token as a gated production model does: the deploy must
+    bring the token from the control machine's secrets source (a 0600 file here)."""
+    import secrets
+
+    from scripts.lab.hub import model, service
+
+    token_file = state_dir / "hf-token"
+    if not token_file.exists():
+        token_file.touch(mode=0o600)
+        token_file.write_text("hf_lab_" + secrets.token_hex(16) + "\n")
+    token_file.chmod(0o600)
+    revision = model.write_repo(state_dir / "hub")
+    endpoint = service.start(lab, fleet.network_name(lab), fleet.service_address(subnet, HUB_OCTET),
+                             state_dir / "hub", token_file=token_file)
+    fleet.say(f"Hub stand-in at {endpoint} serving {model.REPO_ID}@{revision[:12]} (token required)")
+    return hub_settings(endpoint, token_file, model.REPO_ID, revision)
+
+
+def hub_settings(endpoint: str, token_file: Path, repo_id: str, revision: str) -> dict[str, object]:
+    return {
+        "hf_endpoint": endpoint,
+        "hf_token_file": str(token_file),
+        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision}],
+        # The lab model is half a megabyte: verify every byte on every run.
+        "weights_verify": "sha256",
+        "weights_free_margin_gb": 0,
+        # The control-machine cache lives with the lab, so `down` removes it too.
+        "weights_cache_dir": str(Path(token_file).parent / "weights-cache"),
     }

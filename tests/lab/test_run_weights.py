@@ -1,0 +1,83 @@
+"""Model weights on a deployed lab fleet: identical verified copies on every host, the Hub read
+once for the whole fleet, a damaged copy repaired from the control cache, the token kept home.
+
+Runs after test_run.py (alphabetical order), on the fleet it converged. (Not test_weights.py:
+tests/unit has one, and pytest needs unique basenames.)"""
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+MODEL_DIR = "/opt/models/tiny-llama"
+
+
+def deploy(lab):
+    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
+    return result, json.loads(result.stdout)["results"]
+
+
+def hub_stats(lab):
+    settings = lab.state["settings"]
+    token = Path(settings["hf_token_file"]).read_text().strip()
+    request = urllib.request.Request(f"{settings['hf_endpoint'].rstrip('/')}/_lab/stats",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def model_size(lab):
+    manifest = json.loads(lab.ssh(lab.hosts[0]["name"], f"cat {MODEL_DIR}/.gpufleet-manifest.json").stdout)
+    return sum(entry["size"] for entry in manifest["files"])
+
+
+def test_every_host_holds_the_same_verified_weights(lab):
+    sums = set()
+    for host in lab.hosts:
+        check = lab.ssh(host["name"], f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
+        assert check.stdout.strip() == "verified", f"{host['name']}: {check.stdout}{check.stderr}"
+        listing = lab.ssh(host["name"], f"find {MODEL_DIR} -type f -printf '%u:%g %m %p\\n'").stdout.split("\n")
+        assert all(line.startswith("root:root 644 ") for line in listing if line), listing
+        assert lab.ssh(host["name"], f"find {MODEL_DIR} -type l | wc -l").stdout.strip() == "0"
+        sums.add(lab.ssh(host["name"], f"cat {MODEL_DIR}/.gpufleet-sha256sums").stdout)
+    assert len(sums) == 1, "hosts hold different copies"
+
+
+def test_the_hub_was_read_once_for_the_whole_fleet(lab):
+    served = sum(hub_stats(lab)["files"].values())
+    one_copy = model_size(lab)
+    assert one_copy <= served <= 1.1 * one_copy, (served, one_copy, len(lab.hosts))
+
+
+def test_a_damaged_copy_is_repaired_from_the_control_cache(lab):
+    node = lab.hosts[1]["name"]
+    container = lab.hosts[1]["container"]
+    before = sum(hub_stats(lab)["files"].values())
+    damage = f"printf 'X' | dd of={MODEL_DIR}/model.safetensors bs=1 seek=4096 conv=notrunc 2>/dev/null; rm {MODEL_DIR}/config.json"
+    assert subprocess.run(["docker", "exec", container, "sh", "-c", damage]).returncode == 0
+
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    changed = {name for op in results["operations"] for name in op["success"]}
+    assert changed == {node}
+    assert sum(hub_stats(lab)["files"].values()) == before, "the repair went back to the Hub"
+    check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
+    assert check.stdout.strip() == "verified"
+
+    token = Path(lab.state["settings"]["hf_token_file"]).read_text().strip()
+    assert token not in result.stdout + result.stderr
+    for host in lab.hosts:
+        # The token goes to grep on stdin: on a command line, sudo would log it itself.
+        found = subprocess.run(
+            ["docker", "exec", "-i", host["container"], "sh", "-c",
+             "grep -rlF -f - /opt/models /tmp /etc /var/log /home 2>/dev/null; true"],
+            input=token + "\n", capture_output=True, text=True,
+        )
+        assert found.stdout.strip() == "", f"the Hub token reached {host['name']}: {found.stdout}"
+
+    result, results = deploy(lab)
+    assert {name for op in results["operations"] for name in op["success"]} == set()
