@@ -139,6 +139,20 @@ def ensure_image(name: str, context: Path, what: str = "") -> str:
     return tag
 
 
+def packages_dockerfile(comment: str, packages: list[str], instructions: str) -> str:
+    """A Dockerfile for ensure_image: `# comment`, FROM the base, Debian `packages` installed
+    from the base's mirror (no recommends; apt lists, docs and man pages removed), then
+    `instructions` (LABEL, COPY, CMD, ...: text, one instruction a line)."""
+    return (f"# {comment}\n"
+            "ARG BASE\n"
+            "FROM ${BASE}\n"
+            "ENV DEBIAN_FRONTEND=noninteractive\n"
+            "RUN apt-get update \\\n"
+            f" && apt-get install -y --no-install-recommends {' '.join(packages)} \\\n"
+            " && apt-get clean && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man\n"
+            + instructions)
+
+
 def ensure_image_from(name: str, files: dict[str, str], what: str = "") -> str:
     """ensure_image of a build context given as file name -> text (a Dockerfile starting `ARG
     BASE` / `FROM ${BASE}`, and what it COPYs), written to a scratch directory: the tag hashes

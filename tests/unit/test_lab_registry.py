@@ -139,3 +139,14 @@ def test_image_is_tagged_by_its_recipe_not_by_where_it_was_written(monkeypatch, 
     recipe = images.recipe_hash(tmp_path, extra="gpufleet-lab-base:abc")
     expected = f"gpufleet-lab-registry:{recipe}"
     assert service.ensure_image("lab-a") == service.ensure_image("lab-b") == expected
+
+
+def test_the_stand_ins_dockerfiles_share_one_install_recipe():
+    from scripts.lab import images
+    from scripts.lab.hub import service as hub
+    from scripts.lab.nvidia_sim import server as nvidia
+
+    for module, package in ((service, "docker-registry"), (hub, "python3"),
+                            (nvidia, "busybox-static")):
+        lines = module.render_dockerfile().splitlines()
+        assert lines[1:7] == images.packages_dockerfile("", [package], "").splitlines()[1:], module

@@ -42,19 +42,14 @@ def container_name(lab: str) -> str:
 
 
 def render_dockerfile() -> str:
-    return f"""\
-# gpu-fleet lab hub: LAB STAND-IN for the Hugging Face Hub (not huggingface.co).
-ARG BASE
-FROM ${{BASE}}
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \\
- && apt-get install -y --no-install-recommends python3 \\
- && apt-get clean && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man
+    return images.packages_dockerfile(
+        "gpu-fleet lab hub: LAB STAND-IN for the Hugging Face Hub (not huggingface.co).",
+        ["python3"], f"""\
 LABEL {ROLE_LABEL}={ROLE} \\
       org.opencontainers.image.description="gpu-fleet lab hub stand-in, not huggingface.co"
 ENV PYTHONDONTWRITEBYTECODE=1
 WORKDIR /opt/gpufleet
-"""
+""")
 
 
 def ensure_image(lab: str | None = None) -> str:

@@ -36,19 +36,15 @@ def container_name(lab: str) -> str:
 
 
 def render_dockerfile() -> str:
-    return f"""\
-# SIMULATOR for the gpu-fleet lab, not NVIDIA software: serves the simulated NVIDIA repositories.
-ARG BASE
-FROM ${{BASE}}
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \\
- && apt-get install -y --no-install-recommends busybox-static \\
- && apt-get clean && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man
+    return images.packages_dockerfile(
+        "SIMULATOR for the gpu-fleet lab, not NVIDIA software: serves the simulated NVIDIA "
+        "repositories.",
+        ["busybox-static"], f"""\
 LABEL {ROLE_LABEL}={ROLE} \\
       org.opencontainers.image.description="SIMULATOR for the gpu-fleet lab, not NVIDIA software"
 EXPOSE {PORT}
 CMD ["/bin/busybox", "httpd", "-f", "-v", "-p", "{PORT}", "-h", "/srv"]
-"""
+""")
 
 
 def ensure_image(lab: str | None = None) -> str:

@@ -105,14 +105,10 @@ health:
 
 
 def render_dockerfile() -> str:
-    return f"""\
-# gpu-fleet lab registry: LAB STAND-IN for the production registry (Debian's docker-registry).
-ARG BASE
-FROM ${{BASE}}
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \\
- && apt-get install -y --no-install-recommends docker-registry \\
- && apt-get clean && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man
+    return images.packages_dockerfile(
+        "gpu-fleet lab registry: LAB STAND-IN for the production registry (Debian's "
+        "docker-registry).",
+        ["docker-registry"], f"""\
 COPY config.yml {CONFIG_PATH}
 LABEL {ROLE_LABEL}={ROLE} \\
       org.opencontainers.image.description="gpu-fleet lab registry, a lab stand-in"
@@ -120,7 +116,7 @@ USER docker-registry
 VOLUME {DATA_DIR}
 EXPOSE {PORT}
 CMD ["/usr/bin/docker-registry", "serve", "{CONFIG_PATH}"]
-"""
+""")
 
 
 def recipe_files() -> dict[str, str]:
