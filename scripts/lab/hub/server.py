@@ -283,6 +283,11 @@ class HubState:
         self.token = token
         self.quiet = quiet
         self.lock = threading.Lock()
+        # Hub requests still being answered: a request is recorded after its response is sent,
+        # so lab controls wait for these to finish, or a client that has read its last byte
+        # could read or reset the stats before that request is counted.
+        self.in_flight = 0
+        self.idle = threading.Condition(self.lock)
         self.faults: list[Fault] = []
         self.stats = Stats()
         self._file_cache: dict[tuple, FileInfo] = {}
@@ -366,9 +371,21 @@ class HubState:
                 self.stats.faults[fault.mode] = self.stats.faults.get(fault.mode, 0) + 1
             return fault
 
-    def record(self, client: str, method: str, path: str, status: int, body_bytes: int,
-               file_key: str | None, range_header: str | None) -> None:
+    def begin(self) -> None:
         with self.lock:
+            self.in_flight += 1
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every hub request under way has been recorded."""
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def record(self, client: str, method: str, path: str, status: int, body_bytes: int,
+               file_key: str | None, range_header: str | None, hub_request: bool = False) -> None:
+        with self.lock:
+            if hub_request:
+                self.in_flight -= 1
+                self.idle.notify_all()
             s = self.stats
             s.requests += 1
             s.statuses[str(status)] = s.statuses.get(str(status), 0) + 1
@@ -459,8 +476,12 @@ class HubHandler(BaseHTTPRequestHandler):
         route = parse_route(self.path)
         client = self.client_address[0]
         sent, file_key, status = 0, None, 200
+        hub_request = route.kind != "lab"
+        if hub_request:
+            self.state.begin()
         try:
             if route.kind == "lab":
+                self.state.settle()
                 status = self._lab(route.path)
             elif route.kind == "banner" and self.command in ("GET", "HEAD"):
                 self._start(200, {"Content-Type": "text/plain; charset=utf-8",
@@ -499,7 +520,7 @@ class HubHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.state.record(client, self.command, urlsplit(self.path).path, status, sent,
-                              file_key, self.headers.get("Range"))
+                              file_key, self.headers.get("Range"), hub_request)
 
     def _tree(self, route: Route) -> None:
         sha = self.state.resolve_revision(route.repo_id, route.revision)
