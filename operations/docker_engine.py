@@ -37,7 +37,7 @@ from pyinfra.api import (
 from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt, systemd
 
-from operations.phase import PhaseResult
+from operations.phase import PhaseResult, fails_only_this_host
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
@@ -290,6 +290,7 @@ def _apt_install(packages: list[str], extra_args: str = "") -> str:
 
 
 @operation()
+@fails_only_this_host
 def install_engine(source: str, version: str, apt_url: str):
     """
     Install Docker Engine from Docker's apt repository ("docker": docker-ce and docker-ce-cli
@@ -403,6 +404,7 @@ def install_engine(source: str, version: str, apt_url: str):
 
 
 @operation()
+@fails_only_this_host
 def daemon_json(managed: dict | Callable[[], dict], path: str = DAEMON_JSON):
     """
     Merge the managed keys into the Docker daemon configuration: keys an operator added by hand
@@ -456,6 +458,7 @@ def daemon_json(managed: dict | Callable[[], dict], path: str = DAEMON_JSON):
 
 
 @operation(is_idempotent=False)
+@fails_only_this_host
 def wait_for_engine(timeout: int = ENGINE_ANSWER_TIMEOUT_S, socket: str = "/var/run/docker.sock"):
     """
     Wait (bounded) until the Docker Engine answers ``docker info`` on its unix socket. Always

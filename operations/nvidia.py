@@ -45,7 +45,7 @@ from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, systemd
 
-from operations.phase import PhaseResult
+from operations.phase import PhaseResult, fails_only_this_host
 
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
 CUDA_SOURCES_NAME = "nvidia-cuda"  # -> /etc/apt/sources.list.d/nvidia-cuda.sources
@@ -500,6 +500,7 @@ def tool_commands(packages: dict[str, Any], needed: bool) -> list[str]:
 
 
 @operation()
+@fails_only_this_host
 def cuda_repository(repo_url: str, key_fingerprint: str):
     """
     Add NVIDIA's CUDA apt repository for the host's distribution and architecture
@@ -545,6 +546,7 @@ def cuda_repository(repo_url: str, key_fingerprint: str):
 
 
 @operation()
+@fails_only_this_host
 def driver_packages(
     branch: str,
     version: str,
@@ -663,6 +665,7 @@ def driver_packages(
 
 
 @operation()
+@fails_only_this_host
 def nouveau_blacklist():
     """
     Keep the nouveau driver out: /etc/modprobe.d/blacklist-nouveau.conf (staged, then moved
@@ -691,6 +694,7 @@ def nouveau_blacklist():
 
 
 @operation()
+@fails_only_this_host
 def driver_services(fabricmanager: Any = "auto", running: bool = True):
     """
     Enable (and, with ``running``, start) nvidia-persistenced, and nvidia-fabricmanager on
@@ -765,6 +769,7 @@ def reboot_commands(reboot_timeout: int, delay: int = 10, interval: int = 5):
 
 
 @operation(is_idempotent=False)
+@fails_only_this_host
 def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: int = 900):
     """
     Reboot the host when its GPUs need it (the installed driver is not the loaded one, or
@@ -806,6 +811,7 @@ def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: 
 
 
 @operation()
+@fails_only_this_host
 def verify_driver(version: str):
     """
     Check that the loaded driver is ``version`` on every GPU; a host already right gets no

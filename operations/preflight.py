@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
+from operations.phase import fail_host
+
 # Distributions the deploy is built and tested for: NVIDIA's CUDA repository and Docker's both
 # publish for exactly these.
 SUPPORTED_OS = (("ubuntu", "22.04"), ("ubuntu", "24.04"), ("debian", "12"))
@@ -211,24 +213,6 @@ def readiness_summary(readiness: dict[str, str], req: Requirements) -> str:
             parts.append(f"clock from the {container} host (a container shares its host's clock)")
     parts.append("sudo ok" if readiness.get("sudo") == "ok" else "connected as root")
     return ", ".join(parts)
-
-
-def fail_host(state, host, reason: str) -> bool:
-    """Fail the host this runs for, and only it, printing the reason once.
-
-    Why a FunctionCommand returning False (checked against two lab hosts with pyinfra 3.10):
-    - pyinfra marks a host failed when one of its commands returns False: the operation shows
-      "Error" for that host alone, `state.fail_hosts` drops it from the active hosts (so none of
-      its later operations run), the other hosts go on, and the run exits 1.
-    - Raising OperationError from the operation's generator instead escapes `_run_host_op`
-      (generator exceptions are not caught there): the greenlet dies with a traceback and the
-      whole run aborts, healthy hosts included. With change detection on (no -y), the raise
-      would come at plan time and stop the run before anything starts.
-    pyinfra passes state and host, and honours the return value, only for functions whose
-    signature names both.
-    """
-    host.log_styled(reason, fg="red", log_func=logger.error)
-    return False
 
 
 @operation()

@@ -41,7 +41,7 @@ from operations.nvidia import (
     key_fingerprint_ok,
     tool_commands,
 )
-from operations.phase import PhaseResult
+from operations.phase import PhaseResult, fails_only_this_host
 
 TOOLKIT_KEYRING = "/etc/apt/keyrings/nvidia-container-toolkit.gpg"
 TOOLKIT_SOURCES_NAME = "nvidia-container-toolkit"  # -> .../sources.list.d/<name>.sources
@@ -213,6 +213,7 @@ class ToolkitHost(FactBase):
 
 
 @operation()
+@fails_only_this_host
 def toolkit_repository(repo_url: str, key_url: str, key_fingerprint: str):
     """
     Add NVIDIA's libnvidia-container apt repository for the host's architecture: its key,
@@ -256,6 +257,7 @@ def toolkit_repository(repo_url: str, key_url: str, key_fingerprint: str):
 
 
 @operation()
+@fails_only_this_host
 def toolkit_packages(version: str):
     """
     Install the NVIDIA Container Toolkit at exactly ``version`` (all four packages, as NVIDIA's
@@ -304,6 +306,7 @@ def toolkit_packages(version: str):
 
 
 @operation()
+@fails_only_this_host
 def runtime_config(swarm_resource: str = SWARM_RESOURCE, path: str = RUNTIME_CONFIG):
     """
     Set the top-level ``swarm-resource`` of the NVIDIA Container Runtime's config.toml (NVIDIA's
@@ -348,6 +351,7 @@ def runtime_config(swarm_resource: str = SWARM_RESOURCE, path: str = RUNTIME_CON
 
 
 @operation(is_idempotent=False)
+@fails_only_this_host
 def verify_gpu_container(image: str, expected_gpus: int | None = None):
     """
     Run a throw-away container through the nvidia runtime and list its GPUs with nvidia-smi

@@ -52,6 +52,8 @@ from pyinfra.api import (
 )
 from pyinfra.api.state import BaseStateCallback
 
+from operations.phase import fails_only_this_host
+
 MANIFEST_NAME = ".gpufleet-manifest.json"
 SUMS_NAME = ".gpufleet-sha256sums"
 REJECTED_NAME = ".gpufleet-rejected"
@@ -901,6 +903,7 @@ def _finalize_command(models_dir: str, name: str, revision: str, stale: list[str
 
 
 @operation()
+@fails_only_this_host
 def model(
     model_name: str,
     repo_id: str,
@@ -1082,6 +1085,7 @@ REPORT_OP_NAME = "Report hub and LAN bytes"
 
 
 @operation()
+@fails_only_this_host
 def transfer_report():
     """
     Nothing to change: the run's hub and LAN bytes are printed once this operation has ended on
