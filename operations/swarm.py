@@ -483,13 +483,14 @@ def swarm_join(
 
 
 @operation()
-def swarm_roles(hosts: dict | Callable):
+def swarm_roles(hosts: dict | Callable, manager: str | None = None):
     """
     Promote the hosts of swarm_managers that are workers, demote the other hosts that are
     managers, never the last reachable manager. Runs on the acting manager, for hosts in
     this run only.
 
     + hosts: name -> {"node_id", "manager": wanted}, or a function returning it
+    + manager: the acting manager when it is another host (this host then has nothing to do)
 
     **Example:**
 
@@ -497,6 +498,9 @@ def swarm_roles(hosts: dict | Callable):
 
         swarm_roles(name="Swarm roles", hosts={"gpu-02": {"node_id": "x2", "manager": True}})
     """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
     nodes = host.get_fact(SwarmNodes)
     if nodes["error"]:
         yield _fail(f"cannot list the Swarm's nodes here: {nodes['error']}")
@@ -513,13 +517,14 @@ def swarm_roles(hosts: dict | Callable):
 
 
 @operation()
-def swarm_labels(nodes: dict | Callable):
+def swarm_labels(nodes: dict | Callable, manager: str | None = None):
     """
     Set the project's node labels (gpufleet.*, and the inventory's swarm_node_labels) where
     they differ, and remove the project's labels that are no longer true; other labels are
     never touched. Runs on the acting manager (``docker node update``).
 
     + nodes: name -> {"node_id", "labels": wanted}, or a function returning it
+    + manager: the acting manager when it is another host (this host then has nothing to do)
 
     **Example:**
 
@@ -528,6 +533,9 @@ def swarm_labels(nodes: dict | Callable):
         swarm_labels(name="Swarm node labels",
                      nodes={"gpu-01": {"node_id": "x1", "labels": {"gpufleet.gpu.count": "8"}}})
     """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
     listed = host.get_fact(SwarmNodes)
     if listed["error"]:
         yield _fail(f"cannot list the Swarm's nodes here: {listed['error']}")
@@ -557,13 +565,18 @@ def swarm_labels(nodes: dict | Callable):
 
 
 @operation(is_idempotent=False)
-def swarm_drain(nodes: dict | Callable, timeout: int = DEFAULTS["swarm_drain_timeout_s"]):
+def swarm_drain(
+    nodes: dict | Callable,
+    timeout: int = DEFAULTS["swarm_drain_timeout_s"],
+    manager: str | None = None,
+):
     """
     Drain the nodes of retiring hosts and wait (bounded) until no task runs on them. A node no
     longer in the Swarm gets no command.
 
     + nodes: name -> {"node_id"} of the retiring hosts, or a function returning it
     + timeout: seconds to wait for a node's tasks to stop
+    + manager: the acting manager when it is another host (this host then has nothing to do)
 
     **Example:**
 
@@ -571,6 +584,9 @@ def swarm_drain(nodes: dict | Callable, timeout: int = DEFAULTS["swarm_drain_tim
 
         swarm_drain(name="Drain retiring nodes", nodes={"gpu-04": {"node_id": "x4"}})
     """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
     listed = host.get_fact(SwarmNodes)
     found = []
     for name, wanted in sorted(_value(nodes).items()):
@@ -624,12 +640,13 @@ def swarm_leave(manager_in_run: bool = True):
 
 
 @operation()
-def swarm_remove(nodes: dict | Callable):
+def swarm_remove(nodes: dict | Callable, manager: str | None = None):
     """
     Remove retired nodes from the managers' list once they are down (bounded wait). Never a
     manager.
 
     + nodes: name -> {"node_id"} of the retiring hosts, or a function returning it
+    + manager: the acting manager when it is another host (this host then has nothing to do)
 
     **Example:**
 
@@ -637,6 +654,9 @@ def swarm_remove(nodes: dict | Callable):
 
         swarm_remove(name="Remove retired nodes", nodes={"gpu-04": {"node_id": "x4"}})
     """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
     listed = host.get_fact(SwarmNodes)
     removed = False
     for name, wanted in sorted(_value(nodes).items()):
@@ -657,13 +677,14 @@ def swarm_remove(nodes: dict | Callable):
 
 
 @operation()
-def swarm_report(known_ids: list | Callable, names: list):
+def swarm_report(known_ids: list | Callable, names: list, manager: str | None = None):
     """
     Report (warning) nodes of the Swarm that no inventory host accounts for; never changes or
     removes them.
 
     + known_ids: NodeIDs of the inventory's hosts, or a function returning them
     + names: every inventory host name
+    + manager: the acting manager when it is another host (this host then has nothing to do)
 
     **Example:**
 
@@ -671,6 +692,9 @@ def swarm_report(known_ids: list | Callable, names: list):
 
         swarm_report(name="Swarm nodes outside the inventory", known_ids=["x1"], names=["gpu-01"])
     """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
     listed = host.get_fact(SwarmNodes)
     strangers = unknown_nodes(listed["nodes"], set(_value(known_ids)), set(names))
     if not strangers:
@@ -804,47 +828,49 @@ def swarm(settings) -> PhaseResult:
             wanted[other.name] = {"node_id": node_id}
         return wanted
 
-    if acting is not None and host.name == acting.name:
-        def roles():
-            wanted = run_hosts(lambda h: h.name not in retiring)
-            for name in wanted:
-                wanted[name]["manager"] = any(m.name == name for m in managers)
-            return wanted
+    def roles():
+        wanted = run_hosts(lambda h: h.name not in retiring)
+        for name in wanted:
+            wanted[name]["manager"] = any(m.name == name for m in managers)
+        return wanted
 
-        def labels():
-            wanted = run_hosts(lambda h: h.name not in retiring)
-            for other in in_run:
-                if other.name in wanted:
-                    wanted[other.name]["labels"] = wanted_labels(
-                        other.name, _fact(other, NvidiaHost),
-                        dict(other.data.get("swarm_node_labels", {}) or {}),
-                    )
-            return wanted
+    def labels():
+        wanted = run_hosts(lambda h: h.name not in retiring)
+        for other in in_run:
+            if other.name in wanted:
+                wanted[other.name]["labels"] = wanted_labels(
+                    other.name, _fact(other, NvidiaHost),
+                    dict(other.data.get("swarm_node_labels", {}) or {}),
+                )
+        return wanted
 
-        def leaving():
-            return run_hosts(lambda h: h.name in retiring)
+    def leaving():
+        return run_hosts(lambda h: h.name in retiring)
 
-        ops.append(swarm_roles(name="Swarm roles (swarm_managers)", hosts=roles))
-        ops.append(swarm_labels(name="Swarm node labels", nodes=labels))
-        if any(h.name in retiring for h in in_run):
-            ops.append(swarm_drain(name="Drain retiring nodes", nodes=leaving,
-                                   timeout=setting(settings, "swarm_drain_timeout_s")))
-    elif acting is None:
+    def known():
+        return [v["node_id"] for v in run_hosts(lambda h: True).values() if v["node_id"]]
+
+    # Every host plans the same operations in the same order (those of the acting manager do
+    # the work, the others say where it is done): pyinfra orders operations of different hosts
+    # by their place in each host's own sequence first, so a retiring host's leave can only
+    # follow the drain if both hosts share it.
+    if acting is None:
         ops.append(swarm_deferred(name="Swarm node labels", manager=first.name))
-
+    else:
+        via = None if host.name == acting.name else acting.name
+        ops.append(swarm_roles(name="Swarm roles (swarm_managers)", hosts=roles, manager=via))
+        ops.append(swarm_labels(name="Swarm node labels", nodes=labels, manager=via))
+        if any(h.name in retiring for h in in_run):
+            ops.append(swarm_drain(name="Drain retiring nodes", nodes=leaving, manager=via,
+                                   timeout=setting(settings, "swarm_drain_timeout_s")))
     if retire:
         ops.append(swarm_leave(name="Leave the Swarm (swarm_retire)",
                                manager_in_run=acting is not None))
-
-    if acting is not None and host.name == acting.name:
+    if acting is not None:
         if any(h.name in retiring for h in in_run):
-            ops.append(swarm_remove(name="Remove retired nodes", nodes=leaving))
-
-        def known():
-            return [v["node_id"] for v in run_hosts(lambda h: True).values() if v["node_id"]]
-
+            ops.append(swarm_remove(name="Remove retired nodes", nodes=leaving, manager=via))
         ops.append(swarm_report(name="Swarm nodes outside the inventory", known_ids=known,
-                                names=[h.name for h in inventory]))
+                                names=[h.name for h in inventory], manager=via))
     return PhaseResult(ops)
 
 
