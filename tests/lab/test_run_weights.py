@@ -81,3 +81,62 @@ def test_a_damaged_copy_is_repaired_from_the_control_cache(lab):
 
     result, results = deploy(lab)
     assert {name for op in results["operations"] for name in op["success"]} == set()
+
+
+def hub_control(lab, method, path, body=None):
+    endpoint = lab.state["settings"]["hf_endpoint"].rstrip("/")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{endpoint}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status
+
+
+def forget_control_cache(lab):
+    """The control machine's copy is gone (a new control machine, a cleaned cache): the next
+    host that needs a file makes the run ask the Hub again."""
+    import shutil
+
+    shutil.rmtree(lab.state["settings"]["weights_cache_dir"], ignore_errors=True)
+
+
+def test_a_refusing_hub_fails_that_host_clearly_and_keeps_its_copy(lab):
+    node, container = lab.hosts[0]["name"], lab.hosts[0]["container"]
+    forget_control_cache(lab)
+    assert subprocess.run(["docker", "exec", container, "rm", f"{MODEL_DIR}/tokenizer.json"]).returncode == 0
+    hub_control(lab, "POST", "/_lab/faults", {"mode": "500", "times": 1000})
+    try:
+        result, results = deploy(lab)
+    finally:
+        hub_control(lab, "DELETE", "/_lab/faults")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert {name for op in results["operations"] for name in op["error"]} == {node}
+    assert "500" in output, output[-2000:]
+    assert "Traceback" not in output
+    # The live copy is still where engines read it, damaged file aside: nothing was half-replaced.
+    still = lab.ssh(node, f"ls {MODEL_DIR}/model.safetensors {MODEL_DIR}/config.json")
+    assert still.returncode == 0, still.stderr
+
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
+    assert check.stdout.strip() == "verified"
+
+
+def test_a_download_cut_in_the_middle_completes_on_the_same_run(lab):
+    node, container = lab.hosts[2]["name"], lab.hosts[2]["container"]
+    forget_control_cache(lab)
+    assert subprocess.run(["docker", "exec", container, "rm", f"{MODEL_DIR}/model.safetensors"]).returncode == 0
+    served_before = hub_stats(lab)["files"].get("gpufleet-lab/tiny-llama/model.safetensors", 0)
+    hub_control(lab, "POST", "/_lab/faults", {"mode": "drop", "file": "model.safetensors", "times": 1})
+    try:
+        result, results = deploy(lab)
+    finally:
+        hub_control(lab, "DELETE", "/_lab/faults")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {name for op in results["operations"] for name in op["success"]} == {node}
+    served = hub_stats(lab)["files"]["gpufleet-lab/tiny-llama/model.safetensors"] - served_before
+    assert served > 0, "the cut download was not retried"
+    check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
+    assert check.stdout.strip() == "verified"
