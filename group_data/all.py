@@ -70,6 +70,21 @@ weights_verify = "size"
 # GiB that must stay free after a transfer, on each host and in the control cache.
 weights_free_margin_gb = 5
 
+# --- Docker Swarm --------------------------------------------------------------------------
+# Address this node advertises to the Swarm (IP or interface[:port]); None: the address pyinfra
+# connects to (ssh_hostname) when it is an IP, else the source address of the default route.
+swarm_advertise_address = None
+# Node labels from the inventory (key: value), set beside the gpufleet.* labels from the facts;
+# a key removed here is removed from the node.
+swarm_node_labels = {}
+# Retire this host: drained, waits for its tasks to stop, leaves, removed from the node list
+# (not allowed on a member of swarm_managers: move it out of the group first).
+swarm_retire = False
+# A host already in another Swarm leaves it (--force) and joins ours; otherwise it fails.
+swarm_takeover = False
+# Seconds to wait for a drained node's running tasks to stop.
+swarm_drain_timeout_s = 300
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

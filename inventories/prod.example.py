@@ -15,7 +15,9 @@ gpu_nodes = [
     # ssh_hostname: where pyinfra connects; ssh_user: a user with passwordless sudo.
     ("gpu-01", {"ssh_hostname": "10.20.0.11", "ssh_user": "ubuntu"}),
     ("gpu-02", {"ssh_hostname": "10.20.0.12", "ssh_user": "ubuntu"}),
-    ("gpu-03", {"ssh_hostname": "10.20.0.13", "ssh_user": "ubuntu"}),
+    ("gpu-03", {"ssh_hostname": "10.20.0.13", "ssh_user": "ubuntu",
+                # Labels of your own for placement, beside the gpufleet.gpu.* ones from the GPUs.
+                "swarm_node_labels": {"rack": "r12"}}),
     # A host with more disk for weights than the fleet default:
     (
         "gpu-04",
@@ -28,8 +30,7 @@ gpu_nodes = [
     ),
 ]
 
-# Hosts that will manage the Swarm (an odd number: 1, or 3 for a fleet of 3 hosts or more).
-# Read by the Swarm phase; until that phase is in deploy.py the group only documents intent.
+# Hosts that manage the Swarm: 1, 3 or 5 members of gpu_nodes (the first one initialises it).
 swarm_managers = ["gpu-01", "gpu-02", "gpu-03"]
 
 # Refuse bad data (unknown keys, wrong types, impossible values) before any connection.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -81,6 +82,17 @@ def _home_or_absolute(value: str) -> str:
 
 ControlPath = Annotated[str, AfterValidator(_home_or_absolute)]
 
+_LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+
+def _node_labels(value: dict[str, str]) -> dict[str, str]:
+    for key, text in value.items():
+        if not _LABEL_KEY.match(key) or key.startswith("gpufleet."):
+            raise ValueError(f"label keys in lowercase reverse-DNS form, not under gpufleet. ({key!r})")
+        if "\n" in text:
+            raise ValueError(f"single-line label values ({key!r})")
+    return value
+
 
 class ModelSpec(BaseModel):
     """One model to pre-download to <models_dir>/<name>/ on the hosts of `groups`."""
@@ -134,6 +146,13 @@ class Settings(BaseModel):
     weights_cache_dir: ControlPath
     weights_verify: Literal["size", "sha256"]
     weights_free_margin_gb: GiB
+
+    # Docker Swarm
+    swarm_advertise_address: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$")] | None
+    swarm_node_labels: Annotated[dict[str, str], AfterValidator(_node_labels)]
+    swarm_retire: bool
+    swarm_takeover: bool
+    swarm_drain_timeout_s: Annotated[int, Field(ge=10, le=3600)]
 
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
@@ -230,6 +249,7 @@ _PATTERN_WORDS = {
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$": "a directory name of letters, digits, '.', '_' or '-'",
     r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$": "a Hub repo id such as 'meta-llama/Llama-3.1-8B-Instruct'",
     r"^[0-9a-f]{40}$": "a pinned 40-hex commit (not a branch or tag)",
+    r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$": "an IP address or interface name, optionally :port",
 }
 
 
@@ -369,6 +389,17 @@ def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
             validate_host_data(name, data)
         except ConfigError as error:
             problems.extend(error.lines)
+    if "swarm_managers" in inventory_globals:
+        from operations.swarm import manager_group_problems
+
+        def names(group: str) -> list[str]:
+            return [_split_host(entry)[0] for entry in inventory_globals.get(group, [])]
+
+        retiring = {name for name, data in per_host.items() if data.get("swarm_retire")}
+        problems += [
+            f"{inventory_globals['__file__']}: {problem}"
+            for problem in manager_group_problems(names("swarm_managers"), names("gpu_nodes"), retiring)
+        ]
     return problems
 
 

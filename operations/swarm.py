@@ -40,8 +40,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
 from operations.nvidia import NvidiaHost
-from operations.phase import PhaseResult
-from operations.preflight import fail_host
+from operations.phase import PhaseResult, fail_host
 
 LABEL_PREFIX = "gpufleet."
 LABEL_HOST = "gpufleet.host"  # the inventory name: finds a node whose host has left
@@ -55,15 +54,7 @@ SWARM_PORT = 2377
 MANAGER_COUNTS = (1, 3, 5)
 NODE_DOWN_TIMEOUT_S = 60
 
-# Keys of this phase and their defaults, as group_data/all.py gives them; read through
-# `setting()` so that the phase also runs before operations/config.py carries them.
-DEFAULTS: dict[str, Any] = {
-    "swarm_advertise_address": None,
-    "swarm_node_labels": {},
-    "swarm_retire": False,
-    "swarm_takeover": False,
-    "swarm_drain_timeout_s": 300,
-}
+DRAIN_TIMEOUT_S = 300
 
 # The engine API's join, fed on stdin: the token is in the request body, never in argv.
 JOIN_SCRIPT = (
@@ -76,10 +67,6 @@ JOIN_SCRIPT = (
 
 
 # --- Pure logic -----------------------------------------------------------------------------
-
-
-def setting(settings: Any, key: str) -> Any:
-    return getattr(settings, key, DEFAULTS[key])
 
 
 def manager_group_problems(
@@ -567,7 +554,7 @@ def swarm_labels(nodes: dict | Callable, manager: str | None = None):
 @operation(is_idempotent=False)
 def swarm_drain(
     nodes: dict | Callable,
-    timeout: int = DEFAULTS["swarm_drain_timeout_s"],
+    timeout: int = DRAIN_TIMEOUT_S,
     manager: str | None = None,
 ):
     """
@@ -791,11 +778,11 @@ def swarm(settings) -> PhaseResult:
     in_run = [h for h in gpu_nodes if h in state.active_hosts]
     acting = next((h for h in managers if h in state.active_hosts), None)
     first = managers[0]
-    retire = setting(settings, "swarm_retire")
-    takeover = setting(settings, "swarm_takeover")
+    retire = settings.swarm_retire
+    takeover = settings.swarm_takeover
     info = host.get_fact(SwarmInfo)
     address = advertise_address(
-        setting(settings, "swarm_advertise_address"), host.data.get("ssh_hostname"),
+        settings.swarm_advertise_address, host.data.get("ssh_hostname"),
         info["primary_address"],
     )
 
@@ -862,7 +849,7 @@ def swarm(settings) -> PhaseResult:
         ops.append(swarm_labels(name="Swarm node labels", nodes=labels, manager=via))
         if any(h.name in retiring for h in in_run):
             ops.append(swarm_drain(name="Drain retiring nodes", nodes=leaving, manager=via,
-                                   timeout=setting(settings, "swarm_drain_timeout_s")))
+                                   timeout=settings.swarm_drain_timeout_s))
     if retire:
         ops.append(swarm_leave(name="Leave the Swarm (swarm_retire)",
                                manager_in_run=acting is not None))

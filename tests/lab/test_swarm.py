@@ -2,24 +2,21 @@
 as the lab inventory says), every node carries the labels of its simulated GPUs, no join token
 shows in pyinfra's output or in a file on the hosts, and a second run changes nothing.
 
-Runs after test_run.py in a session (the fleet is converged, so only the Swarm phase has work:
-two short deploys); alone, the first deploy does every phase. SWARM_DEPLOY_FILE names another
-deploy file (one that adds the Swarm phase to deploy.py's) until deploy.py runs it.
+Runs after test_run.py in a session (the fleet is converged and already one Swarm: two short
+deploys); alone, the first deploy does every phase.
 """
 
 import json
-import os
 
 import pytest
 
 pytestmark = pytest.mark.lab
 
-DEPLOY_FILE = os.environ.get("SWARM_DEPLOY_FILE", "deploy.py")
 GPU_MODEL = "NVIDIA H100 80GB HBM3"
 
 
 def deploy(lab):
-    result = lab.pyinfra("--json", "-y", "inventories/lab.py", DEPLOY_FILE)
+    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
     try:
         payload = json.loads(result.stdout)
     except json.JSONDecodeError:

@@ -193,3 +193,20 @@ def test_models_are_accepted_and_names_must_be_unique(defaults):
     lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL])
     assert lines == ["host gpu-01: key 'models' = " + repr([GOOD_MODEL, GOOD_MODEL])
                      + ": expected one entry per model name; llama appear more than once"]
+
+
+def test_swarm_labels_of_our_own_namespace_are_refused(defaults):
+    assert problems_for(defaults, swarm_node_labels={"rack": "r12"}) == []
+    lines = problems_for(defaults, swarm_node_labels={"gpufleet.gpu.count": "9"})
+    assert len(lines) == 1 and "not under gpufleet." in lines[0]
+
+
+def test_an_even_manager_group_is_refused_before_connecting(defaults):
+    inventory = {
+        "__file__": str(REPO / "inventories" / "x.py"),
+        "gpu_nodes": ["gpu-01", "gpu-02", "gpu-03"],
+        "swarm_managers": ["gpu-01", "gpu-02"],
+    }
+    problems = config.check_inventory(inventory)
+    assert len(problems) == 1 and problems[0].startswith(f"{inventory['__file__']}: ")
+    assert "swarm_managers" in problems[0]
