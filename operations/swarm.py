@@ -775,7 +775,11 @@ def swarm(settings) -> PhaseResult:
         refused = swarm_refuse(name="Swarm managers are valid", reason="; ".join(problems))
         return PhaseResult([refused])
 
-    in_run = [h for h in gpu_nodes if h in state.active_hosts]
+    def in_run():
+        # Asked when the operations run: a host that failed earlier in this run (preflight, a
+        # forbidden reboot) is no longer active, and its facts (which need sudo) are not read.
+        return [h for h in gpu_nodes if h in state.active_hosts]
+
     acting = next((h for h in managers if h in state.active_hosts), None)
     first = managers[0]
     retire = settings.swarm_retire
@@ -805,7 +809,7 @@ def swarm(settings) -> PhaseResult:
 
     def run_hosts(select):
         wanted = {}
-        for other in in_run:
+        for other in in_run():
             if not select(other):
                 continue
             try:
@@ -823,7 +827,7 @@ def swarm(settings) -> PhaseResult:
 
     def labels():
         wanted = run_hosts(lambda h: h.name not in retiring)
-        for other in in_run:
+        for other in in_run():
             if other.name in wanted:
                 wanted[other.name]["labels"] = wanted_labels(
                     other.name, _fact(other, NvidiaHost),
@@ -847,14 +851,14 @@ def swarm(settings) -> PhaseResult:
         via = None if host.name == acting.name else acting.name
         ops.append(swarm_roles(name="Swarm roles (swarm_managers)", hosts=roles, manager=via))
         ops.append(swarm_labels(name="Swarm node labels", nodes=labels, manager=via))
-        if any(h.name in retiring for h in in_run):
+        if any(h.name in retiring for h in in_run()):
             ops.append(swarm_drain(name="Drain retiring nodes", nodes=leaving, manager=via,
                                    timeout=settings.swarm_drain_timeout_s))
     if retire:
         ops.append(swarm_leave(name="Leave the Swarm (swarm_retire)",
                                manager_in_run=acting is not None))
     if acting is not None:
-        if any(h.name in retiring for h in in_run):
+        if any(h.name in retiring for h in in_run()):
             ops.append(swarm_remove(name="Remove retired nodes", nodes=leaving, manager=via))
         ops.append(swarm_report(name="Swarm nodes outside the inventory", known_ids=known,
                                 names=[h.name for h in inventory], manager=via))

@@ -65,3 +65,31 @@ def test_a_second_run_changes_nothing_in_the_swarm(lab):
     assert result.returncode == 0, result.stdout + result.stderr
     changed = {op["name"]: op["success"] for op in results["operations"] if op["success"]}
     assert changed == {}
+
+
+def hosts_changed(results):
+    return {name for op in results["operations"] for name in op["success"]}
+
+
+def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
+    up = lab.cli("up", "--hosts", str(len(lab.hosts) + 1), "--no-deploy")
+    assert up.returncode == 0, up.stdout + up.stderr
+    lab.reload()
+    new = lab.hosts[-1]["name"]
+
+    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py", "--limit", new)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert hosts_changed(results) == {new}, "a host outside --limit was changed"
+    nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
+    assert {n["Hostname"]: n["Status"] for n in nodes}.get(new) == "Ready"
+
+    # The next full run labels the new node from the manager, and changes nothing else.
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert hosts_changed(results) <= {lab.hosts[0]["name"]}
+    labels = manager_json(lab, f"sudo docker node inspect --format '{{{{json .Spec.Labels}}}}' {new}")[0]
+    assert labels["gpufleet.gpu.count"] == "2" and labels["gpufleet.host"] == new
+
+    result, results = deploy(lab)
+    assert hosts_changed(results) == set()
