@@ -499,6 +499,26 @@ def tool_commands(packages: dict[str, Any], needed: bool) -> list[str]:
     return ["apt-get update", _apt_install(missing, "--no-install-recommends")]
 
 
+def signed_flat_repository(
+    label: str, uri: str, keyring_state: dict[str, Any], packages: dict[str, Any], key_url: str,
+    keyring: str, fingerprint: str, sources_name: str,
+):
+    """The commands (if any) for one of NVIDIA's flat apt repositories: its key, installed only
+    when the keyring's fingerprint is not the expected one, and a deb822 source signed by it.
+    Shared by the CUDA and Container Toolkit repositories; noop when both are in place."""
+    key_ok = key_fingerprint_ok(keyring_state, fingerprint)
+    if not key_ok:
+        yield from tool_commands(packages, needed=True)
+        yield install_key_command(key_url, keyring, fingerprint)
+    # A flat repository: the suite is "/" and there are no components.
+    source = list(
+        apt.sources_file._inner(filename=sources_name, uris=uri, suites="/", signed_by=keyring)
+    )
+    yield from source
+    if key_ok and not source:
+        host.noop(f"{label} {uri} is configured with its key")
+
+
 @operation()
 @fails_only_this_host
 def cuda_repository(repo_url: str, key_fingerprint: str):
@@ -529,20 +549,10 @@ def cuda_repository(repo_url: str, key_fingerprint: str):
     except ValueError as error:
         raise OperationError(str(error)) from None
 
-    key_ok = key_fingerprint_ok(state["cuda_keyring"], key_fingerprint)
-    if not key_ok:
-        yield from tool_commands(state["packages"], needed=True)
-        yield install_key_command(uri + CUDA_KEY_FILE, CUDA_KEYRING, key_fingerprint)
-
-    # A flat repository: the suite is "/" and there are no components.
-    source = list(
-        apt.sources_file._inner(
-            filename=CUDA_SOURCES_NAME, uris=uri, suites="/", signed_by=CUDA_KEYRING
-        )
+    yield from signed_flat_repository(
+        "the CUDA repository", uri, state["cuda_keyring"], state["packages"],
+        uri + CUDA_KEY_FILE, CUDA_KEYRING, key_fingerprint, CUDA_SOURCES_NAME,
     )
-    yield from source
-    if key_ok and not source:
-        host.noop(f"the CUDA repository {uri} is configured with its key")
 
 
 @operation()

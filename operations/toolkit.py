@@ -31,15 +31,12 @@ from pyinfra.api import (
     deploy,
     operation,
 )
-from pyinfra.operations import apt
 
 from operations.nvidia import (
     REPO_TOOL_PACKAGES,
     NvidiaHost,
     _apt_install,
-    install_key_command,
-    key_fingerprint_ok,
-    tool_commands,
+    signed_flat_repository,
 )
 from operations.phase import PhaseResult, fails_only_this_host
 
@@ -241,19 +238,10 @@ def toolkit_repository(repo_url: str, key_url: str, key_fingerprint: str):
     except ValueError as error:
         raise OperationError(str(error)) from None
 
-    key_ok = key_fingerprint_ok(state["keyring"], key_fingerprint)
-    if not key_ok:
-        yield from tool_commands(state["packages"], needed=True)
-        yield install_key_command(key_url, TOOLKIT_KEYRING, key_fingerprint)
-
-    source = list(
-        apt.sources_file._inner(
-            filename=TOOLKIT_SOURCES_NAME, uris=uri, suites="/", signed_by=TOOLKIT_KEYRING
-        )
+    yield from signed_flat_repository(
+        "the Container Toolkit repository", uri, state["keyring"], state["packages"], key_url,
+        TOOLKIT_KEYRING, key_fingerprint, TOOLKIT_SOURCES_NAME,
     )
-    yield from source
-    if key_ok and not source:
-        host.noop(f"the Container Toolkit repository {uri} is configured with its key")
 
 
 @operation()
