@@ -367,6 +367,13 @@ def container_states(lab: str) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
+def remove_role(lab: str, role: str) -> None:
+    """Remove this lab's containers of one role (a stand-in service); none is not an error."""
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={lab}", "--filter", f"label=gpufleet.role={role}")
+    for cid in ids.split():
+        docker("rm", "-f", cid)
+
+
 def remove_everything(lab: str) -> dict[str, int]:
     """Every container, network and volume labelled with this lab, and its state directory."""
     removed = {}

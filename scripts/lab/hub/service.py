@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from scripts.lab import images
+from scripts.lab import fleet, images
 from scripts.lab.fleet import LABEL, LabError, docker, exists
 
 ROLE_LABEL = "gpufleet.role"
@@ -116,10 +116,7 @@ def start(lab: str, network: str, address: str, data_dir: Path,
 
 def stop(lab: str) -> None:
     """Remove this lab's hub container (no error when there is none)."""
-    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={lab}",
-                 "--filter", f"label={ROLE_LABEL}={ROLE}")
-    for cid in ids.split():
-        docker("rm", "-f", cid)
+    fleet.remove_role(lab, ROLE)
 
 
 def remove_image(lab: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.lab import images
+from scripts.lab import fleet, images
 from scripts.lab.fleet import LABEL, docker, exists
 
 ROLE_LABEL = "gpufleet.role"
@@ -86,10 +86,7 @@ def start(lab: str, network: str, ip: str, serve_dir: Path) -> str:
 
 def stop(lab: str) -> None:
     """Remove this lab's repository server container (no error when there is none)."""
-    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={lab}",
-                 "--filter", f"label={ROLE_LABEL}={ROLE}")
-    for cid in ids.split():
-        docker("rm", "-f", cid)
+    fleet.remove_role(lab, ROLE)
 
 
 def remove_image(lab: str) -> None:

@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 
-from scripts.lab import images
+from scripts.lab import fleet, images
 from scripts.lab.fleet import LABEL, LabError, docker, exists, say
 
 ROLE_LABEL = "gpufleet.role"
@@ -357,10 +357,7 @@ def push(lab: str, local_image: str, repository_tag: str, registry: dict) -> str
 def stop(lab: str) -> None:
     """Remove this lab's registry container (no error when there is none); the volume, and so
     the pushed images, stay for the next start."""
-    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={lab}",
-                 "--filter", f"label={ROLE_LABEL}={ROLE}")
-    for cid in ids.split():
-        docker("rm", "-f", cid)
+    fleet.remove_role(lab, ROLE)
 
 
 def remove(lab: str) -> None:
