@@ -367,6 +367,23 @@ def container_states(lab: str) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
+def running_as_wanted(name: str, network: str, image: str, address: str,
+                      mounts: list[str | Path]) -> bool:
+    """Whether container `name` runs `image` at `address` on `network` with exactly these bind
+    mount sources: a stand-in service that is already right is kept, any other is replaced."""
+    if not exists("container", name):
+        return False
+    state = docker("inspect", "-f",
+                   "{{.State.Running}}|{{.Config.Image}}|{{(index .NetworkSettings.Networks \""
+                   + network + "\").IPAddress}}|{{range .Mounts}}{{.Source}} {{end}}", name,
+                   check=False)
+    running, _, rest = state.partition("|")
+    running_image, _, rest = rest.partition("|")
+    running_address, _, sources = rest.partition("|")
+    return (running, running_image, running_address) == ("true", image, address) and \
+        sorted(sources.split()) == sorted(str(m) for m in mounts)
+
+
 def remove_role(lab: str, role: str) -> None:
     """Remove this lab's containers of one role (a stand-in service); none is not an error."""
     ids = docker("ps", "-aq", "--filter", f"label={LABEL}={lab}", "--filter", f"label=gpufleet.role={role}")

@@ -59,11 +59,6 @@ def ensure_image(lab: str | None = None) -> str:
                                     "python3 for the Hugging Face Hub stand-in")
 
 
-def _wanted_mounts(data_dir: Path, token_file: Path | None) -> str:
-    mounts = [str(CODE_DIR), str(data_dir)] + ([str(token_file)] if token_file else [])
-    return " ".join(sorted(mounts))
-
-
 def start(lab: str, network: str, address: str, data_dir: Path,
           token_file: Path | None = None, timeout: float = 20) -> str:
     """Run (or keep running) the hub at `address` on `network`; returns its base URL (HF_ENDPOINT).
@@ -76,15 +71,10 @@ def start(lab: str, network: str, address: str, data_dir: Path,
     name = container_name(lab)
     base_url = f"http://{address}" if PORT == 80 else f"http://{address}:{PORT}"
     image = ensure_image(lab)
+    mounts = [CODE_DIR, data_dir] + ([token_file] if token_file else [])
+    if fleet.running_as_wanted(name, network, image, address, mounts):
+        return base_url
     if exists("container", name):
-        state = docker("inspect", "-f",
-                       "{{.State.Running}} {{.Config.Image}} {{(index .NetworkSettings.Networks \""
-                       + network + "\").IPAddress}}|{{range .Mounts}}{{.Source}} {{end}}", name,
-                       check=False)
-        running_ip, _, mounts = state.partition("|")
-        if running_ip == f"true {image} {address}" and \
-                " ".join(sorted(mounts.split())) == _wanted_mounts(data_dir, token_file):
-            return base_url
         docker("rm", "-f", name)
     command = ["python3", "-m", "scripts.lab.hub.server", "--root", IN_CONTAINER_DATA,
                "--host", "0.0.0.0", "--port", str(PORT)]

@@ -64,13 +64,9 @@ def start(lab: str, network: str, ip: str, serve_dir: Path) -> str:
     serve_dir = Path(serve_dir).resolve()
     name = container_name(lab)
     image = ensure_image(lab)
+    if fleet.running_as_wanted(name, network, image, ip, [serve_dir]):
+        return f"http://{ip}/"
     if exists("container", name):
-        state = docker("inspect", "-f",
-                       "{{.State.Running}} {{.Config.Image}} {{(index .NetworkSettings.Networks \""
-                       + network + "\").IPAddress}} {{range .Mounts}}{{.Source}}{{end}}", name,
-                       check=False)
-        if state == f"true {image} {ip} {serve_dir}":
-            return f"http://{ip}/"
         docker("rm", "-f", name)
     docker(
         "run", "-d", "--name", name,
