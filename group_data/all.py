@@ -85,6 +85,35 @@ swarm_takeover = False
 # Seconds to wait for a drained node's running tasks to stop.
 swarm_drain_timeout_s = 300
 
+# --- Inference stack -----------------------------------------------------------------------
+# Each entry of `models` with serve=True (the default) becomes one engine service. Keys of an
+# entry for serving: engine ("vllm" | "tgi" | "ollama"), served_model_name, replicas,
+# tensor_parallel_size, max_model_len, gpu_memory_utilization, port, engine_args, shm_size_gb,
+# gpu_model, health_start_period_s, image (README.md, "models", describes each).
+# Swarm stack name: services are <stack_name>_gateway and <stack_name>_<model>.
+stack_name = "gpufleet"
+# Engine images, pinned by tag (add @sha256:... to pin the digest too).
+stack_engine_images = {
+    "vllm": "vllm/vllm-openai:v0.11.0",
+    "tgi": "ghcr.io/huggingface/text-generation-inference:3.3.6",
+    "ollama": "ollama/ollama:0.12.6",
+}
+# The gateway in front of every engine: HAProxy, balancing over healthy engine tasks.
+stack_gateway_image = "haproxy:3.2.4"
+# The port users and smoke tests reach the gateway on.
+stack_gateway_port = 8080
+# How the gateway's port is published: "ingress" (Swarm's routing mesh: any node answers, needs
+# IPVS in the kernel) or "host" (each manager answers on its own address, with DNS round-robin
+# between tasks instead of virtual IPs).
+stack_publish_mode = "ingress"
+# File on the control machine holding the API key clients must send (Bearer); required when a
+# model is served. Its content becomes a Docker secret; it never leaves the control machine otherwise.
+stack_api_key_file = None
+# Seconds a stack deploy may take to converge (all tasks running and healthy) before it fails.
+stack_converge_timeout_s = 1800
+# Seconds Swarm watches an updated task before it counts the update as done (and rolls back on failure).
+stack_update_monitor_s = 60
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

@@ -16,3 +16,9 @@ preflight_require_kernel_headers = False
 # A lab host is a container: a reboot is a container restart, seconds long, and the simulated
 # driver is loaded only at boot, exactly like a real kernel module.
 nvidia_allow_reboot = True
+
+# The lab's kernel has no IPVS, so Swarm's routing mesh and virtual IPs do not work: the gateway
+# is published on each manager's own address and balances over tasks by DNS round-robin.
+stack_publish_mode = "host"
+# Lab engines load a half-megabyte model on a CPU: seconds, not the minutes a GPU server needs.
+stack_update_monitor_s = 15

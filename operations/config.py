@@ -106,6 +106,34 @@ class ModelSpec(BaseModel):
     ignore_patterns: list[str] = []
     groups: list[str] = ["gpu_nodes"]
 
+    # Serving (the stack phase): one Swarm service per model with serve=True.
+    serve: bool = True
+    engine: Literal["vllm", "tgi", "ollama"] = "vllm"
+    # The name clients send as "model"; defaults to `name`.
+    served_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")] | None = None
+    replicas: Annotated[int, Field(ge=1, le=256)] = 1
+    # GPUs per replica (tensor parallelism); each replica reserves this many NVIDIA-GPU resources.
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = 1
+    max_model_len: Annotated[int, Field(ge=16, le=10_000_000)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    # Host port of each replica, published in host mode (one replica per node): the direct
+    # address of an engine task, which the smoke tests check beside the gateway.
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8000
+    # Further engine flags, verbatim (e.g. ["--enable-prefix-caching"]).
+    engine_args: list[Annotated[str, Field(pattern=r"^[^\n]+$")]] = []
+    # /dev/shm of each replica in GiB; None: operations.sizing.shm_bytes decides.
+    shm_size_gb: Annotated[float, Field(gt=0, le=4096)] | None = None
+    # Only nodes whose gpufleet.gpu.model label equals this (e.g. "NVIDIA H100 80GB HBM3").
+    gpu_model: str | None = None
+    # Seconds a replica may take to load before failing health checks count (large models: minutes).
+    health_start_period_s: Annotated[int, Field(ge=10, le=7200)] = 1200
+    # Image for this model's engine; None: stack_engine_images[engine].
+    image: ImageRef | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.name
+
 
 class Settings(BaseModel):
     """Every key the deploy reads; defaults live in group_data/all.py (one comment per key)."""
@@ -154,6 +182,16 @@ class Settings(BaseModel):
     swarm_takeover: bool
     swarm_drain_timeout_s: Annotated[int, Field(ge=10, le=3600)]
 
+    # Inference stack
+    stack_name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
+    stack_engine_images: dict[Literal["vllm", "tgi", "ollama"], ImageRef]
+    stack_gateway_image: ImageRef
+    stack_gateway_port: Annotated[int, Field(ge=1, le=65535)]
+    stack_publish_mode: Literal["ingress", "host"]
+    stack_api_key_file: ControlPath | None
+    stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
+    stack_update_monitor_s: Annotated[int, Field(ge=5, le=3600)]
+
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
     docker_version: SemVer
@@ -171,6 +209,38 @@ class Settings(BaseModel):
                 "duplicate_model_name",
                 "expected one entry per model name; {names} appear more than once",
                 {"key": "models", "names": ", ".join(duplicates)},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _serving_consistent(self) -> "Settings":
+        served = [spec for spec in self.models if spec.serve]
+        for key, values in (("served_model_name", [spec.served_name for spec in served]),
+                            ("port", [spec.port for spec in served])):
+            clashes = sorted({str(v) for v in values if values.count(v) > 1})
+            if clashes:
+                raise PydanticCustomError(
+                    "serving_clash",
+                    "expected a different {field} for each served model; {values} used more than once",
+                    {"key": "models", "field": key, "values": ", ".join(clashes)},
+                )
+        if self.stack_gateway_port in {spec.port for spec in served}:
+            raise PydanticCustomError(
+                "serving_clash", "expected a port that no served model uses (models[].port)",
+                {"key": "stack_gateway_port"},
+            )
+        missing = sorted({spec.engine for spec in served if spec.image is None
+                          and spec.engine not in self.stack_engine_images})
+        if missing:
+            raise PydanticCustomError(
+                "serving_clash", "expected an image for engine(s) {engines} (or models[].image)",
+                {"key": "stack_engine_images", "engines": ", ".join(missing)},
+            )
+        if served and self.stack_api_key_file is None:
+            raise PydanticCustomError(
+                "serving_clash",
+                "expected a file on the control machine holding the API key, since models are served",
+                {"key": "stack_api_key_file"},
             )
         return self
 
@@ -213,7 +283,7 @@ def _describe_expectation(error: dict[str, Any]) -> str:
     message = error["msg"]
     if kind == "missing":
         return "this key is required (group_data/all.py sets a default: was it removed?)"
-    if kind in ("driver_not_on_branch", "duplicate_model_name"):
+    if kind in ("driver_not_on_branch", "duplicate_model_name", "serving_clash"):
         return message
     if kind == "value_error":
         # Our own validators raise ValueError("<what is accepted>").

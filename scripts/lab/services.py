@@ -30,7 +30,21 @@ def start(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str,
         **nvidia_repositories(lab, subnet, state_dir),
         **hub(lab, subnet, state_dir),
         **registry(lab, subnet),
+        **api_key(state_dir),
     }
+
+
+def api_key(state_dir: Path) -> dict[str, object]:
+    """The key clients of the lab's gateway send: made once per lab, kept in a 0600 file, the
+    control machine's secrets source as production's would be."""
+    import secrets
+
+    key_file = state_dir / "api-key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text("sk-lab-" + secrets.token_hex(24) + "\n")
+    key_file.chmod(0o600)
+    return {"stack_api_key_file": str(key_file)}
 
 
 def stop(lab: str) -> None:

@@ -188,9 +188,12 @@ def test_a_bad_model_entry_is_named_by_its_path(defaults, entry, expected):
     assert lines == [f"host gpu-01: {expected}"] or lines[0].startswith(f"host gpu-01: {expected}")
 
 
+API_KEY_FILE = "/etc/gpufleet/api-key"
+
+
 def test_models_are_accepted_and_names_must_be_unique(defaults):
-    assert problems_for(defaults, models=[GOOD_MODEL]) == []
-    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL])
+    assert problems_for(defaults, models=[GOOD_MODEL], stack_api_key_file=API_KEY_FILE) == []
+    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL], stack_api_key_file=API_KEY_FILE)
     assert lines == ["host gpu-01: key 'models' = " + repr([GOOD_MODEL, GOOD_MODEL])
                      + ": expected one entry per model name; llama appear more than once"]
 
@@ -210,3 +213,47 @@ def test_an_even_manager_group_is_refused_before_connecting(defaults):
     problems = config.check_inventory(inventory)
     assert len(problems) == 1 and problems[0].startswith(f"{inventory['__file__']}: ")
     assert "swarm_managers" in problems[0]
+
+
+def test_a_served_model_needs_an_api_key_file(defaults):
+    assert problems_for(defaults, models=[GOOD_MODEL]) == [
+        "host gpu-01: key 'stack_api_key_file' = None: expected a file on the control machine "
+        "holding the API key, since models are served"]
+    assert problems_for(defaults, models=[{**GOOD_MODEL, "serve": False}]) == []
+
+
+@pytest.mark.parametrize(
+    ("second", "extra", "expected"),
+    [
+        ({"name": "other"}, {}, "expected a different port for each served model; 8000 used more than once"),
+        ({"name": "other", "port": 8001, "served_model_name": "llama"}, {},
+         "expected a different served_model_name for each served model; llama used more than once"),
+        ({"name": "other", "port": 8080}, {},
+         None),
+        ({"name": "other", "port": 8001, "engine": "tgi"}, {"stack_engine_images": {"vllm": "v:1"}},
+         "expected an image for engine(s) tgi (or models[].image)"),
+    ],
+)
+def test_served_models_must_not_clash(defaults, second, extra, expected):
+    models = [GOOD_MODEL, {**GOOD_MODEL, **second}]
+    lines = problems_for(defaults, models=models, stack_api_key_file=API_KEY_FILE, **extra)
+    if expected is None:  # the gateway's own port
+        assert lines == ["host gpu-01: key 'stack_gateway_port' = 8080: expected a port that no "
+                         "served model uses (models[].port)"]
+    else:
+        assert len(lines) == 1 and lines[0].endswith(expected), lines
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("tensor_parallel_size", 0, "a number >= 1"),
+        ("gpu_memory_utilization", 1.5, "a number <= 1.0"),
+        ("engine", "sglang", "'vllm', 'tgi' or 'ollama'"),
+        ("port", 80, "a number >= 1024"),
+    ],
+)
+def test_bad_serving_fields_are_named_by_their_path(defaults, field, value, expected):
+    lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE)
+    assert len(lines) == 1 and lines[0].startswith(f"host gpu-01: key 'models[0].{field}' = {value!r}:"), lines
+    assert expected in lines[0], lines
