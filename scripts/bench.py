@@ -413,10 +413,17 @@ def charts(report: dict, out: Path) -> list[Path]:
 
     def draw(name, title, ylabel, series, hline=None):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-        for label, summary, field in series:
+        sizes = set()
+        # Distinct markers and lines: two series can be equal (every no-change command is a fact).
+        styles = [("o", "-"), ("s", "--"), ("^", ":")]
+        for (label, summary, field), (marker, line) in zip(series, styles):
             xs, med, err = _series(summary, field)
             if xs:
-                ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label=label)
+                sizes.update(xs)
+                ax.errorbar(xs, med, yerr=err, marker=marker, linestyle=line, capsize=4,
+                            markersize=7 if marker == "^" else 5, label=label)
+        if sizes:
+            ax.set_xticks(sorted(sizes))
         if hline:
             ax.axhline(hline[0], linestyle="--", color="grey", label=hline[1])
         ax.set_title(title)
