@@ -229,6 +229,8 @@ def build_report(runs: list[dict], machine: dict, plan: dict, reasons: dict[str,
     fresh = summarize_deploys(runs, "fresh")
     nochange = summarize_deploys(runs, "nochange")
     drift = summarize_simple(runs, "drift", ("wall_s",))
+    for size, entry in drift.items():
+        entry["drift_found"] = spread([sum(1 for r in _runs(runs, "drift", size) if r.get("drift_found"))])
     stack = summarize_simple(runs, "stack", ("converge_s", "requests", "failed_requests"))
     reasons = dict(reasons)
     if not drift and "drift" not in reasons:
@@ -291,7 +293,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Plan", "",
               f"Fleet sizes {', '.join(map(str, plan.get('sizes', [])))}, "
               f"{plan.get('repeats', '?')} repeats each; largest fleet measured: "
-              f"{report.get('largest_fleet_measured') or 'none'} hosts.", ""]
+              f"{report.get('largest_fleet_measured') or 'none'} hosts. "
+              f"Code measured: commit {plan.get('commit', 'not recorded')}.", ""]
+    lines += [f"- {note}" for note in plan.get("notes", [])]
     if plan.get("skipped"):
         lines += [f"- {s}" for s in plan["skipped"]] + [""]
 
@@ -347,9 +351,11 @@ def render_markdown(report: dict) -> str:
 
     lines += ["", "## Drift check", ""]
     if report["drift"]:
-        lines += _table(["hosts", "runs", "wall s"], [
-            [str(s), str(e["runs"]), fmt(e["wall_s"])]
+        lines += _table(["hosts", "runs", "wall s", "runs that found drift"], [
+            [str(s), str(e["runs"]), fmt(e["wall_s"]), fmt(e.get("drift_found"), 0)]
             for s, e in sorted(report["drift"].items(), key=lambda kv: int(kv[0]))])
+        lines += ["", "On the converged fleet, right after the no-change run: any drift found "
+                  "there is a finding (the deploy and the check disagree)."]
     else:
         lines.append(f"Not measured: {report['not_measured'].get('drift', 'no run recorded')}.")
 
@@ -628,9 +634,10 @@ def fresh_provisioning(size: int, repeat: int, work: Path) -> dict:
 def drift_check(size: int, repeat: int, command: list[str]) -> dict:
     lab = lab_name(size)
     code, seconds, out, err = run(command, lab)
-    record = {"kind": "drift", "size": size, "repeat": repeat, "lab": lab, "ok": code == 0,
-              "wall_s": round(seconds, 3), "exit_code": code}
-    if code != 0:
+    # drift_check.py: 0 no drift, 2 drift found (still a complete check: timed), 1 it failed.
+    record = {"kind": "drift", "size": size, "repeat": repeat, "lab": lab, "ok": code in (0, 2),
+              "drift_found": code == 2, "wall_s": round(seconds, 3), "exit_code": code}
+    if code not in (0, 2):
         record["error"] = _tail(err or out)
     return record
 
@@ -731,6 +738,15 @@ def _say(record: dict) -> None:
           + (f"; {record['error']}" if record.get("error") else ""), flush=True)
 
 
+def git_commit() -> str:
+    """HEAD of the checkout measured, with "+changes" when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+
+
 def merge_passes(saved: dict, machine: dict, plan: dict) -> tuple[dict, dict]:
     """One report from several passes into one DIR (e.g. `--sizes 1,3 --repeats 3`, then
     `--sizes 6 --repeats 2`): the sizes of all passes, every pass's command, the load at the
@@ -741,6 +757,9 @@ def merge_passes(saved: dict, machine: dict, plan: dict) -> tuple[dict, dict]:
         "repeats": plan["repeats"] if before_plan.get("repeats") in (None, plan["repeats"])
         else f"{before_plan['repeats']}, then {plan['repeats']}",
         "command": "; ".join(c for c in (before_plan.get("command"), plan["command"]) if c),
+        "commit": plan.get("commit") if before_plan.get("commit") in (None, plan.get("commit"))
+        else f"{before_plan['commit']}, then {plan.get('commit')}",
+        "notes": before_plan.get("notes", []),
         "skipped": [*before_plan.get("skipped", []), *plan.get("skipped", [])],
     }
     merged_machine = {**machine, "load_start": before_machine.get("load_start", machine["load_start"])}
@@ -756,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the last lab of each size up")
     parser.add_argument("--render-only", action="store_true",
                         help="no measurement: the report again from DIR/runs.jsonl")
+    parser.add_argument("--note", action="append", help="with --render-only: a line the report's "
+                        "plan section carries from now on (repeatable)")
     parser.add_argument("--drift-cmd", help="drift check command (default: scripts/drift_check.py "
                         "inventories/lab.py under .venv, when that script exists)")
     parser.add_argument("--stack-cmd", help="stack update measurement: must print, as its last "
@@ -769,12 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         saved = json.loads(plan_file.read_text()) if plan_file.exists() else {}
         machine, plan, reasons = saved.get("machine", {}), saved.get("plan", {}), saved.get("reasons", {})
+        if args.note:  # kept with the plan, so the next rendering says it too
+            plan["notes"] = [*plan.get("notes", []), *args.note]
+            plan_file.write_text(json.dumps({**saved, "plan": plan}, indent=2) + "\n")
     else:
         drift_cmd = args.drift_cmd.split() if args.drift_cmd else (
             [str(VENV_PYTHON), str(DRIFT_SCRIPT), "inventories/lab.py"] if DRIFT_SCRIPT.exists() else None)
         stack_cmd = args.stack_cmd.split() if args.stack_cmd else None
         machine = machine_description()
-        plan = {"sizes": sizes, "repeats": args.repeats,
+        plan = {"sizes": sizes, "repeats": args.repeats, "commit": git_commit(),
                 "command": "scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         outcome = measure(sizes, args.repeats, args.out, args.keep, drift_cmd, stack_cmd)
         machine["load_end"] = load_average()

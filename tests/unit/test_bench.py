@@ -188,3 +188,16 @@ def test_passes_into_one_directory_make_one_plan():
     assert plan["sizes"] == [1, 3, 6] and plan["repeats"] == "3, then 2"
     assert plan["command"] == "scripts/bench.py --sizes 1,3; scripts/bench.py --sizes 6"
     assert machine == {"load_start": "1.0", "load_end": "6.0"}
+
+
+def test_drift_runs_are_timed_and_drift_found_is_counted():
+    runs = recorded() + [
+        {"kind": "drift", "size": 1, "repeat": 1, "ok": True, "drift_found": False, "wall_s": 5.0},
+        {"kind": "drift", "size": 1, "repeat": 2, "ok": True, "drift_found": True, "wall_s": 7.0},
+        {"kind": "drift", "size": 3, "repeat": 1, "ok": False, "wall_s": 2.0, "error": "unreachable"}]
+    report = bench.build_report(runs, {}, {}, {})
+    assert report["drift"][1]["wall_s"]["median"] == 6.0
+    assert report["drift"][1]["drift_found"]["median"] == 1
+    assert report["drift"][3]["runs"] == 0
+    assert "drift" not in report["not_measured"]
+    assert "| 1 | 2 | 6.0 (5.0-7.0) | 1 |" in bench.render_markdown(report)
