@@ -171,7 +171,8 @@ def verdict(value: float | None, limit: float, below: bool, unit: str = "") -> d
     result = {"status": "met" if ok else "missed", "value": value, "limit": limit}
     if not ok:
         over = value - limit
-        result["by"] = (f"{over:.3g}{unit} over the limit"
+        result["by"] = ("at the limit: it must be below it" if over == 0 else
+                        f"{over:.3g}{unit} over the limit"
                         + (f" ({over / limit:.0%} over)" if limit else ""))
     return result
 
@@ -195,15 +196,18 @@ def targets(nochange: dict, fresh: dict, stack: dict, reasons: dict[str, str]) -
                            f"{ratio(_median(nochange, largest, 'wall_s'), _median(nochange, 1, 'wall_s')):.2f}x"
                            if largest and _median(nochange, 1, "wall_s") else ""))
     out.append(item)
-    # 2. Remote commands per host in a no-change run: < 60 (at the largest size measured).
-    sizes = [s for s in sorted(nochange) if _median(nochange, s, "commands_per_host") is not None]
+    # 2. Remote commands per host in a no-change run: < 60, on every host (so the busiest
+    #    host counts: the acting manager does the cluster's reads), at the largest size measured.
+    sizes = [s for s in sorted(nochange) if _median(nochange, s, "commands_max_host") is not None]
     size = TARGET_NOCHANGE_RATIO_SIZE if TARGET_NOCHANGE_RATIO_SIZE in sizes else (sizes[-1] if sizes else None)
-    value = _median(nochange, size, "commands_per_host") if size else None
+    value = _median(nochange, size, "commands_max_host") if size else None
     item = {"id": "commands_per_host", "text": f"no-change run: < {TARGET_COMMANDS_PER_HOST} "
-            "remote commands per host", **verdict(value, TARGET_COMMANDS_PER_HOST, below=True)}
+            "remote commands per host (busiest host)",
+            **verdict(value, TARGET_COMMANDS_PER_HOST, below=True)}
     if size:
-        item["note"] = f"at {hosts(size)}; " + ", ".join(
-            f"{hosts(s)}: {_median(nochange, s, 'commands_per_host'):.1f}" for s in sizes)
+        item["note"] = f"at {hosts(size)}; busiest host / mean per host: " + ", ".join(
+            f"{hosts(s)}: {_median(nochange, s, 'commands_max_host'):.0f} / "
+            f"{_median(nochange, s, 'commands_per_host'):.1f}" for s in sizes)
     out.append(item)
     # 3. Hub bytes for N hosts within 1.1 copies (the worst size measured).
     copies = {s: _median(fresh, s, "hub_copies") for s in fresh if _median(fresh, s, "hub_copies") is not None}
