@@ -601,15 +601,36 @@ def probe_deploy(lab: str, size: int, kind: str, repeat: int, work: Path) -> dic
         record["weights_hub_bytes_reported"] = int(weights.group(1))
         record["lan_bytes"] = int(weights.group(2))
     if code != 0:
-        record["error"] = _tail(err or out)
+        record["error"] = failure_summary(out, err)
+        record["output"] = _redact(err)[-20000:]  # the whole story of a failed run, for the report's raw data
     return record
+
+
+def failure_summary(stdout: str, stderr: str) -> str:
+    """Why a deploy failed, in one line: the operations that failed on which hosts (pyinfra's
+    --json) and the hosts' own error lines; else the output's last lines."""
+    parts = []
+    try:
+        for op in json.loads(stdout)["results"]["operations"]:
+            if op.get("error"):
+                parts.append(f"{op['name']}: {', '.join(op['error'])}")
+    except (ValueError, KeyError, TypeError):
+        pass
+    lines = [line.strip() for line in stderr.splitlines()
+             if re.search(r"\[node-\d+\].*(error|fail|refused|timed out|timeout)", line, re.I)]
+    parts += lines[:5]
+    return _redact("; ".join(parts))[:800] if parts else _tail(stderr or stdout)
+
+
+def _redact(text: str) -> str:
+    return re.sub(r"hf_[A-Za-z0-9_]+", "hf_***", re.sub(r"SWMTKN-[A-Za-z0-9-]+", "SWMTKN-***", text))
 
 
 def _tail(text: str, lines: int = 3) -> str:
     """The last lines of an output, for a failure record; never a token (lab hub tokens start
     with hf_)."""
     kept = " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-    return re.sub(r"hf_[A-Za-z0-9_]+", "hf_***", kept)[:400]
+    return _redact(kept)[:400]
 
 
 def fresh_provisioning(size: int, repeat: int, work: Path) -> dict:

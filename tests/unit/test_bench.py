@@ -204,3 +204,16 @@ def test_drift_runs_are_timed_and_drift_found_is_counted():
     assert report["drift"][3]["runs"] == 0
     assert "drift" not in report["not_measured"]
     assert "| 1 | 2 | 6.0 (5.0-7.0) | 1 |" in bench.render_markdown(report)
+
+
+def test_a_failed_deploy_says_which_operation_failed_on_which_host():
+    out = json.dumps({"results": {"operations": [
+        {"name": "Docker Swarm | Join the Swarm as a worker", "success": [], "error": ["node-7"]},
+        {"name": "Preflight | Host is ready", "success": [], "error": []}]}})
+    err = ("--> Starting operation: Docker Swarm | Join\n"
+           "    [node-7] Error: Swarm join refused (HTTP 500): token SWMTKN-1-abc-def\n"
+           "--> Results:\n")
+    summary = bench.failure_summary(out, err)
+    assert summary.startswith("Docker Swarm | Join the Swarm as a worker: node-7; [node-7] Error")
+    assert "SWMTKN-1-abc" not in summary
+    assert bench.failure_summary("", "a\nb\nlast line") == "a / b / last line"
