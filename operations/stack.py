@@ -386,7 +386,9 @@ def convergence(services: list[dict[str, Any]]) -> tuple[bool, list[str], list[s
         progress.append(line)
         if update in ("rollback_started", "rollback_completed", "rollback_paused", "paused"):
             failures.append(f"{svc['name']}: update {update}: {svc['update_message'] or 'no reason given'}")
-        if svc["running"] < svc["desired"] or update in ("updating", "rollback_started"):
+        # A service with no desired task at all (a global gateway with no eligible node, a
+        # replicated one whose tasks were all rejected) is not converged, whatever 0/0 says.
+        if svc["desired"] == 0 or svc["running"] < svc["desired"] or update in ("updating", "rollback_started"):
             done = False
     return done and not failures, progress, failures
 
