@@ -119,7 +119,9 @@ def hub_settings(endpoint: str, token_file: Path, repo_id: str, revision: str) -
     return {
         "hf_endpoint": endpoint,
         "hf_token_file": str(token_file),
-        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision}],
+        # Two replicas on three hosts: a spare node, so updates roll start-first; and a fleet
+        # with one host down (tests/lab/test_run.py) can still place them.
+        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision, "replicas": 2}],
         # The lab model is half a megabyte: verify every byte on every run.
         "weights_verify": "sha256",
         "weights_free_margin_gb": 0,
