@@ -6,7 +6,9 @@ host data. That is the only way a stand-in enters a run: production code knows n
 
     .2  the NVIDIA stand-in: signed apt repositories laid out like NVIDIA's (scripts/lab/nvidia_sim)
     .3  the Hugging Face Hub stand-in: a tiny model behind the Hub's API, token required (scripts/lab/hub)
-    .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry)
+    .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry),
+        among them the inference stack's stand-ins: the CPU engine for vllm/vllm-openai
+        (scripts/lab/engine) and the gateway for haproxy (scripts/lab/gateway)
 """
 
 from __future__ import annotations
@@ -84,7 +86,34 @@ def registry(lab: str, subnet: ipaddress.IPv4Network) -> dict[str, object]:
     reg = registry_service.start(lab, fleet.network_name(lab), address)
     verify_image = registry_service.push(lab, images.ensure_base(), VERIFY_IMAGE, reg)
     fleet.say(f"registry stand-in at {reg['address']} (plain HTTP, lab hosts only)")
-    return registry_settings(reg["address"], verify_image)
+    return {**registry_settings(reg["address"], verify_image), **stack_images(lab, reg)}
+
+
+def stack_images(lab: str, reg: dict) -> dict[str, object]:
+    """The inference stack's images, built here (cached by recipe hash) and pushed to the lab
+    registry (skipped when it holds them already): LAB STAND-INS for vllm/vllm-openai and
+    haproxy."""
+    from scripts.lab import engine, gateway
+    from scripts.lab.registry import service as registry_service
+
+    pushed = {}
+    for name, module in (("engine", engine), ("gateway", gateway)):
+        local = module.ensure_image()
+        pushed[name] = registry_service.push(lab, local, pushed_name(module.REPOSITORY, local), reg)
+    fleet.say(f"stack stand-ins in the registry: engine {pushed['engine']} (lab CPU engine, "
+              f"not vLLM), gateway {pushed['gateway']} (Debian's haproxy 2.6)")
+    return stack_image_settings(pushed["engine"], pushed["gateway"])
+
+
+def pushed_name(repository: str, local_tag: str) -> str:
+    """lab/<name>:<the local tag's recipe hash>: a changed recipe is a new tag, which Swarm
+    pulls and rolls out; an unchanged one is the same reference on every `up`."""
+    return f"{repository}:{local_tag.rpartition(':')[2]}"
+
+
+def stack_image_settings(engine_image: str, gateway_image: str) -> dict[str, object]:
+    """The production keys that point the stack at the lab's stand-in images."""
+    return {"stack_engine_images": {"vllm": engine_image}, "stack_gateway_image": gateway_image}
 
 
 def registry_settings(address: str, verify_image: str) -> dict[str, object]:
