@@ -292,6 +292,14 @@ def test_a_bad_model_directory_exits_non_zero_with_the_reason(engine, tmp_path):
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
+def test_engine_stops_promptly_on_sigterm(engine):
+    """Last of the engine tests: Swarm's rolling update stops tasks with SIGTERM."""
+    started = time.monotonic()
+    docker("stop", "-t", "30", engine["name"])
+    assert time.monotonic() - started < 15
+    assert docker("inspect", "-f", "{{.State.ExitCode}}", engine["name"]) == "0"
+
+
 # ------------------------------------------------------------------ the gateway
 
 
