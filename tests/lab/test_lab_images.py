@@ -4,10 +4,13 @@ The engine and gateway tests build the images (cached by recipe hash) and run th
 `docker run` on this machine, on loopback only; they do not need the lab's hosts. The engine
 serves the lab's tiny model (scripts/lab/hub/model.py's files, mounted read-only) and its
 answers are checked against an independent pure-Python forward pass (llama_reference.py):
-the same greedy tokens, and the same log-probabilities to 1e-4. The last test uses the session
-lab: `up` pushed both images to the lab registry and wrote the settings that select them.
+the same greedy tokens, and the same log-probabilities to 1e-4. The gateway is checked alone
+(`haproxy -c` of the stack's keywords, a running gateway) and in front of two engine tasks found
+through Docker's DNS on a network of the test's own. The last test uses the session lab: `up`
+pushed both images to the lab registry and wrote the settings that select them.
 
-Every container here carries the label gpufleet.lab=<LAB_NAME> and is removed in a finally.
+Every container and network here carries the label gpufleet.lab=<LAB_NAME> and is removed in
+a finally; requests go to loopback only.
 """
 
 from __future__ import annotations
@@ -362,6 +365,83 @@ frontend api
         assert docker("inspect", "-f", "{{.State.ExitCode}}", name) == "0"
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_gateway_balances_over_engine_tasks_found_through_docker_dns(tmp_path, files):
+    """The two stand-ins together as the stack uses them: two engine tasks behind one DNS name
+    (as Swarm's dnsrr), the gateway finding them with `resolvers` on Docker's DNS and
+    `server-template`, checking /health, refusing requests without the key itself."""
+    engine_tag, gateway_tag = engine_image.ensure_image(), gateway.ensure_image()
+    revision = hub_model.write_repo(tmp_path / "hub", files)
+    model_dir = tmp_path / "hub" / hub_model.REPO_ID / revision
+    conf = tmp_path / "conf"
+    conf.mkdir(mode=0o755)
+    (conf / "haproxy.cfg").write_text("""\
+global
+    log stdout format raw local0
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+resolvers docker
+    nameserver dns 127.0.0.11:53
+    hold valid 1s
+frontend api
+    bind :8080
+    option http-buffer-request
+    acl authorized req.hdr(authorization) -m str -f /usr/local/etc/haproxy/api-keys.lst
+    http-request return status 401 content-type application/json string '{"error":"Unauthorized"}' if { path_beg /v1 } !authorized
+    default_backend engines
+backend engines
+    balance roundrobin
+    option httpchk GET /health
+    http-check expect status 200
+    server-template engine 4 engine:8000 check inter 1s rise 1 fall 2 resolvers docker init-addr none
+""")
+    (conf / "api-keys.lst").write_text(f"Bearer {KEY}\n")
+    for path in conf.iterdir():
+        path.chmod(0o644)
+    tag = f"{LAB}-gw-e2e-{os.getpid()}"
+    network, port = tag, free_port()
+    env = {**os.environ, "VLLM_API_KEY": KEY}
+    containers = [f"{tag}-engine-1", f"{tag}-engine-2", f"{tag}-gateway"]
+    try:
+        docker("network", "create", "--label", f"gpufleet.lab={LAB}", network)
+        for name in containers[:2]:
+            docker("run", "-d", "--name", name, "--hostname", name, "--label",
+                   f"gpufleet.lab={LAB}", "--network", network, "--network-alias", "engine",
+                   "-e", "VLLM_API_KEY", "-v", f"{model_dir}:/models/tiny-llama:ro",
+                   engine_tag, "/models/tiny-llama", "--served-model-name", "tiny-llama",
+                   "--port", "8000", env=env)
+        docker("run", "-d", "--name", containers[2], "--label", f"gpufleet.lab={LAB}",
+               "--network", network, "-v", f"{conf}:/usr/local/etc/haproxy:ro",
+               "-p", f"127.0.0.1:{port}:8080", gateway_tag)
+        base = f"http://127.0.0.1:{port}"
+        body = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+        deadline = time.monotonic() + 60
+        tasks, texts = set(), set()
+        while len(tasks) < 2:
+            try:
+                status, headers, raw = http("POST", base + "/v1/completions", body, timeout=10)
+            except OSError:
+                status, headers, raw = 0, {}, b""
+            if status == 200:
+                tasks.add(headers["x-engine-task"])
+                texts.add(json.loads(raw)["choices"][0]["text"])
+            elif time.monotonic() > deadline:
+                pytest.fail(f"through the gateway: {status} {raw[:200]!r} "
+                            f"{docker('logs', containers[2], check=False)}")
+            else:
+                time.sleep(0.5)
+        assert tasks == set(containers[:2]) and len(texts) == 1  # same model, same greedy text
+        status, headers, raw = http("POST", base + "/v1/completions", body, key=None)
+        assert status == 401 and json.loads(raw) == {"error": "Unauthorized"}
+        assert "x-engine-task" not in {k.lower() for k in headers}  # the gateway answered
+    finally:
+        for name in containers:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "network", "rm", network], capture_output=True)
 
 
 # ------------------------------------------------------------------ the lab's registry
