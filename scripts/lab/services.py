@@ -102,7 +102,21 @@ def stack_images(lab: str, reg: dict) -> dict[str, object]:
         pushed[name] = registry_service.push(lab, local, pushed_name(module.REPOSITORY, local), reg)
     fleet.say(f"stack stand-ins in the registry: engine {pushed['engine']} (lab CPU engine, "
               f"not vLLM), gateway {pushed['gateway']} (Debian's haproxy 2.6)")
-    return stack_image_settings(pushed["engine"], pushed["gateway"])
+    uids = {name: image_uid(module.ensure_image()) for name, module in (("vllm", engine), ("gateway", gateway))}
+    return {**stack_image_settings(pushed["engine"], pushed["gateway"]),
+            # The stand-ins run as users of their own: they must own the secrets mounted for them.
+            "stack_secret_uids": {"vllm": uids["vllm"], "tgi": 0, "ollama": 0, "gateway": uids["gateway"]}}
+
+
+def image_uid(image: str) -> int:
+    """The uid an image's processes run as (its USER), read by running `id -u` in it."""
+    import subprocess
+
+    result = subprocess.run(["docker", "run", "--rm", "--entrypoint", "id", image, "-u"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot read the user of {image}: {result.stderr.strip()}")
+    return int(result.stdout.strip())
 
 
 def pushed_name(repository: str, local_tag: str) -> str:
@@ -148,7 +162,9 @@ def hub_settings(endpoint: str, token_file: Path, repo_id: str, revision: str) -
     return {
         "hf_endpoint": endpoint,
         "hf_token_file": str(token_file),
-        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision}],
+        # Two replicas on three hosts: a spare node, so updates roll start-first; and a fleet
+        # with one host down (tests/lab/test_run.py) can still place them.
+        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision, "replicas": 2}],
         # The lab model is half a megabyte: verify every byte on every run.
         "weights_verify": "sha256",
         "weights_free_margin_gb": 0,
