@@ -367,41 +367,55 @@ frontend api
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
-def test_gateway_balances_over_engine_tasks_found_through_docker_dns(tmp_path, files):
-    """The two stand-ins together as the stack uses them: two engine tasks behind one DNS name
-    (as Swarm's dnsrr), the gateway finding them with `resolvers` on Docker's DNS and
-    `server-template`, checking /health, refusing requests without the key itself."""
+def stack_gateway_config(models: list[dict]) -> tuple[str, list[str]]:
+    """The gateway configuration the stack renders (operations/stack.py) for `models`, and the
+    DNS names of their engine tasks (tasks.<stack>_<key>)."""
+    from operations import stack
+    from operations.config import load_group_data, validate_host_data
+
+    entries = [{"repo_id": f"org/{m['name']}", "revision": "0" * 40, **m} for m in models]
+    settings = validate_host_data("lab", {**load_group_data()["all"], "models": entries,
+                                          "stack_api_key_file": "/etc/key"})
+    served = [m for m in settings.models if m.serve]
+    return (stack.render_gateway(settings.stack_name, served),
+            [f"tasks.{settings.stack_name}_{stack.service_key(m.name)}" for m in served])
+
+
+ONE_MODEL = [{"name": "tiny-llama"}]
+TWO_MODELS = [{"name": "tiny-llama", "port": 8001}, {"name": "other-model", "port": 8002}]
+
+
+@pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
+def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
+    config, _ = stack_gateway_config(models)
+    rc, output = gateway.check_config(gateway.ensure_image(), config, labels={"gpufleet.lab": LAB},
+                                      secrets={"gateway_auth": f"Bearer {KEY}\n"})
+    assert rc == 0, output
+
+
+@pytest.mark.parametrize("models", [
+    ONE_MODEL,
+    pytest.param(TWO_MODELS, marks=pytest.mark.xfail(strict=True, reason=(
+        "templates/haproxy.cfg.j2: with several models its unconditional `http-request return "
+        "status 404` comes after the use_backend rules, and HAProxy runs every http-request "
+        "rule before any use_backend (haproxy -c warns), so every request gets the 404"))),
+], ids=["one-model", "two-models"])
+def test_stacks_gateway_routes_to_engine_tasks_found_through_docker_dns(tmp_path, files, models):
+    """The two stand-ins as the stack runs them: the gateway with the configuration the stack
+    renders (Swarm's DNS names, resolvers on 127.0.0.11, server-template, httpchk /health, the
+    key from /run/secrets/gateway_auth, routing by the body's "model"), two engine tasks of
+    tiny-llama behind tasks.<stack>_tiny-llama, on a network of the test's own."""
     engine_tag, gateway_tag = engine_image.ensure_image(), gateway.ensure_image()
+    config, dns_names = stack_gateway_config(models)
     revision = hub_model.write_repo(tmp_path / "hub", files)
     model_dir = tmp_path / "hub" / hub_model.REPO_ID / revision
-    conf = tmp_path / "conf"
-    conf.mkdir(mode=0o755)
-    (conf / "haproxy.cfg").write_text("""\
-global
-    log stdout format raw local0
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-resolvers docker
-    nameserver dns 127.0.0.11:53
-    hold valid 1s
-frontend api
-    bind :8080
-    option http-buffer-request
-    acl authorized req.hdr(authorization) -m str -f /usr/local/etc/haproxy/api-keys.lst
-    http-request return status 401 content-type application/json string '{"error":"Unauthorized"}' if { path_beg /v1 } !authorized
-    default_backend engines
-backend engines
-    balance roundrobin
-    option httpchk GET /health
-    http-check expect status 200
-    server-template engine 4 engine:8000 check inter 1s rise 1 fall 2 resolvers docker init-addr none
-""")
-    (conf / "api-keys.lst").write_text(f"Bearer {KEY}\n")
-    for path in conf.iterdir():
-        path.chmod(0o644)
+    conf, secrets = tmp_path / "conf", tmp_path / "secrets"
+    for directory, name, text in ((conf, "haproxy.cfg", config),
+                                  (secrets, "gateway_auth", f"Bearer {KEY}\n")):
+        directory.mkdir(mode=0o755)
+        directory.chmod(0o755)
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o644)
     tag = f"{LAB}-gw-e2e-{os.getpid()}"
     network, port = tag, free_port()
     env = {**os.environ, "VLLM_API_KEY": KEY}
@@ -410,34 +424,36 @@ backend engines
         docker("network", "create", "--label", f"gpufleet.lab={LAB}", network)
         for name in containers[:2]:
             docker("run", "-d", "--name", name, "--hostname", name, "--label",
-                   f"gpufleet.lab={LAB}", "--network", network, "--network-alias", "engine",
+                   f"gpufleet.lab={LAB}", "--network", network, "--network-alias", dns_names[0],
                    "-e", "VLLM_API_KEY", "-v", f"{model_dir}:/models/tiny-llama:ro",
                    engine_tag, "/models/tiny-llama", "--served-model-name", "tiny-llama",
                    "--port", "8000", env=env)
         docker("run", "-d", "--name", containers[2], "--label", f"gpufleet.lab={LAB}",
                "--network", network, "-v", f"{conf}:/usr/local/etc/haproxy:ro",
-               "-p", f"127.0.0.1:{port}:8080", gateway_tag)
+               "-v", f"{secrets}:/run/secrets:ro", "-p", f"127.0.0.1:{port}:8080", gateway_tag)
         base = f"http://127.0.0.1:{port}"
         body = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
-        deadline = time.monotonic() + 60
-        tasks, texts = set(), set()
-        while len(tasks) < 2:
+        tasks, texts, answers = set(), set(), []
+        deadline = time.monotonic() + 30
+        while len(tasks) < 2 and time.monotonic() < deadline:
             try:
                 status, headers, raw = http("POST", base + "/v1/completions", body, timeout=10)
-            except OSError:
-                status, headers, raw = 0, {}, b""
+            except OSError as error:  # the gateway is still starting
+                status, headers, raw = 0, {}, str(error).encode()
+            answers.append((status, raw[:120]))
             if status == 200:
                 tasks.add(headers["x-engine-task"])
                 texts.add(json.loads(raw)["choices"][0]["text"])
-            elif time.monotonic() > deadline:
-                pytest.fail(f"through the gateway: {status} {raw[:200]!r} "
-                            f"{docker('logs', containers[2], check=False)}")
             else:
                 time.sleep(0.5)
-        assert tasks == set(containers[:2]) and len(texts) == 1  # same model, same greedy text
+        statuses = answers[-3:]
+        assert tasks == set(containers[:2]), statuses  # both tasks, found by DNS, answer
+        assert len(texts) == 1  # the same model: the same greedy text
         status, headers, raw = http("POST", base + "/v1/completions", body, key=None)
         assert status == 401 and json.loads(raw) == {"error": "Unauthorized"}
         assert "x-engine-task" not in {k.lower() for k in headers}  # the gateway answered
+        if len(models) == 1:  # the gateway's own health: every model has a healthy task
+            assert http("GET", base + "/health", key=None)[0] == 200
     finally:
         for name in containers:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
