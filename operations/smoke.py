@@ -605,11 +605,14 @@ def smoke_endpoints(stack: dict | Callable, settings, deadline_s: float | None =
         logger.info(f"{host.print_prefix}{line}")
     failures = SmokeReport(results).failures()
     if not failures:
+        # Said at info level too: pyinfra shows noop descriptions only with -v.
+        logger.info(f"{host.print_prefix}smoke passed: {summary_line(results)}")
         host.noop(f"smoke passed: {summary_line(results)}")
         return
-    for line in failures[1:]:
-        host.log_styled(f"smoke: {line}", fg="red", log_func=logger.error)
-    yield FunctionCommand(fail_host, (f"smoke: {failures[0]}",), {})
+    for line in failures:
+        host.log_styled(f"smoke failed: {line}", fg="red", log_func=logger.error)
+    reason = f"smoke failed: {len(failures)} check(s), named above ({summary_line(results)})"
+    yield FunctionCommand(fail_host, (reason,), {})
 
 
 def read_stack(managers: list, stack_name: str) -> dict[str, Any]:
