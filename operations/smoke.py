@@ -41,6 +41,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 
 from operations.phase import PhaseResult, fail_host
+from operations.stack import service_key  # the stack's own naming: <stack>_<key>
 
 HEALTH_REQUEST_TIMEOUT_S = 10.0
 # A completion on a cold engine (first request after load) may take a while.
@@ -109,15 +110,6 @@ class SmokeReport:
 
 
 # --- Fact -----------------------------------------------------------------------------------
-
-
-def service_key(model_name: str) -> str:
-    """The service suffix of a model: lowercased, anything outside [a-z0-9-] becomes '-'.
-
-    >>> service_key("Qwen2.5-7B_Instruct")
-    'qwen2-5-7b-instruct'
-    """
-    return re.sub(r"[^a-z0-9-]", "-", model_name.lower())
 
 
 def _json_lines(lines: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
