@@ -9,9 +9,7 @@ gets its stack). Tests run in file order: the stopped engine is back before the 
 
 import csv
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
