@@ -55,6 +55,8 @@ COMPLETION_PROMPT = "Say hello in three words."
 COMPLETION_MAX_TOKENS = 8
 
 PASS, FAIL, NA, SKIPPED = "pass", "FAIL", "n/a", "skipped"
+# Task states after which a task serves nothing until Swarm replaces it.
+TASK_ENDED = {"rejected", "failed", "complete", "shutdown", "orphaned", "remove"}
 
 
 # --- Data -----------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def _task(raw: dict[str, Any]) -> dict[str, Any]:
         "desired": raw.get("DesiredState", "").lower(),
         "state": (current.split(" ", 1)[0] if current else "").lower(),
         "current": current,
-        "error": raw.get("Error", ""),
+        "error": raw.get("Error", "").strip("\""),  # docker quotes the daemon's message
     }
 
 
@@ -229,8 +231,10 @@ class SmokeStack(FactBase):
             f"ids=$(docker service ls -q --filter {label} 2>&1) || "
             "{ printf 'error=%s\\n' \"$(printf '%s' \"$ids\" | tr '\\n' ' ')\"; exit 0; }; "
             "echo @services; [ -z \"$ids\" ] || docker service inspect --format '{{json .}}' $ids 2>&1; "
+            # Desired "ready": a task Swarm is restarting (its error says why it stopped).
             "echo @tasks; [ -z \"$ids\" ] || docker service ps --no-trunc "
-            "--filter desired-state=running --format '{{json .}}' $ids 2>&1; "
+            "--filter desired-state=running --filter desired-state=ready "
+            "--format '{{json .}}' $ids 2>&1; "
             "echo @nodes; docker node inspect --format '{{json .}}' $(docker node ls -q) 2>&1; true"
         )
 
@@ -269,6 +273,10 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                 why = task["error"] or task["current"] or "no node"
                 problems.append(CheckResult(name, "", "tasks", FAIL, f"task {task['name']} "
                                             f"not placed: {why}"))
+            elif task["state"] in TASK_ENDED:
+                why = task["error"] or task["current"]
+                problems.append(CheckResult(name, "", "tasks", FAIL, f"task {task['name']} on "
+                                            f"{task['node']} {task['state']}: {why}"))
             elif node is None or not node["addr"]:
                 problems.append(CheckResult(name, "", "tasks", FAIL,
                                             f"node {task['node']} of {task['name']} has no address"))
@@ -283,9 +291,12 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
             problems.append(CheckResult(name, "", "tasks", FAIL,
                                         f"service missing (model {spec.name} is served)"))
             continue
+        before = len(problems)
         on_nodes = placed(name)
         wanted = service["replicas"] or 0
-        if service["mode"] == "replicated" and len(tasks_of(name)) < wanted:
+        if len(problems) > before:
+            pass  # each task's own reason says more than a count
+        elif service["mode"] == "replicated" and len(tasks_of(name)) < wanted:
             problems.append(CheckResult(name, "", "tasks", FAIL,
                                         f"{len(tasks_of(name))} of {wanted} replicas scheduled"))
         elif not on_nodes and not tasks_of(name):
@@ -304,12 +315,13 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
     if gateway not in services:
         problems.append(CheckResult(gateway, "", "tasks", FAIL, "service missing"))
         return targets, problems
+    before = len(problems)
     if settings.stack_publish_mode == "host":
         gateway_nodes = [node for _, node in placed(gateway)]
     else:
         gateway_nodes = [n for n in stack["nodes"] if n["role"] == "manager"
                          and n["state"] == "ready" and n["addr"]]
-    if not gateway_nodes:
+    if not gateway_nodes and len(problems) == before:
         problems.append(CheckResult(gateway, "", "tasks", FAIL, "no node answers for the gateway"))
     for node in gateway_nodes:
         targets.append(Target(

@@ -250,3 +250,13 @@ def test_read_api_key_strips_the_file(tmp_path):
     assert sm.read_api_key(None) is None
     with pytest.raises(OSError):
         sm.read_api_key(str(tmp_path / "missing"))
+
+
+def test_tasks_swarm_keeps_restarting_are_failures_with_swarms_reason():
+    # Recorded on the lab: no node could pull the images, Swarm retries (desired Ready).
+    targets, problems = sm.stack_targets(settings(), fact("images_missing.yaml"))
+    lines = [p.failure_line() for p in problems]
+    assert any(line.startswith("gpufleet_tiny-llama: tasks failed: task gpufleet_tiny-llama.1 on "
+                               "node-3 rejected: assigned node no longer meets constraints")
+               for line in lines), lines
+    assert not any(t.kind == "engine" for t in targets)
