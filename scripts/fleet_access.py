@@ -13,7 +13,7 @@ by operations.config, and `--data KEY=VALUE` overrides applied on top, as pyinfr
 
 from __future__ import annotations
 
-import ast
+import json
 import os
 import runpy
 import sys
@@ -42,21 +42,28 @@ def reexec_in_venv() -> None:
 
 
 def parse_data(items: list[str]) -> dict[str, Any]:
-    """`--data KEY=VALUE` as pyinfra reads it: a Python literal when it parses as one
-    (numbers, lists, dicts, quoted strings), true/false as booleans, else the plain string."""
+    """`--data KEY=VALUE` as pyinfra's CLI reads it (pyinfra_cli.util.parse_cli_arg, not
+    imported: see the module doc): true/false, a whole number, JSON, else the plain string."""
     data: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise config.ConfigError([f"--data {item!r}: expected KEY=VALUE"])
-        if text.lower() in ("true", "false"):
-            data[key] = text.lower() == "true"
-            continue
-        try:
-            data[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            data[key] = text
+        data[key] = _cli_value(text)
     return data
+
+
+def _cli_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @dataclass

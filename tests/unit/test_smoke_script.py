@@ -126,5 +126,6 @@ def test_a_bad_data_override_exits_2(tmp_path):
 
 
 def test_data_overrides_parse_like_pyinfra():
-    assert fleet_access.parse_data(["a=1", "b=true", "c=/x/y", "d=[1, 2]", "e='q'"]) == {
-        "a": 1, "b": True, "c": "/x/y", "d": [1, 2], "e": "q"}
+    assert fleet_access.parse_data(["a=1", "b=true", "c=/x/y", "d=[1, 2]", 'e={"vllm": "x"}',
+                                    "f=1.5"]) == {
+        "a": 1, "b": True, "c": "/x/y", "d": [1, 2], "e": {"vllm": "x"}, "f": 1.5}
