@@ -51,7 +51,6 @@ PROMPT = "Write one sentence about GPUs."
 STATS_COMMAND = "docker stats --no-stream --format '{{json .}}'"
 # A sampler thread stops after this many rounds whatever happens (bounded loop).
 MAX_SAMPLE_ROUNDS = 2000
-SCALE_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -232,25 +231,33 @@ class Sampler:
 
 
 def scale(fleet: Fleet, manager: str, service: str, replicas: int) -> None:
-    ok, _, stderr = fleet.run(
-        manager, f"docker service scale --detach=false {service}={int(replicas)}",
-        timeout=SCALE_TIMEOUT_S,
-    )
+    """Ask Swarm for `replicas` tasks (detached: wait_ready does the bounded waiting)."""
+    try:
+        ok, _, stderr = fleet.run(
+            manager, f"docker service scale --detach {service}={int(replicas)}", timeout=120)
+    except Exception as error:  # the manager stopped answering
+        raise RuntimeError(f"docker service scale {service}={replicas}: {error}") from None
     if not ok:
         raise RuntimeError(f"docker service scale {service}={replicas}: {' '.join(stderr)[:300]}")
 
 
-def wait_healthy(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: int,
-                 service: str) -> dict:
-    """Re-read the stack until `wanted` tasks of `service` run, then wait for every endpoint's
-    /health; the stack as read."""
+def wait_ready(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: int,
+               service: str) -> dict:
+    """Re-read the stack (every 2 s, until the deadline) until `wanted` tasks of `service` run,
+    then wait for every endpoint's /health; the stack as read. RuntimeError with Swarm's
+    reasons (a rejected task's error) when it does not get there in time."""
     end = time.monotonic() + deadline_s
-    stack = {}
-    for _ in range(int(deadline_s // 2) + 1):
+    stack: dict = {}
+    for _ in range(int(deadline_s // 2) + 2):
         stack = fleet.read_fact(manager, sm.SmokeStack, stack_name=settings.stack_name)
         running = [t for t in stack["tasks"] if t["service"] == service and t["state"] == "running"]
-        if len(running) >= wanted or time.monotonic() > end:
+        if len(running) >= wanted:
             break
+        if time.monotonic() > end:
+            _, problems = sm.stack_targets(settings, stack)
+            reasons = "; ".join(p.detail for p in problems if p.endpoint == service)
+            raise RuntimeError(f"{service}: {len(running)} of {wanted} task(s) running after "
+                               f"{deadline_s:g}s" + (f" ({reasons})" if reasons else ""))
         time.sleep(2)
     targets, _ = sm.stack_targets(settings, stack)
     with httpx.Client() as client:
@@ -284,8 +291,8 @@ def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | 
         for replicas in dict.fromkeys([1, many]):
             print(f"scaling {service} to {replicas} replica(s)")
             scale(fleet, manager, service, replicas)
-            current = wait_healthy(fleet, manager, settings, settings.smoke_deadline_s, replicas,
-                                   service)
+            current = wait_ready(fleet, manager, settings, settings.smoke_deadline_s, replicas,
+                                 service)
             time.sleep(args.settle)  # the gateway re-resolves its backends (DNS round-robin)
             for path in ("gateway", "engines"):
                 endpoints = [e for e in endpoints_for(path, settings, current)
@@ -394,5 +401,13 @@ def run(argv) -> int:
     return 1 if failed or not records else 0
 
 
+def _exit_on_sigterm(signum, frame):
+    # A killed load test still restores the replica count it changed (run_scenarios' finally).
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(run(sys.argv[1:]))

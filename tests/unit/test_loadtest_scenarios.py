@@ -84,9 +84,9 @@ def test_four_scenarios_sampled_and_the_count_restored():
         records, scenarios = lt.run_scenarios(fleet, s, "node-1", stack(2), KEY, args())
         assert gateway.requests == 8 and engine.requests == 8
     assert fleet.commands == [
-        f"docker service scale --detach=false {SERVICE}=1",
-        f"docker service scale --detach=false {SERVICE}=3",
-        f"docker service scale --detach=false {SERVICE}=2",
+        f"docker service scale --detach {SERVICE}=1",
+        f"docker service scale --detach {SERVICE}=3",
+        f"docker service scale --detach {SERVICE}=2",
     ]
     assert [s["name"] for s in scenarios] == ["1 replica(s), gateway", "1 replica(s), direct",
                                               "3 replica(s), gateway", "3 replica(s), direct"]
@@ -105,4 +105,25 @@ def test_the_count_is_restored_when_a_scenario_fails():
         s = settings(dead, port_of(gateway))
         with pytest.raises(RuntimeError, match="health failed"):
             lt.run_scenarios(fleet, s, "node-1", stack(2), KEY, args())
-    assert fleet.commands[-1] == f"docker service scale --detach=false {SERVICE}=2"
+    assert fleet.commands[-1] == f"docker service scale --detach {SERVICE}=2"
+
+
+class RejectingFleet(FakeFleet):
+    """Workers cannot run the engine: Swarm rejects the tasks it places there."""
+
+    def read_fact(self, name, fact, **kwargs):
+        made = stack(self.replicas)
+        for task in made["tasks"]:
+            if task["service"] == SERVICE and task["node"] != "node-1":
+                task.update(state="rejected", desired="ready",
+                            error="node is missing network attachments")
+        return made
+
+
+def test_replicas_that_never_run_stop_the_scenarios_with_swarms_reason():
+    fleet = RejectingFleet(replicas=1)
+    with FakeOpenAI(key=KEY) as engine, FakeOpenAI(key=KEY) as gateway:
+        s = settings(port_of(engine), port_of(gateway))
+        with pytest.raises(RuntimeError, match="1 of 3 task.*missing network attachments"):
+            lt.run_scenarios(fleet, s, "node-1", stack(1), KEY, args())
+    assert fleet.commands[-1] == f"docker service scale --detach {SERVICE}=1"
