@@ -11,9 +11,10 @@ OperationError as usual, and `@fails_only_this_host` turns it into a failing com
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Iterator
 
-from pyinfra import logger
+from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, OperationError
 
 
@@ -50,3 +51,45 @@ def fails_only_this_host(func: Callable[..., Iterator]) -> Callable[..., Iterato
             yield FunctionCommand(fail_host, (str(error),), {})
 
     return operation_body
+
+
+# --- What an operation tells the drift check (scripts/drift_check.py) -----------------------
+#
+# The deploy itself ignores both records below; the drift check plans the run without executing
+# it and reads them per host and operation. They are kept per State (a weak key: a finished run's
+# records go with it), so one process may plan several runs.
+
+_NOTES: "weakref.WeakKeyDictionary[Any, list[tuple[str, str | None, str, str]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+EXPLAIN = "explain"
+FINDING = "finding"
+
+
+def _record(kind: str, text: str) -> None:
+    try:
+        notes = _NOTES.setdefault(host.state, [])
+    except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
+        return
+    entry = (host.name, host.current_op_hash, kind, text)
+    if entry not in notes:  # an operation body may be planned more than once
+        notes.append(entry)
+
+
+def explain(text: str) -> None:
+    """Say in words what the current operation is about to change (and why), before it yields
+    its commands: the drift check shows this instead of the raw commands."""
+    _record(EXPLAIN, text)
+
+
+def finding(text: str) -> None:
+    """Something the deploy sees but leaves to an operator (a Swarm node no inventory host
+    accounts for): a noop for the deploy, drift for the drift check."""
+    host.noop(text)
+    _record(FINDING, text)
+
+
+def notes_of(state) -> list[tuple[str, str | None, str, str]]:
+    """(host name, operation hash, EXPLAIN or FINDING, text) recorded while planning `state`."""
+    return list(_NOTES.get(state, []))
