@@ -59,7 +59,7 @@ def fails_only_this_host(func: Callable[..., Iterator]) -> Callable[..., Iterato
 # it and reads them per host and operation. They are kept per State (a weak key: a finished run's
 # records go with it), so one process may plan several runs.
 
-_NOTES: "weakref.WeakKeyDictionary[Any, list[tuple[str, str | None, str, str]]]" = (
+_NOTES: "weakref.WeakKeyDictionary[Any, list[tuple[str, str | None, str, str, str | None]]]" = (
     weakref.WeakKeyDictionary()
 )
 
@@ -67,20 +67,21 @@ EXPLAIN = "explain"
 FINDING = "finding"
 
 
-def _record(kind: str, text: str) -> None:
+def _record(kind: str, text: str, about: str | None = None) -> None:
     try:
         notes = _NOTES.setdefault(host.state, [])
     except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
         return
-    entry = (host.name, host.current_op_hash, kind, text)
+    entry = (host.name, host.current_op_hash, kind, text, about)
     if entry not in notes:  # an operation body may be planned more than once
         notes.append(entry)
 
 
-def explain(text: str) -> None:
+def explain(text: str, about: str | None = None) -> None:
     """Say in words what the current operation is about to change (and why), before it yields
-    its commands: the drift check shows this instead of the raw commands."""
-    _record(EXPLAIN, text)
+    its commands: the drift check shows this instead of the raw commands. `about`: the inventory
+    host the change is about when it is made from another one (a manager labels every node)."""
+    _record(EXPLAIN, text, about)
 
 
 def finding(text: str) -> None:
@@ -90,6 +91,7 @@ def finding(text: str) -> None:
     _record(FINDING, text)
 
 
-def notes_of(state) -> list[tuple[str, str | None, str, str]]:
-    """(host name, operation hash, EXPLAIN or FINDING, text) recorded while planning `state`."""
+def notes_of(state) -> list[tuple[str, str | None, str, str, str | None]]:
+    """(host name, operation hash, EXPLAIN or FINDING, text, about) recorded while planning
+    `state`."""
     return list(_NOTES.get(state, []))

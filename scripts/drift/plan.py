@@ -42,7 +42,7 @@ from pyinfra_cli.exceptions import CliError
 from pyinfra_cli.inventory import make_inventory
 from pyinfra_cli.util import exec_file
 
-from scripts.drift.report import HostResult, Item, Report, classify, one_line
+from scripts.drift.report import HostResult, Item, Report, attribute, classify, one_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_FILE = "deploy.py"
@@ -118,12 +118,14 @@ def _plan_all(state: State, deploy_file: str) -> dict[str, str]:
     return {greenlets[g].name: g.value for g in greenlets if g.value}
 
 
-def _notes_by_op(state: State) -> dict[tuple[str, str | None], dict[str, list[str]]]:
-    from operations.phase import notes_of
+def _notes_by_op(state: State) -> dict[tuple[str, str | None], dict[str, list]]:
+    """{(host, operation hash): {EXPLAIN: [(text, about)], FINDING: [text]}}."""
+    from operations.phase import EXPLAIN, notes_of
 
-    notes: dict[tuple[str, str | None], dict[str, list[str]]] = {}
-    for host_name, op_hash, kind, text in notes_of(state):
-        notes.setdefault((host_name, op_hash), {}).setdefault(kind, []).append(text)
+    notes: dict[tuple[str, str | None], dict[str, list]] = {}
+    for host_name, op_hash, kind, text, about in notes_of(state):
+        said = notes.setdefault((host_name, op_hash), {}).setdefault(kind, [])
+        said.append((text, about) if kind == EXPLAIN else text)
     return notes
 
 
@@ -218,6 +220,7 @@ def check(inventory_path: str, deploy_file: str = DEPLOY_FILE, verbose: bool = F
                 state.set_stage(StateStage.Prepare)
                 planning_errors = _plan_all(state, str(REPO_ROOT / deploy_file))
             report.hosts = [_host_result(state, h, planning_errors, log) for h in inventory]
+            attribute(report.hosts)
         except CheckFailed as error:
             report.failure = str(error)
     finally:

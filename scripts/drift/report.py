@@ -36,6 +36,11 @@ class Item:
     operation: str
     kind: str
     detail: str
+    # The host whose operation would make the change, when it is another one than the host the
+    # change is about (a Swarm manager relabelling a node); None: the item's own host.
+    via: str | None = None
+    # While classifying: the host the change is about, when the operation said so.
+    about: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def counted(self) -> bool:
@@ -136,12 +141,13 @@ def classify(
     *,
     conditional: bool,
     commands: list[Any],
-    explained: list[str],
+    explained: list[tuple[str, str | None]],
     findings: list[str],
 ) -> list[Item]:
     """Items of one operation on one host, from what planning it produced: its commands (empty:
     no change), whether it carries `_if`, and what it said through operations.phase
-    (`explain`: what it would change, in words; `finding`: something left to an operator)."""
+    (`explain`: what it would change, in words, and about which host; `finding`: something
+    left to an operator)."""
     items = [Item(operation, "finding", one_line(text, 400)) for text in findings]
     if not commands:
         return items
@@ -150,8 +156,29 @@ def classify(
     reasons = [r for r in map(failure_reason, commands) if r]
     if reasons:
         return items + [Item(operation, "fail", "; ".join(reasons))]
-    detail = "; ".join(explained) if explained else commands_detail(commands)
+    if any(about for _, about in explained):
+        # One change per host it is about (a manager labelling several nodes).
+        return items + [
+            Item(operation, "change", one_line(text, 400), about=about) for text, about in explained
+        ]
+    detail = "; ".join(text for text, _ in explained) if explained else commands_detail(commands)
     return items + [Item(operation, "change", one_line(detail, 400))]
+
+
+def attribute(hosts: list[HostResult]) -> None:
+    """Move each item that is about another checked host to that host, saying which host's
+    operation would make the change (`via`)."""
+    by_name = {h.name: h for h in hosts}
+    for h in hosts:
+        kept = []
+        for item in h.items:
+            target = by_name.get(item.about or "")
+            if target is None or target is h or target.status != "checked":
+                kept.append(item)
+                continue
+            item.via = h.name
+            target.items.append(item)
+        h.items = kept
 
 
 # --- Summary and renderings -------------------------------------------------------------------
@@ -182,6 +209,12 @@ def summary_line(report: Report) -> str:
     return f"no drift on {_plural(len(report.hosts), 'host')}"
 
 
+def _item_json(item: Item) -> dict[str, Any]:
+    data = asdict(item)
+    data.pop("about", None)
+    return data
+
+
 def to_json(report: Report) -> dict[str, Any]:
     return {
         "inventory": report.inventory,
@@ -202,8 +235,8 @@ def to_json(report: Report) -> dict[str, Any]:
                 "name": h.name,
                 "status": h.status,
                 "error": h.error,
-                "drift": [asdict(i) for i in h.drift],
-                "conditional": [asdict(i) for i in h.conditional],
+                "drift": [_item_json(i) for i in h.drift],
+                "conditional": [_item_json(i) for i in h.conditional],
             }
             for h in report.hosts
         ],
@@ -221,22 +254,23 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
 
 
 def text_report(report: Report) -> str:
-    """The table on stdout: one row per item that counts, per host, then the hosts that could
-    not be checked; conditional operations only where their host drifted (they follow from it).
-    The summary line is printed last, separately."""
+    """The table on stdout: one row per item that counts (conditional operations are in the JSON
+    only), and a row per host that could not be checked. The summary line is printed last,
+    separately."""
     rows = []
     for h in report.hosts:
         if h.status != "checked":
             rows.append((h.name, f"({h.status})", h.error or ""))
             continue
         for item in h.drift:
-            rows.append((h.name, item.operation, f"{item.kind}: {item.detail}"))
-        if h.drift:
-            for item in h.conditional:
-                rows.append((h.name, item.operation, f"(not counted) {item.detail}"))
+            rows.append((h.name, _operation(item), f"{item.kind}: {item.detail}"))
     if not rows:
         return ""
     return "\n".join(_table(rows, ("HOST", "OPERATION", "WHAT WOULD CHANGE"))) + "\n"
+
+
+def _operation(item: Item) -> str:
+    return f"{item.operation} (from {item.via})" if item.via else item.operation
 
 
 def _md(text: str) -> str:
@@ -263,11 +297,12 @@ def markdown_report(report: Report) -> str:
     for h in report.drifted_hosts:
         lines += ["", f"### {h.name}", "", "| Operation | Kind | What would change |",
                   "|---|---|---|"]
-        lines += [f"| {_md(i.operation)} | {i.kind} | {_md(i.detail)} |" for i in h.drift]
-        if h.conditional:
-            names = ", ".join(i.operation for i in h.conditional)
-            lines += ["", f"Not counted (run only after a change above): {_md(names)}."]
+        lines += [f"| {_md(_operation(i))} | {i.kind} | {_md(i.detail)} |" for i in h.drift]
     clean = [h.name for h in report.hosts if h.status == "checked" and not h.drift]
     if clean:
         lines += ["", f"No drift: {', '.join(clean)}."]
+    conditional = sum(len(h.conditional) for h in report.hosts)
+    if conditional:
+        lines += ["", f"Not counted: {_plural(conditional, 'operation')} that run only after an "
+                  "earlier operation changes something (restarts, checks), listed in the JSON."]
     return "\n".join(lines) + "\n"
