@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.drift import report as render
     from scripts.drift.plan import check
 
-    result = check(args.inventory, verbose=args.verbose)
+    try:
+        result = check(args.inventory, verbose=args.verbose)
+    except Exception as error:  # a bug of the check itself: still one line, still exit 1
+        if args.verbose:
+            raise
+        print(f"check failed: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        return render.EXIT_CHECK_FAILED
     json_to_stdout = args.json == "-"
     if json_to_stdout:
         sys.stdout.write(render.json_text(result))

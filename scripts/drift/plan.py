@@ -48,6 +48,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_FILE = "deploy.py"
 
 
+def _cause(error: BaseException) -> str:
+    """One line for an error, unwrapped from pyinfra's CLI wrappers (which keep the original in
+    `.exception`)."""
+    cause = getattr(error, "exception", None) or error.__cause__ or error
+    return one_line(f"{type(cause).__name__}: {cause}", 300)
+
+
 class CheckFailed(Exception):
     """The check cannot start (bad configuration, no inventory): one line, no traceback."""
 
@@ -80,17 +87,50 @@ def _setup_logging(verbose: bool) -> _HostErrors:
     return errors
 
 
+class _Tee:
+    """stderr that also keeps what was written: our inventory validation prints its problems
+    there (one line each) before it stops, and the summary repeats the first."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def config_failure(stderr_text: str) -> str:
+    """The summary of a refused configuration, from the lines the validation printed."""
+    prefix = "configuration error: "
+    problems = [line[len(prefix):] for line in stderr_text.splitlines() if line.startswith(prefix)]
+    if not problems:
+        return "bad configuration (see the lines above)"
+    if len(problems) == 1:
+        return f"bad configuration: {problems[0]}"
+    return f"bad configuration: {len(problems)} problems (above), the first: {problems[0]}"
+
+
 def _load_inventory(inventory_path: str, state: State):
     """pyinfra's inventory loading; our validation runs inside it and stops with SystemExit
     after printing its one-line problems (`configuration error: ...`) on stderr."""
+    tee = _Tee(sys.stderr)
+    sys.stderr = tee
     try:
         return make_inventory(inventory_path, cwd=state.cwd)
     except SystemExit as stop:
         if isinstance(stop.code, str):  # e.g. inventories/lab.py: "lab gpulab is not up ..."
             raise CheckFailed(stop.code) from None
-        raise CheckFailed(f"bad configuration in {inventory_path} (see the lines above)") from None
+        raise CheckFailed(config_failure(tee.text)) from None
     except CliError as error:
         raise CheckFailed(one_line(str(error), 300)) from None
+    except Exception as error:  # an error in the inventory file's own code
+        raise CheckFailed(f"cannot load {inventory_path}: {_cause(error)}") from None
+    finally:
+        sys.stderr = tee.stream
 
 
 def _plan_host(state: State, host, deploy_file: str) -> str | None:
@@ -103,8 +143,7 @@ def _plan_host(state: State, host, deploy_file: str) -> str | None:
     except (KeyboardInterrupt, gevent.GreenletExit):
         raise
     except BaseException as error:  # anything: the other hosts must still be checked
-        cause = getattr(error, "__cause__", None) or error
-        return one_line(f"planning failed: {type(cause).__name__}: {cause}", 300)
+        return f"planning failed: {_cause(error)}"
     return None
 
 
@@ -177,7 +216,7 @@ def _host_result(state: State, host, planning_errors: dict[str, str], log: _Host
     try:
         return HostResult(host.name, items=_host_items(state, host))
     except Exception as error:
-        return HostResult(host.name, "error", one_line(f"{type(error).__name__}: {error}", 300))
+        return HostResult(host.name, "error", f"planning failed: {_cause(error)}")
 
 
 def check(inventory_path: str, deploy_file: str = DEPLOY_FILE, verbose: bool = False) -> Report:
