@@ -15,6 +15,7 @@ from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.nvidia import nvidia_driver
 from operations.preflight import preflight
+from operations.stack import stack
 from operations.swarm import swarm
 from operations.toolkit import container_toolkit, current_gpu_daemon_config, gpu_container_check
 from operations.weights import model_weights
@@ -47,3 +48,7 @@ if preflight(settings):
     # 7. Docker Swarm: init on the first of swarm_managers, joins with tokens read from a manager
     #    when the join runs (never logged or on a command line), nodes labelled from their GPUs.
     swarm(settings)
+
+    # 8. Inference stack: engines (one service per served model) behind the HAProxy gateway,
+    #    secrets versioned by content, deployed from a manager when it differs, then waited on.
+    stack(settings)

@@ -186,6 +186,7 @@ class Settings(BaseModel):
     stack_name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
     stack_engine_images: dict[Literal["vllm", "tgi", "ollama"], ImageRef]
     stack_gateway_image: ImageRef
+    stack_secret_uids: dict[Literal["vllm", "tgi", "ollama", "gateway"], Annotated[int, Field(ge=0, le=2**31)]]
     stack_gateway_port: Annotated[int, Field(ge=1, le=65535)]
     stack_publish_mode: Literal["ingress", "host"]
     stack_api_key_file: ControlPath | None

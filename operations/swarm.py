@@ -167,6 +167,8 @@ def parse_swarm_nodes(lines: list[str]) -> dict[str, Any]:
             "addr": status.get("Addr", ""),
             "leader": bool((manager or {}).get("Leader")),
             "reachability": (manager or {}).get("Reachability"),
+            "memory_bytes": int(((item.get("Description") or {}).get("Resources") or {})
+                                .get("MemoryBytes") or 0),
         })
     return {"error": None, "nodes": sorted(nodes, key=lambda node: node["hostname"])}
 
