@@ -28,7 +28,8 @@ EXIT_DRIFT = 2
 COUNTED_KINDS = ("change", "fail", "finding")
 KINDS = COUNTED_KINDS + ("conditional",)
 DETAIL_COMMANDS = 3  # commands shown when an operation did not explain itself
-DETAIL_WIDTH = 160
+DETAIL_WIDTH = 160  # one command, in words
+DETAIL_MAX = 1000  # one item's whole detail
 
 
 @dataclass
@@ -155,14 +156,15 @@ def classify(
         return items + [Item(operation, "conditional", "runs only if an earlier operation changes")]
     reasons = [r for r in map(failure_reason, commands) if r]
     if reasons:
-        return items + [Item(operation, "fail", "; ".join(reasons))]
+        return items + [Item(operation, "fail", one_line("; ".join(reasons), DETAIL_MAX))]
     if any(about for _, about in explained):
         # One change per host it is about (a manager labelling several nodes).
         return items + [
-            Item(operation, "change", one_line(text, 400), about=about) for text, about in explained
+            Item(operation, "change", one_line(text, DETAIL_MAX), about=about)
+            for text, about in explained
         ]
     detail = "; ".join(text for text, _ in explained) if explained else commands_detail(commands)
-    return items + [Item(operation, "change", one_line(detail, 400))]
+    return items + [Item(operation, "change", one_line(detail, DETAIL_MAX))]
 
 
 def attribute(hosts: list[HostResult]) -> None:
@@ -263,7 +265,10 @@ def text_report(report: Report) -> str:
             rows.append((h.name, f"({h.status})", h.error or ""))
             continue
         for item in h.drift:
-            rows.append((h.name, _operation(item), f"{item.kind}: {item.detail}"))
+            # Each part of a detail on its own line: a stack's reasons can be many.
+            first, *more = f"{item.kind}: {item.detail}".split("; ")
+            rows.append((h.name, _operation(item), first))
+            rows += [("", "", f"  {part}") for part in more]
     if not rows:
         return ""
     return "\n".join(_table(rows, ("HOST", "OPERATION", "WHAT WOULD CHANGE"))) + "\n"
