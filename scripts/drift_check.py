@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the report as JSON to FILE (no FILE: stdout)",
     )
     parser.add_argument("--markdown", metavar="FILE", help="write a Markdown report to FILE")
+    parser.add_argument(
+        "--data", action="append", default=[], metavar="KEY=VALUE",
+        help="override a data key for every host, as pyinfra's --data (e.g. the path of a key "
+        "file a scheduler wrote: --data ssh_key=/run/keys/id_ed25519)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="pyinfra's progress on stderr")
     return parser.parse_args(argv)
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.drift.plan import check
 
     try:
-        result = check(args.inventory, verbose=args.verbose)
+        result = check(args.inventory, verbose=args.verbose, data=args.data)
     except Exception as error:  # a bug of the check itself: still one line, still exit 1
         if args.verbose:
             raise

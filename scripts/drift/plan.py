@@ -114,13 +114,13 @@ def config_failure(stderr_text: str) -> str:
     return f"bad configuration: {len(problems)} problems (above), the first: {problems[0]}"
 
 
-def _load_inventory(inventory_path: str, state: State):
+def _load_inventory(inventory_path: str, state: State, override_data: dict[str, Any]):
     """pyinfra's inventory loading; our validation runs inside it and stops with SystemExit
     after printing its one-line problems (`configuration error: ...`) on stderr."""
     tee = _Tee(sys.stderr)
     sys.stderr = tee
     try:
-        return make_inventory(inventory_path, cwd=state.cwd)
+        return make_inventory(inventory_path, cwd=state.cwd, override_data=override_data)
     except SystemExit as stop:
         if isinstance(stop.code, str):  # e.g. inventories/lab.py: "lab gpulab is not up ..."
             raise CheckFailed(stop.code) from None
@@ -219,8 +219,29 @@ def _host_result(state: State, host, planning_errors: dict[str, str], log: _Host
         return HostResult(host.name, "error", f"planning failed: {_cause(error)}")
 
 
-def check(inventory_path: str, deploy_file: str = DEPLOY_FILE, verbose: bool = False) -> Report:
-    """Plan the deploy for every host of the inventory and report what would change."""
+def override_data(pairs: list[str]) -> dict[str, Any]:
+    """`--data key=value` as pyinfra's CLI reads it (values parsed the same way: JSON-ish
+    literals, else strings); a pair without `=` is refused."""
+    from pyinfra_cli.util import parse_cli_arg
+
+    data = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CheckFailed(f"--data {pair!r}: expected key=value")
+        data[key] = parse_cli_arg(value)
+    return data
+
+
+def check(
+    inventory_path: str,
+    deploy_file: str = DEPLOY_FILE,
+    verbose: bool = False,
+    data: list[str] | None = None,
+) -> Report:
+    """Plan the deploy for every host of the inventory and report what would change. `data`:
+    `key=value` overrides for every host, as pyinfra's `--data` (checked with the host's other
+    keys when its deploy is planned)."""
     started = time.monotonic()
     report = Report(
         inventory=inventory_path,
@@ -246,7 +267,7 @@ def check(inventory_path: str, deploy_file: str = DEPLOY_FILE, verbose: bool = F
         try:
             if not Path(inventory_path).is_file():
                 raise CheckFailed(f"no inventory file {report.inventory}")
-            inventory = _load_inventory(inventory_path, state)
+            inventory = _load_inventory(inventory_path, state, override_data(data or []))
             ctx_inventory.set(inventory)
             state.init(inventory, config)
             state.set_stage(StateStage.Connect)
