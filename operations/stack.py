@@ -354,8 +354,11 @@ def service_drift(name: str, service: dict[str, Any] | None, wanted: dict[str, A
         return f"{name} runs another spec ({service['labels'].get(LABEL_SPEC)} -> {wanted['spec']})"
     if wanted.get("replicas") is not None and service["replicas"] != wanted["replicas"]:
         return f"{name} is scaled to {service['replicas']} (wanted {wanted['replicas']})"
-    if service["image"].split("@", 1)[0] != wanted["image"]:
-        return f"{name} runs image {service['image'].split('@', 1)[0]} (wanted {wanted['image']})"
+    # Swarm records the digest it resolved (`name:tag@sha256:...`): compare it only when the
+    # wanted image pins one, or a digest-pinned image would differ on every run.
+    image = service["image"] if "@" in wanted["image"] else service["image"].split("@", 1)[0]
+    if image != wanted["image"]:
+        return f"{name} runs image {image} (wanted {wanted['image']})"
     if sorted(service["secrets"]) != sorted(wanted["secrets"]):
         return f"{name} has secrets {sorted(service['secrets'])} (wanted {sorted(wanted['secrets'])})"
     return None

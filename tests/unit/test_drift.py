@@ -256,3 +256,17 @@ def test_changed_keys_names_the_paths_that_differ_never_values():
 def test_command_line(argv, json_to, markdown):
     args = parse_args(argv)
     assert (args.inventory, args.json, args.markdown) == ("inventories/prod.py", json_to, markdown)
+
+
+# --- No noise: operations that would otherwise change something every night ---------------------
+
+
+def test_a_digest_pinned_engine_image_is_not_drift_once_it_runs():
+    from operations.stack import service_drift
+
+    pinned = "reg/vllm:1@sha256:" + "ab" * 32
+    want = {"spec": "s1", "replicas": 1, "image": pinned, "secrets": []}
+    running = {"labels": {"gpufleet.spec": "s1"}, "replicas": 1, "image": pinned, "secrets": []}
+    assert service_drift("svc", running, want) is None
+    other = "reg/vllm:1@sha256:" + "cd" * 32
+    assert "runs image" in service_drift("svc", {**running, "image": other}, want)
