@@ -37,7 +37,8 @@ def _in_venv() -> None:
     try:
         import pyinfra  # noqa: F401
     except ImportError:
-        if VENV_PYTHON.exists() and Path(sys.executable).resolve() != VENV_PYTHON.resolve():
+        # Told apart by sys.prefix: a venv's python is often a symlink to this very binary.
+        if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve():
             os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
         print("check failed: pyinfra is not installed: run `python3 scripts/lab.py bootstrap`",
               file=sys.stderr)
