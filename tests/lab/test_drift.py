@@ -41,11 +41,13 @@ swarm_managers = _lab["swarm_managers"]
 
 
 def lab_serves(lab) -> bool:
-    """Whether the lab can run the inference stack: its settings name engine images its own
-    registry holds. Until it can, the test's inventory serves no model, so the deploy does not
-    wait (stack_converge_timeout_s) for images no lab registry has, and the stack item of the
-    check (an engine service stopped by hand) is not exercised."""
-    return "stack_engine_images" in lab.state.get("settings", {})
+    """Whether the lab can run the inference stack: the lab names engine images its own
+    registry holds (in its settings, or in group_data/lab.py). Until it does, the test's
+    inventory serves no model, so the deploy does not wait (stack_converge_timeout_s) for
+    images no lab registry has, and the stack item of the check (an engine service stopped by
+    hand) is not exercised."""
+    return ("stack_engine_images" in lab.state.get("settings", {})
+            or "stack_engine_images" in (REPO / "group_data" / "lab.py").read_text())
 
 
 def write_inventory(lab, directory: Path, changes=None, validate=False) -> Path:

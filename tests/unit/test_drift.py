@@ -270,3 +270,28 @@ def test_a_digest_pinned_engine_image_is_not_drift_once_it_runs():
     assert service_drift("svc", running, want) is None
     other = "reg/vllm:1@sha256:" + "cd" * 32
     assert "runs image" in service_drift("svc", {**running, "image": other}, want)
+
+
+# --- Planning side helpers -----------------------------------------------------------------------
+
+
+def test_data_overrides_parse_as_pyinfras_and_a_bad_pair_is_refused():
+    from scripts.drift.plan import CheckFailed, override_data
+
+    assert override_data(["ssh_key=/run/k/id", "ssh_port=2222", "nvidia_allow_reboot=false"]) == {
+        "ssh_key": "/run/k/id", "ssh_port": 2222, "nvidia_allow_reboot": False}
+    with pytest.raises(CheckFailed, match="expected key=value"):
+        override_data(["ssh_key"])
+
+
+def test_the_last_error_logged_for_a_host_says_why_it_was_not_checked():
+    import logging
+
+    from scripts.drift.plan import _HostErrors
+
+    errors = _HostErrors()
+    for message in ("[gpu-02] Could not connect (timed out)", "no host prefix here",
+                    "[gpu-03] could not load fact: swarm.SwarmInfo"):
+        errors.handle(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
+    assert errors.last == {"gpu-02": "Could not connect (timed out)",
+                           "gpu-03": "could not load fact: swarm.SwarmInfo"}
