@@ -57,7 +57,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
 from operations import sizing
-from operations.phase import PhaseResult, fail_host, fails_only_this_host
+from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host
 from operations.swarm import SwarmNodes, _inventory_hosts, _sudo
 from operations.weights import MANIFEST_NAME, read_token
 
@@ -376,8 +376,11 @@ def service_drift(name: str, service: dict[str, Any] | None, wanted: dict[str, A
         return f"{name} runs another spec ({service['labels'].get(LABEL_SPEC)} -> {wanted['spec']})"
     if wanted.get("replicas") is not None and service["replicas"] != wanted["replicas"]:
         return f"{name} is scaled to {service['replicas']} (wanted {wanted['replicas']})"
-    if service["image"].split("@", 1)[0] != wanted["image"]:
-        return f"{name} runs image {service['image'].split('@', 1)[0]} (wanted {wanted['image']})"
+    # Swarm records the digest it resolved (`name:tag@sha256:...`): compare it only when the
+    # wanted image pins one, or a digest-pinned image would differ on every run.
+    image = service["image"] if "@" in wanted["image"] else service["image"].split("@", 1)[0]
+    if image != wanted["image"]:
+        return f"{name} runs image {image} (wanted {wanted['image']})"
     if sorted(service["secrets"]) != sorted(wanted["secrets"]):
         return f"{name} has secrets {sorted(service['secrets'])} (wanted {sorted(wanted['secrets'])})"
     return None
@@ -679,6 +682,7 @@ def stack_deploy(settings, manager: str | None = None):
     for kind, (name, value) in sorted(secrets.items()):
         if name not in current["secrets"]:
             changed = True
+            explain(f"stack: secret {name} ({kind}) does not exist yet")
             yield FunctionCommand(create_secret, (stack, kind, name, lambda v=value: v), {})
     del secrets
 
@@ -688,8 +692,12 @@ def stack_deploy(settings, manager: str | None = None):
         changed = True
         yield command
     for path, content in ((config_path, gateway_config), (stack_path, text)):
+        said = False
         for command in files.put._inner(src=StringIO(content), dest=path, mode="0644"):
             changed = True
+            if not said:
+                said = True
+                explain(f"stack: {path} differs from the rendered file")
             yield command
 
     running = {svc["name"]: svc for svc in current["services"]}
@@ -700,18 +708,22 @@ def stack_deploy(settings, manager: str | None = None):
     if drift or extra:
         for why in drift + [f"{name} is not in the stack file (removed by --prune)" for name in extra]:
             host.log_styled(f"stack: {why}")
+            explain(f"stack: {why}")
         yield StringCommand("docker stack deploy --prune --with-registry-auth -c",
                             QuoteString(stack_path), QuoteString(stack))
         yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s), {})
         changed = True
     elif not convergence(current["services"])[0]:
         # Rendered as running, but not converged (an update in progress from an earlier run).
+        explain("stack: not converged: " + "; ".join(convergence(current["services"])[1]))
         yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s), {})
         changed = True
 
     stale_secrets = sorted(set(current["secrets"]) - set(names.values()))
     config_name = f"{stack}_haproxy_{content_hash(gateway_config)}"
     stale_configs = sorted(set(current["configs"]) - {config_name})
+    if stale_secrets or stale_configs:
+        explain("stack: no longer used, to remove: " + ", ".join(stale_secrets + stale_configs))
     if stale_secrets:
         yield FunctionCommand(remove_stale, ("secret", stale_secrets), {})
         changed = True
