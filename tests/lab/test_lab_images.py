@@ -385,12 +385,6 @@ def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
 
 ONE_MODEL = [{"name": "tiny-llama"}]
 TWO_MODELS = [{"name": "tiny-llama", "port": 8001}, {"name": "other-model", "port": 8002}]
-MULTI_MODEL_404 = pytest.mark.xfail(strict=True, reason=(
-    "templates/haproxy.cfg.j2: with several models its unconditional `http-request return "
-    "status 404` comes after the use_backend rules, and HAProxy runs every http-request rule "
-    "before any use_backend (haproxy -c warns), so every request gets the 404"))
-
-
 @pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
 def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
     config = stack_gateway_config(models, {"node-1": "10.0.0.1", "node-2": "10.0.0.2"})
@@ -399,8 +393,7 @@ def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
     assert rc == 0, output
 
 
-@pytest.mark.parametrize("models", [ONE_MODEL, pytest.param(TWO_MODELS, marks=MULTI_MODEL_404)],
-                         ids=["one-model", "two-models"])
+@pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
 def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, models):
     """The two stand-ins as the stack runs them: the gateway with the configuration the stack
     renders (a server per node at the model's port, httpchk /health, the key from
