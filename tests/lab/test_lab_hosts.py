@@ -19,7 +19,7 @@ def test_status_json_has_the_documented_shape(lab):
     for host in status["hosts"]:
         assert set(host) >= {"name", "container", "address", "state"}
         assert host["state"] == "running"
-    assert "endpoint" not in status  # no stack phase in the run yet: no endpoint is invented
+    assert "endpoint" not in status  # no stack deployed yet: no endpoint is invented
 
 
 def test_up_again_reuses_the_same_hosts(lab):
