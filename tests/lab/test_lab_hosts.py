@@ -4,6 +4,7 @@ Read-only checks on fresh hosts: this module runs before test_run.py (pytest run
 alphabetical order), which expects hosts the deploy has never touched."""
 
 import json
+import subprocess
 
 import pytest
 
