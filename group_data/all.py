@@ -117,6 +117,10 @@ stack_converge_timeout_s = 1800
 # Seconds Swarm watches an updated task before it counts the update as done (and rolls back on failure).
 stack_update_monitor_s = 60
 
+# --- Smoke tests ---------------------------------------------------------------------------
+# Seconds an endpoint's /health may take to answer 200 (retried with backoff while a model loads).
+smoke_deadline_s = 300
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

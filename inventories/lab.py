@@ -4,6 +4,11 @@
     .venv/bin/pyinfra inventories/lab.py deploy.py  # deploy again (LAB_NAME picks the lab)
 
 Group data for every host of this file: group_data/lab.py (the lab's overrides).
+
+Operator edits, as one would edit a real inventory (scripts/lab.py set/unset/forget/remember/
+managers write them into hosts.json): a host's "data" is merged into its data last (it wins),
+a "forgotten" host is left out (its container keeps running), and "swarm_managers" says how
+many of the first listed hosts are managers (default 1).
 """
 
 import json
@@ -32,11 +37,13 @@ def _host(entry):
             # The stand-ins `lab.py up` started (NVIDIA's repositories, ...): production keys
             # pointed at them. This is the only way a stand-in enters a run.
             **_state.get("settings", {}),
+            # The operator's own per-host data (`lab.py set NODE key=value`): host data wins.
+            **entry.get("data", {}),
         },
     )
 
 
-gpu_nodes = [_host(entry) for entry in _state["hosts"]]
-swarm_managers = [gpu_nodes[0][0]]
+gpu_nodes = [_host(entry) for entry in _state["hosts"] if not entry.get("forgotten")]
+swarm_managers = [name for name, _ in gpu_nodes[: _state.get("swarm_managers", 1)]]
 
 validate_inventory(globals())

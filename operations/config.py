@@ -193,6 +193,9 @@ class Settings(BaseModel):
     stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
     stack_update_monitor_s: Annotated[int, Field(ge=5, le=3600)]
 
+    # Smoke tests
+    smoke_deadline_s: Annotated[int, Field(ge=1, le=7200)]
+
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
     docker_version: SemVer

@@ -41,6 +41,7 @@ class Node:
     gpu_memory_mib: int
     memory_bytes: int
     available: bool = True  # availability active and state ready
+    addr: str = ""  # the address the node advertises to the Swarm (where its engines listen)
 
     @classmethod
     def from_swarm(cls, node: dict[str, Any]) -> "Node":
@@ -60,6 +61,7 @@ class Node:
             gpu_memory_mib=number("gpufleet.gpu.memory-mib"),
             memory_bytes=int(node.get("memory_bytes") or 0),
             available=node.get("availability") == "active" and node.get("state") == "ready",
+            addr=node.get("addr", ""),
         )
 
 
@@ -145,11 +147,15 @@ def fit_problems(name: str, replicas: int, tensor_parallel_size: int, gpu_memory
 
 
 def update_order(replicas: int, tensor_parallel_size: int, eligible: list[Node]) -> str:
-    """"start-first" when a replacement task can start beside the task it replaces, else
-    "stop-first" (one task at a time, the others keep serving).
+    """"stop-first" for engines: one task at a time is replaced while the others serve (the
+    gateway retries a request whose task went away).
 
-    Host-mode ports allow one replica per node, so a replacement needs a spare eligible node:
-    start-first only when there are more eligible nodes than replicas. (GPUs are not the limit
-    then: a spare node has its own.)"""
-    spare_nodes = len([n for n in eligible if n.gpu_count >= tensor_parallel_size]) - replicas
-    return "start-first" if spare_nodes >= 1 else "stop-first"
+    start-first would need the replacement to start beside the task it replaces. An engine task
+    holds its port on the node's own network, so the replacement has to go to another node, and
+    Swarm's scheduler counts the old and the new task of a slot together against
+    max_replicas_per_node: on the lab (3 nodes, 2 replicas, a spare node) a start-first update
+    left the second slot's replacement pending ("no suitable node (max replicas per node)")
+    until the update timed out. So start-first is kept for services without GPUs or host
+    ports (the gateway behind the routing mesh), and engines roll stop-first."""
+    del replicas, tensor_parallel_size, eligible
+    return "stop-first"

@@ -22,6 +22,18 @@ What a run does (on the acting manager; every other host says where it is done):
 Updates are rolling and health-gated: one task at a time, start-first where a spare node can
 take the replacement, stop-first otherwise (operations/sizing.update_order), automatic rollback.
 
+Networking: engines run on each node's own network (Swarm's `host` network) and listen on the
+node's address at the model's port; the gateway lists the eligible nodes' addresses and its
+health checks find the nodes that run a healthy task. No overlay network, on purpose: Swarm's
+constraint enforcer rejects every task holding named generic resources (GPUs) on a node whose
+node object is updated ("assigned node no longer meets constraints": it tests
+genericresource.HasResource where it means the opposite), and the allocator updates a node when
+it first gives it an address on an overlay network, so GPU tasks on overlay networks were killed
+whenever they landed on a node new to that network (seen on the lab, Docker 20.10; any
+`docker node update`, a label change included, does the same). With the host network no such
+update happens during a deploy. The routing mesh (stack_publish_mode "ingress") still works for
+the gateway, which holds no GPU.
+
     stack(settings)        # in deploy.py, after the swarm phase
 """
 
@@ -51,8 +63,9 @@ from operations.weights import MANIFEST_NAME, read_token
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STACK_DIR = "/etc/gpufleet/stack"
-ENGINE_PORT = 8000  # inside the engine container, every engine
-GATEWAY_CONTAINER_PORT = 8080  # unprivileged: HAProxy's image runs as a non-root user
+# The gateway's port inside its container when Swarm's routing mesh publishes it (unprivileged:
+# HAProxy's image runs as a non-root user); on the host network it listens on stack_gateway_port.
+GATEWAY_CONTAINER_PORT = 8080
 MODEL_MOUNT = "/models"
 
 LABEL_ROLE = "gpufleet.role"
@@ -96,12 +109,14 @@ _SECRET_EXPORTS = {
 }
 _HF_TOKEN_EXPORT = 'if [ -r /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; '
 
-_HEALTHCHECKS = {
-    "vllm": ["CMD", "python3", "-c", "import urllib.request; "
-             f"urllib.request.urlopen('http://127.0.0.1:{ENGINE_PORT}/health', timeout=3)"],
-    "tgi": ["CMD-SHELL", f"curl -fsS http://127.0.0.1:{ENGINE_PORT}/health >/dev/null || exit 1"],
-    "ollama": ["CMD", "ollama", "list"],
-}
+def engine_healthcheck(engine: str, port: int) -> list[str]:
+    """A check the engine's own image can run: vLLM's has python3, TGI's curl, Ollama its CLI."""
+    if engine == "vllm":
+        return ["CMD", "python3", "-c", "import urllib.request; "
+                f"urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=3)"]
+    if engine == "tgi":
+        return ["CMD-SHELL", f"curl -fsS http://127.0.0.1:{port}/health >/dev/null || exit 1"]
+    return ["CMD", "ollama", "list"]
 
 
 def engine_entrypoint(engine: str) -> list[str]:
@@ -115,13 +130,13 @@ def engine_command(spec, model_path: str) -> list[str]:
     """The engine's own arguments (after the wrapper)."""
     if spec.engine == "vllm":
         args = [model_path, "--served-model-name", spec.served_name, "--host", "0.0.0.0",
-                "--port", str(ENGINE_PORT), "--tensor-parallel-size", str(spec.tensor_parallel_size),
+                "--port", str(spec.port), "--tensor-parallel-size", str(spec.tensor_parallel_size),
                 "--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if spec.max_model_len:
             args += ["--max-model-len", str(spec.max_model_len)]
     elif spec.engine == "tgi":
         args = ["--model-id", model_path, "--served-model-name", spec.served_name,
-                "--hostname", "0.0.0.0", "--port", str(ENGINE_PORT),
+                "--hostname", "0.0.0.0", "--port", str(spec.port),
                 "--num-shard", str(spec.tensor_parallel_size),
                 "--cuda-memory-fraction", str(spec.gpu_memory_utilization)]
         if spec.max_model_len:
@@ -133,7 +148,7 @@ def engine_command(spec, model_path: str) -> list[str]:
 
 def engine_environment(spec, model_path: str) -> dict[str, str]:
     if spec.engine == "ollama":
-        return {"OLLAMA_HOST": f"0.0.0.0:{ENGINE_PORT}", "OLLAMA_MODELS": model_path}
+        return {"OLLAMA_HOST": f"0.0.0.0:{spec.port}", "OLLAMA_MODELS": model_path}
     # The weights are on the node already (weights phase): the engine must not reach the Hub.
     env = {"HF_HUB_OFFLINE": "1"}
     if spec.engine == "vllm":
@@ -152,20 +167,28 @@ def _env(path: Path) -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)
 
 
-def render_gateway(stack: str, served: list, listen_port: int = GATEWAY_CONTAINER_PORT) -> str:
-    """The HAProxy configuration: routes by model, enforces the API key, lists the models."""
-    backends = [{
-        "id": service_key(spec.name).replace("-", "_"),
-        "dns_name": f"tasks.{stack}_{service_key(spec.name)}",
-        "port": ENGINE_PORT,
-        "slots": max(4, 2 * spec.replicas),  # room for start-first replacements
-        "body_regex": body_regex(spec.served_name),
-    } for spec in served]
+def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int) -> str:
+    """The HAProxy configuration: routes by model to every node that may run it (a node without
+    a healthy task fails the health check), enforces the API key, lists the models."""
+    backends = []
+    for spec in served:
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model)
+        backends.append({
+            "id": service_key(spec.name).replace("-", "_"),
+            "port": spec.port,
+            "servers": [{"name": node.hostname, "addr": node.addr}
+                        for node in sorted(eligible, key=lambda n: n.hostname) if node.addr],
+            "body_regex": body_regex(spec.served_name),
+        })
     models = {"object": "list", "data": [
         {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
     return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
         backends=backends, listen_port=listen_port,
         models_json=json.dumps(models, separators=(",", ":")))
+
+
+def gateway_listen_port(settings) -> int:
+    return settings.stack_gateway_port if settings.stack_publish_mode == "host" else GATEWAY_CONTAINER_PORT
 
 
 def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) -> list[dict[str, Any]]:
@@ -191,14 +214,13 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
             "entrypoint": engine_entrypoint(spec.engine),
             "command": engine_command(spec, model_path),
             "environment": engine_environment(spec, model_path),
-            "container_port": ENGINE_PORT,
             "port": spec.port,
             "weights_dir": posixpath.join(settings.models_dir, spec.name),
             "model_path": model_path,
             "shm_bytes": sizing.shm_bytes(spec.tensor_parallel_size,
                                           [n.memory_bytes for n in eligible], spec.shm_size_gb),
             "secrets": engine_secrets,
-            "healthcheck": _HEALTHCHECKS[spec.engine],
+            "healthcheck": engine_healthcheck(spec.engine, spec.port),
             "start_period_s": spec.health_start_period_s,
             "replicas": spec.replicas,
             "gpus": spec.tensor_parallel_size,
@@ -217,7 +239,7 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
     host_mode = settings.stack_publish_mode == "host"
     gateway = {
         "image": settings.stack_gateway_image,
-        "container_port": GATEWAY_CONTAINER_PORT,
+        "listen_port": gateway_listen_port(settings),
         "port": settings.stack_gateway_port,
         "publish_mode": settings.stack_publish_mode,
         "endpoint_mode": "dnsrr" if host_mode else "vip",
@@ -554,6 +576,8 @@ def wait_converged(state, host, stack: str, timeout_s: int, poll_s: float = 3.0)
         if failures:
             for failure in failures:
                 host.log_styled(failure, fg="red", log_func=logger.error)
+            for line in failed_tasks(host, [svc["name"] for svc in current["services"]]):
+                host.log_styled(f"  {line}", fg="red", log_func=logger.error)
             return fail_host(state, host, f"stack {stack}: an update failed and was rolled back; "
                                           "the services run their previous version")
         if done:
@@ -566,6 +590,20 @@ def wait_converged(state, host, stack: str, timeout_s: int, poll_s: float = 3.0)
             host.log_styled(f"waiting for stack {stack} ({elapsed:.0f}s): {'; '.join(progress)}")
             last_print = time.monotonic()
         time.sleep(poll_s)
+
+
+def failed_tasks(host, services: list[str], limit: int = 6) -> list[str]:
+    """The most recent tasks that failed or were rejected, with Swarm's reason: what an operator
+    needs to see next to "rolled back"."""
+    ok, output = host.run_shell_command(
+        StringCommand("docker service ps --no-trunc --format",
+                      QuoteString("{{.Name}} on {{.Node}}: {{.CurrentState}}: {{.Error}}"),
+                      *[QuoteString(name) for name in services]),
+        print_output=False, print_input=False, _sudo=_sudo(host))
+    if not ok:
+        return []
+    return [line for line in output.stdout_lines if line.rstrip().endswith(":") is False
+            and ("Rejected" in line or "Failed" in line)][:limit]
 
 
 def remove_stale(state, host, kind: str, names: list[str]) -> bool:
@@ -630,7 +668,7 @@ def stack_deploy(settings, manager: str | None = None):
 
     secrets = wanted_secrets(settings)
     names = {kind: name for kind, (name, _) in secrets.items()}
-    gateway_config = render_gateway(stack, served)
+    gateway_config = render_gateway(served, nodes, gateway_listen_port(settings))
     text = render_stack(settings, nodes, names, gateway_config)
     problems = stack_problems(text)
     if problems:

@@ -695,7 +695,13 @@ def swarm_report(known_ids: list | Callable, names: list, manager: str | None = 
     text = ", ".join(
         f"{n['hostname']} ({n['id'][:12]}, {n['role']}, {n['state']})" for n in strangers
     )
-    if not host.state.is_executing:
+    # Said once per run, in the stage whose output the operator reads: while planning when
+    # pyinfra shows changes before asking, while executing under -y (pyinfra then runs the
+    # operation only once, at execution, and prints no noop reasons).
+    # (pyinfra-testing's FakeState has neither: it plans, as pyinfra does before asking.)
+    executing = getattr(host.state, "is_executing", False)
+    checking = getattr(host.state, "should_check_for_changes", lambda: True)()
+    if executing != checking:
         logger.warning(f"{host.print_prefix}Swarm nodes not in the inventory (left alone): {text}")
     finding(f"nodes not in the inventory, left alone: {text}")
     return

@@ -7,6 +7,14 @@
     python3 scripts/lab.py down [--purge-images]           remove everything the lab created
     python3 scripts/lab.py bootstrap                       .venv with the pinned deps + a Docker engine
 
+Editing the lab inventory, as an operator edits a real one (kept in .lab/<lab>/hosts.json):
+
+    python3 scripts/lab.py set NODE KEY=VALUE...   host data, e.g. set node-4 swarm_retire=true
+    python3 scripts/lab.py unset NODE KEY...       remove host data keys again
+    python3 scripts/lab.py forget NODE             out of the inventory; the container keeps running
+    python3 scripts/lab.py remember NODE           back into the inventory
+    python3 scripts/lab.py managers N              the first N inventory hosts are swarm_managers
+
 Lab hosts are containers that behave like fresh Debian 12 servers (systemd, sshd, sudo, their
 own Docker data volume); pyinfra reaches them over real SSH. The lab's name comes from --name or
 LAB_NAME (default gpulab): the tests use their own name, so they never touch yours.
@@ -253,7 +261,8 @@ def status(lab: str, as_json: bool) -> int:
 def status_table(hosts: list[dict], reachable: list[bool]) -> str:
     """The status table: one row per host, with whether the deploy user gets in over SSH."""
     rows = [("name", "container", "address", "state", "ssh")]
-    rows += [(h["name"], h["container"], h["address"], h["state"], "ok" if ok else "NO")
+    rows += [(h["name"], h["container"], h["address"],
+              h["state"] + (",forgotten" if h.get("forgotten") else ""), "ok" if ok else "NO")
              for h, ok in zip(hosts, reachable)]
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
     return "\n".join("".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[4]
@@ -291,6 +300,26 @@ def ssh(lab: str, node: str, command: list[str]) -> int:
                       f"{state['ssh_user']}@{host['address']}", *command])
 
 
+def edit(lab: str, change) -> int:
+    """Apply one operator edit (a pure function of fleet: state -> state) to hosts.json, and
+    say what the inventory now gives the deploy."""
+    state = fleet.read_state(lab)
+    if not state:
+        raise LabError(f"lab {lab} is not up: run `python3 scripts/lab.py up` first")
+    state = change(state)
+    fleet.save_state(lab, state)
+    listed = [h for h in state["hosts"] if not h.get("forgotten")]
+    managers = [h["name"] for h in listed[: state.get("swarm_managers", 1)]]
+    say(f"inventory: {', '.join(h['name'] for h in listed)}; swarm_managers: {', '.join(managers)}")
+    for host in state["hosts"]:
+        notes = [f"{k}={json.dumps(v)}" for k, v in sorted((host.get("data") or {}).items())]
+        if host.get("forgotten"):
+            notes.append("forgotten (container running, not in the inventory)")
+        if notes:
+            say(f"{host['name']}: {'; '.join(notes)}")
+    return 0
+
+
 def down(lab: str, purge_images: bool) -> int:
     if not docker_answers():
         raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
@@ -324,6 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     ssh_parser = commands.add_parser("ssh", help="ssh to a host as the deploy user")
     ssh_parser.add_argument("node")
     ssh_parser.add_argument("remote_command", nargs=argparse.REMAINDER)
+    set_parser = commands.add_parser("set", help="add or change a host's inventory data")
+    set_parser.add_argument("node")
+    set_parser.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
+                            help="a JSON value (true, 3, [..]) or a plain string")
+    unset_parser = commands.add_parser("unset", help="remove keys from a host's inventory data")
+    unset_parser.add_argument("node")
+    unset_parser.add_argument("keys", nargs="+", metavar="KEY")
+    forget_parser = commands.add_parser(
+        "forget", help="take a host out of the inventory; its container keeps running")
+    forget_parser.add_argument("node")
+    remember_parser = commands.add_parser("remember", help="put a forgotten host back")
+    remember_parser.add_argument("node")
+    managers_parser = commands.add_parser(
+        "managers", help="the first N inventory hosts are swarm_managers (default 1)")
+    managers_parser.add_argument("count", type=int)
     down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
     down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
     args = parser.parse_args(argv)
@@ -341,6 +385,15 @@ def main(argv: list[str] | None = None) -> int:
             return status(lab, args.json)
         if args.command == "ssh":
             return ssh(lab, args.node, args.remote_command)
+        if args.command == "set":
+            return edit(lab, lambda s: fleet.set_host_data(s, args.node, args.assignments))
+        if args.command == "unset":
+            return edit(lab, lambda s: fleet.unset_host_data(s, args.node, args.keys))
+        if args.command in ("forget", "remember"):
+            forgotten = args.command == "forget"
+            return edit(lab, lambda s: fleet.set_forgotten(s, args.node, forgotten))
+        if args.command == "managers":
+            return edit(lab, lambda s: fleet.set_manager_count(s, args.count))
         return down(lab, args.purge_images)
     except (LabError, images.ImageError) as error:
         print(f"lab: error: {error}", file=sys.stderr)

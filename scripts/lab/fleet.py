@@ -350,11 +350,107 @@ def write_state(lab: str, subnet: ipaddress.IPv4Network, hosts: list[Host], key:
         "settings": settings,  # configuration keys that select the lab's stand-ins
         "hosts": [host.as_dict() for host in hosts],
     }
+    # What an operator edited (`set`, `forget`, `managers`) survives `up` growing the lab.
+    return save_state(lab, keep_operator_edits(state, read_state(lab)))
+
+
+def save_state(lab: str, state: dict) -> Path:
+    """Write .lab/<lab>/hosts.json atomically (the inventory may be read at any moment)."""
     path = state_dir(lab) / "hosts.json"
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(state, indent=2) + "\n")
     staging.replace(path)
     return path
+
+
+# --- Operator edits of the lab inventory: pure ------------------------------------------------
+# An operator changes a real fleet by editing its inventory: host data, removing a host, the
+# managers group. These give the lab the same edits, kept in hosts.json, which
+# inventories/lab.py reads: per-host "data" (merged into that host's data, wins over the
+# stand-in settings), "forgotten" (the container runs, the inventory no longer lists it) and
+# the top-level "swarm_managers" (how many of the first listed hosts are managers; default 1).
+
+HOST_EDITS = ("data", "forgotten")
+
+
+def keep_operator_edits(new: dict, old: dict | None) -> dict:
+    """`new` state with the edits of `old` carried over, host by host (by name)."""
+    if not old:
+        return new
+    previous = {entry["name"]: entry for entry in old.get("hosts", [])}
+    for entry in new["hosts"]:
+        for key in HOST_EDITS:
+            if key in previous.get(entry["name"], {}):
+                entry[key] = previous[entry["name"]][key]
+    if "swarm_managers" in old:
+        new["swarm_managers"] = old["swarm_managers"]
+    return new
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """`key=value` as an operator types it: the value is JSON when it parses (true, 3, ["a"],
+    {"k": "v"}), else the plain string. The inventory's check judges the key and the value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+        raise LabError(f"{text!r}: expected key=value with a lowercase key (e.g. swarm_retire=true)")
+    if key.startswith("lab_") or key.startswith("ssh_"):
+        raise LabError(f"{key}: lab_* and ssh_* keys are the lab's own; not settable")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _entry(state: dict, node: str) -> dict:
+    for entry in state.get("hosts", []):
+        if entry["name"] == node:
+            return entry
+    names = ", ".join(e["name"] for e in state.get("hosts", []))
+    raise LabError(f"no host {node} in lab {state.get('lab')} (hosts: {names})")
+
+
+def set_host_data(state: dict, node: str, assignments: list[str]) -> dict:
+    """Add or change keys of one host's inventory data."""
+    entry = _entry(state, node)
+    data = dict(entry.get("data") or {})
+    data.update(parse_assignment(text) for text in assignments)
+    entry["data"] = data
+    return state
+
+
+def unset_host_data(state: dict, node: str, keys: list[str]) -> dict:
+    """Remove keys from one host's inventory data (back to the group's value)."""
+    entry = _entry(state, node)
+    data = dict(entry.get("data") or {})
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise LabError(f"{node} has no data key {', '.join(missing)} (set: {', '.join(data) or 'none'})")
+    for key in keys:
+        del data[key]
+    if data:
+        entry["data"] = data
+    else:
+        entry.pop("data", None)
+    return state
+
+
+def set_forgotten(state: dict, node: str, forgotten: bool) -> dict:
+    """Take a host out of the inventory (its container keeps running) or put it back."""
+    entry = _entry(state, node)
+    if forgotten:
+        entry["forgotten"] = True
+    else:
+        entry.pop("forgotten", None)
+    return state
+
+
+def set_manager_count(state: dict, count: int) -> dict:
+    """How many of the first inventory hosts form swarm_managers (the deploy checks 1, 3, 5)."""
+    listed = [entry for entry in state.get("hosts", []) if not entry.get("forgotten")]
+    if not 1 <= count <= len(listed):
+        raise LabError(f"managers {count}: the inventory lists {len(listed)} host(s)")
+    state["swarm_managers"] = count
+    return state
 
 
 def read_state(lab: str) -> dict | None:

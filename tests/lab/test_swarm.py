@@ -2,11 +2,18 @@
 as the lab inventory says), every node carries the labels of its simulated GPUs, no join token
 shows in pyinfra's output or in a file on the hosts, and a second run changes nothing.
 
+Then the fleet changes as an operator changes it, by editing the inventory (`lab.py set`,
+`forget`, `managers`): a 4th host joins with --limit; retiring it (swarm_retire: true) drains it,
+its task moves to another node, it leaves and its node is removed, and the next run changes
+nothing; a host dropped from the inventory but still in the Swarm is reported, not removed; the
+managers go to three and back to one.
+
 Runs after test_run.py in a session (the fleet is converged and already one Swarm: two short
 deploys); alone, the first deploy does every phase.
 """
 
 import json
+import time
 
 import pytest
 
@@ -93,3 +100,104 @@ def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
 
     result, results = deploy(lab)
     assert hosts_changed(results) == set()
+
+
+PROBE = "gpufleet-retire-probe"  # a replicated service with a task on every node
+
+
+def running_tasks(lab, service):
+    """Node of every task of `service` that is running now."""
+    result = lab.ssh(lab.hosts[0]["name"], f"sudo docker service ps {service} "
+                     "--filter desired-state=running --format '{{.Node}} {{.CurrentState}}'")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    return sorted(row[0] for row in rows if len(row) > 1 and row[1] == "Running")
+
+
+def wait_for_tasks(lab, service, check, timeout_s=90):
+    """Poll (bounded) until check(running nodes) holds; returns the last list seen."""
+    deadline = time.monotonic() + timeout_s
+    nodes = running_tasks(lab, service)
+    while not check(nodes) and time.monotonic() < deadline:
+        time.sleep(3)
+        nodes = running_tasks(lab, service)
+    return nodes
+
+
+def test_retiring_a_host_drains_it_moves_its_tasks_leaves_and_removes_the_node(lab):
+    manager, retiring = lab.hosts[0]["name"], lab.hosts[-1]["name"]
+    assert len(lab.hosts) == 4, "runs after the onboarding test (a 4th host in the Swarm)"
+    image = lab.state["settings"]["nvidia_container_verify_image"]
+    created = lab.ssh(manager, f"sudo docker service create --detach --quiet --name {PROBE} "
+                      f"--replicas 4 {image} sleep infinity")
+    assert created.returncode == 0, created.stdout + created.stderr
+    # Swarm spreads the four replicas over the four idle nodes: one task on the retiring host.
+    before = wait_for_tasks(lab, PROBE, lambda nodes: retiring in nodes and len(nodes) == 4)
+    assert retiring in before and len(before) == 4, before
+
+    edited = lab.cli("set", retiring, "swarm_retire=true")
+    assert edited.returncode == 0, edited.stdout + edited.stderr
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not {name for op in results["operations"] for name in op["error"]}
+    assert hosts_changed(results) == {manager, retiring}
+    done = {op["name"].split(" | ")[-1] for op in results["operations"] if op["success"]}
+    assert {"Drain retiring nodes", "Leave the Swarm (swarm_retire)",
+            "Remove retired nodes"} <= done, done
+
+    nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
+    assert retiring not in {n["Hostname"] for n in nodes}, "the retired node is still listed"
+    state = lab.ssh(retiring, "sudo docker info --format '{{.Swarm.LocalNodeState}}'")
+    assert state.stdout.strip() == "inactive"
+    # Its task moved: four running again, none on the retired host.
+    after = wait_for_tasks(lab, PROBE, lambda nodes: len(nodes) == 4)
+    assert len(after) == 4 and retiring not in after, after
+
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert hosts_changed(results) == set(), "a second run after retiring changed something"
+
+
+def test_a_host_dropped_from_the_inventory_is_reported_and_left_in_the_swarm(lab):
+    dropped = lab.hosts[2]["name"]  # a worker, still in the Swarm
+    try:
+        assert lab.cli("forget", dropped).returncode == 0
+        result, results = deploy(lab)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert hosts_changed(results) == set()
+        reported = [line for line in output.splitlines()
+                    if "Swarm nodes not in the inventory (left alone)" in line]
+        assert reported and dropped in reported[0], output
+        nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
+        assert {n["Hostname"]: n["Status"] for n in nodes}.get(dropped) == "Ready"
+    finally:
+        assert lab.cli("remember", dropped).returncode == 0
+        lab.ssh(lab.hosts[0]["name"], f"sudo docker service rm {PROBE}")
+
+    result, results = deploy(lab)  # back in the inventory: known again, nothing to change
+    assert hosts_changed(results) == set()
+    assert "Swarm nodes not in the inventory (left alone)" not in result.stdout + result.stderr
+
+
+def managers_now(lab):
+    nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
+    return sorted(n["Hostname"] for n in nodes if n["ManagerStatus"]), nodes
+
+
+def test_managers_go_to_three_and_back_to_one(lab):
+    first_three = sorted(h["name"] for h in lab.hosts[:3])
+    try:
+        assert lab.cli("managers", "3").returncode == 0
+        result, results = deploy(lab)
+        assert result.returncode == 0, result.stdout + result.stderr
+        managers, nodes = managers_now(lab)
+        assert managers == first_three
+        assert {n["ManagerStatus"] for n in nodes if n["ManagerStatus"]} <= {"Leader", "Reachable"}
+        result, results = deploy(lab)
+        assert hosts_changed(results) == set()
+    finally:
+        assert lab.cli("managers", "1").returncode == 0
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert managers_now(lab)[0] == [lab.hosts[0]["name"]]

@@ -41,8 +41,8 @@ def running_as_rendered(settings):
     """StackState of a stack running exactly what this repository renders, converged."""
     secrets = {kind: name for kind, (name, _) in stack.wanted_secrets(settings).items()}
     served = [spec for spec in settings.models if spec.serve]
-    gateway = stack.render_gateway(settings.stack_name, served)
     nodes = [sizing.Node.from_swarm(node) for node in NODES["nodes"]]
+    gateway = stack.render_gateway(served, nodes, stack.gateway_listen_port(settings))
     text = stack.render_stack(settings, nodes, secrets, gateway)
     services = []
     for name, want in stack.wanted_services(settings.stack_name, text).items():

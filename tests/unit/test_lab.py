@@ -197,3 +197,97 @@ def test_the_pins_bootstrap_installs_are_pyprojects_and_all_exact():
     pins = lab_cli.pinned_requirements()
     assert "pyinfra==3.10.0" in pins and any(p.startswith("pytest==") for p in pins)
     assert all("==" in pin for pin in pins)
+
+
+# --- Operator edits of the lab inventory --------------------------------------------------
+
+
+def _state():
+    return {
+        "lab": "unit-edits", "ssh_user": "ops", "ssh_key": "/k", "known_hosts": "/kh",
+        "hosts": [{"name": f"node-{i}", "container": f"c{i}", "address": f"172.29.9.{10 + i}"}
+                  for i in (1, 2, 3, 4)],
+    }
+
+
+def test_assignments_are_json_when_they_parse_else_strings():
+    assert fleet.parse_assignment("swarm_retire=true") == ("swarm_retire", True)
+    assert fleet.parse_assignment("swarm_drain_timeout_s=30") == ("swarm_drain_timeout_s", 30)
+    assert fleet.parse_assignment('swarm_node_labels={"rack": "a1"}') == (
+        "swarm_node_labels", {"rack": "a1"})
+    assert fleet.parse_assignment("models_dir=/data/models") == ("models_dir", "/data/models")
+    for bad in ("swarm_retire", "Bad=1", "=1", "ssh_port=22", "lab_container=x"):
+        with pytest.raises(fleet.LabError):
+            fleet.parse_assignment(bad)
+
+
+def test_set_and_unset_edit_one_hosts_data():
+    state = fleet.set_host_data(_state(), "node-4", ["swarm_retire=true", "models_dir=/m"])
+    assert state["hosts"][3]["data"] == {"swarm_retire": True, "models_dir": "/m"}
+    assert "data" not in state["hosts"][0]
+    state = fleet.unset_host_data(state, "node-4", ["models_dir"])
+    assert state["hosts"][3]["data"] == {"swarm_retire": True}
+    state = fleet.unset_host_data(state, "node-4", ["swarm_retire"])
+    assert "data" not in state["hosts"][3]
+    with pytest.raises(fleet.LabError, match="no data key"):
+        fleet.unset_host_data(state, "node-4", ["swarm_retire"])
+    with pytest.raises(fleet.LabError, match="no host node-9"):
+        fleet.set_host_data(state, "node-9", ["swarm_retire=true"])
+
+
+def test_manager_count_is_bounded_by_the_listed_hosts():
+    state = fleet.set_forgotten(_state(), "node-4", True)
+    assert fleet.set_manager_count(state, 3)["swarm_managers"] == 3
+    with pytest.raises(fleet.LabError):
+        fleet.set_manager_count(state, 4)  # node-4 is forgotten: 3 listed
+    with pytest.raises(fleet.LabError):
+        fleet.set_manager_count(state, 0)
+
+
+def test_up_keeps_the_operators_edits():
+    old = fleet.set_forgotten(fleet.set_host_data(_state(), "node-2", ["swarm_retire=true"]),
+                              "node-3", True)
+    old["swarm_managers"] = 3
+    new = {**_state(), "hosts": _state()["hosts"] + [
+        {"name": "node-5", "container": "c5", "address": "172.29.9.15"}]}
+    kept = fleet.keep_operator_edits(new, old)
+    assert kept["hosts"][1]["data"] == {"swarm_retire": True}
+    assert kept["hosts"][2]["forgotten"] is True
+    assert kept["swarm_managers"] == 3
+    assert "data" not in kept["hosts"][4] and len(kept["hosts"]) == 5
+    assert fleet.keep_operator_edits(_state(), None) == _state()
+
+
+def _lab_inventory(state, monkeypatch):
+    lab_dir = fleet.REPO_ROOT / ".lab" / "unit-edits"
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (lab_dir / "hosts.json").write_text(json.dumps(state))
+        monkeypatch.setenv("LAB_NAME", "unit-edits")
+        return runpy.run_path(str(fleet.REPO_ROOT / "inventories" / "lab.py"))
+    finally:
+        (lab_dir / "hosts.json").unlink()
+        lab_dir.rmdir()
+
+
+def test_the_lab_inventory_applies_host_data_and_leaves_forgotten_hosts_out(monkeypatch):
+    state = fleet.set_host_data(_state(), "node-4", ["swarm_retire=true"])
+    state = fleet.set_forgotten(state, "node-2", True)
+    state["settings"] = {"swarm_drain_timeout_s": 60}
+    state = fleet.set_host_data(state, "node-3", ["swarm_drain_timeout_s=30"])
+    inventory = _lab_inventory(state, monkeypatch)
+    hosts = dict(inventory["gpu_nodes"])
+    assert list(hosts) == ["node-1", "node-3", "node-4"]
+    assert inventory["swarm_managers"] == ["node-1"]
+    assert hosts["node-4"]["swarm_retire"] is True
+    assert hosts["node-3"]["swarm_drain_timeout_s"] == 30, "host data wins over lab settings"
+    assert hosts["node-1"]["swarm_drain_timeout_s"] == 60
+
+
+def test_the_lab_inventory_takes_the_first_n_listed_hosts_as_managers(monkeypatch):
+    state = fleet.set_manager_count(fleet.set_forgotten(_state(), "node-2", True), 3)
+    assert _lab_inventory(state, monkeypatch)["swarm_managers"] == ["node-1", "node-3", "node-4"]
+    # A retiring manager is refused before any connection, as in a real inventory.
+    state = fleet.set_host_data(state, "node-4", ["swarm_retire=true"])
+    with pytest.raises(SystemExit):
+        _lab_inventory(state, monkeypatch)

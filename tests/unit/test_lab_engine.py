@@ -10,6 +10,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -496,3 +497,39 @@ def test_settings_point_the_stack_at_the_pushed_images():
                                              "172.29.1.4:5000/lab/haproxy:def")
     assert settings == {"stack_engine_images": {"vllm": "172.29.1.4:5000/lab/vllm-openai:abc"},
                         "stack_gateway_image": "172.29.1.4:5000/lab/haproxy:def"}
+
+
+def test_a_client_that_goes_away_stops_its_generation():
+    app = make_app()
+    steps = []
+
+    class Counting(FakeEngine):
+        def generate(self, prompt_ids, sampling, rng):
+            for token in super().generate(prompt_ids, sampling, rng):
+                steps.append(token)
+                time.sleep(0.005)  # a forward step takes time
+                yield token
+
+    app.engine = Counting()
+    sent = []
+
+    async def run():
+        messages = [{"type": "http.request", "more_body": False, "body": json.dumps(
+            {"prompt": "x", "max_tokens": 30, "stream": True, "ignore_eos": True}).encode()}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "method": "POST", "path": "/v1/completions",
+                   "headers": [(b"authorization", b"Bearer sk-test")]}, receive, send)
+
+    asyncio.run(run())
+    assert 0 < len(steps) < 30
+    assert not any(m.get("body", b"").endswith(protocol.SSE_DONE) for m in sent)
+    assert app.metrics.running == 0

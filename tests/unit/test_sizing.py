@@ -60,10 +60,10 @@ def test_drained_nodes_do_not_count():
     assert "2 such node(s)" in sizing.fit_problems("llama", 3, 1, 0.9, None, fleet, 0)[0]
 
 
-def test_start_first_only_with_a_spare_node():
+def test_engines_roll_stop_first_even_with_a_spare_node():
+    # start-first deadlocked against max_replicas_per_node on the lab (see update_order).
     assert sizing.update_order(3, 1, nodes(count=3)) == "stop-first"
-    assert sizing.update_order(2, 1, nodes(count=3)) == "start-first"
-    assert sizing.update_order(2, 8, nodes(count=3, gpus=4)) == "stop-first"
+    assert sizing.update_order(2, 1, nodes(count=3)) == "stop-first"
 
 
 def test_weights_bytes_counts_weight_files_only():

@@ -11,7 +11,8 @@ from operations.config import load_group_data, validate_host_data
 from operations.sizing import GIB, Node
 
 REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"
-NODES = [Node(f"gpu-{i:02d}", 8, "NVIDIA H100 80GB HBM3", 81559, 2048 * GIB) for i in (1, 2, 3)]
+NODES = [Node(f"gpu-{i:02d}", 8, "NVIDIA H100 80GB HBM3", 81559, 2048 * GIB, addr=f"10.20.0.{10 + i}")
+         for i in (1, 2, 3)]
 SECRETS = {"api_key": "gpufleet_api_key_111111111111",
            "gateway_auth": "gpufleet_gateway_auth_222222222222"}
 
@@ -28,7 +29,7 @@ def model(name, **fields):
 def render(models, secrets=SECRETS, **overrides):
     s = settings(models, **overrides)
     served = [m for m in s.models if m.serve]
-    gateway = stack.render_gateway(s.stack_name, served)
+    gateway = stack.render_gateway(served, NODES, stack.gateway_listen_port(s))
     text = stack.render_stack(s, NODES, secrets, gateway)
     return yaml.safe_load(text), text, gateway
 
@@ -40,10 +41,13 @@ def test_vllm_service_has_the_engine_arguments_weights_shm_gpus_and_secrets():
     svc = doc["services"]["llama-3-1-8b"]
     assert svc["image"] == "vllm/vllm-openai:v0.11.0"
     assert svc["command"] == ["/models/Llama-3.1-8B", "--served-model-name", "Llama-3.1-8B",
-                              "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "2",
+                              "--host", "0.0.0.0", "--port", "8001", "--tensor-parallel-size", "2",
                               "--gpu-memory-utilization", "0.9", "--max-model-len", "8192",
                               "--enable-prefix-caching"]
-    assert svc["ports"] == [{"target": 8000, "published": 8001, "protocol": "tcp", "mode": "host"}]
+    # On the node's own network (no overlay: see operations/stack.py), listening on its port.
+    assert svc["networks"] == ["hostnet"] and "ports" not in svc
+    assert doc["networks"]["hostnet"] == {"external": True, "name": "host"}
+    assert "8001/health" in svc["healthcheck"]["test"][-1]
     assert {"type": "bind", "source": "/opt/models/Llama-3.1-8B", "target": "/models/Llama-3.1-8B",
             "read_only": True} in svc["volumes"]
     assert {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": 3 * GIB}} in svc["volumes"]
@@ -90,7 +94,8 @@ def test_several_models_each_get_a_service_and_a_gateway_route():
                                  model("c", port=8003, serve=False)])
     assert set(doc["services"]) == {"a", "b", "gateway"}
     assert 'acl model_b req.body -m reg "\\"model\\"[[:space:]]*:[[:space:]]*\\"org\\\\/b-chat\\""' in gateway
-    assert "server-template task 4 tasks.gpufleet_a:8000 check" in gateway
+    assert "    server gpu-01 10.20.0.11:8001 check\n    server gpu-02 10.20.0.12:8001 check" in gateway
+    assert "server gpu-03 10.20.0.13:8002 check" in gateway
     assert "default_backend" not in gateway  # an unknown model gets a 404, not a random engine
     assert '\\"id\\":\\"org/b-chat\\"' in gateway
 
@@ -102,13 +107,15 @@ def test_gpu_model_becomes_a_placement_constraint():
 
 
 def test_publish_modes():
-    doc, _, _ = render([model("m")], stack_publish_mode="host")
+    doc, _, gateway = render([model("m")], stack_publish_mode="host")
     gw = doc["services"]["gateway"]
-    assert gw["ports"][0]["mode"] == "host" and gw["deploy"]["endpoint_mode"] == "dnsrr"
-    assert gw["deploy"]["update_config"]["order"] == "stop-first"
-    doc, _, _ = render([model("m")], stack_publish_mode="ingress")
+    assert gw["networks"] == ["hostnet"] and "ports" not in gw and "bind :8080" in gateway
+    assert gw["deploy"]["endpoint_mode"] == "dnsrr" and gw["deploy"]["update_config"]["order"] == "stop-first"
+    doc, _, gateway = render([model("m")], stack_publish_mode="ingress", stack_gateway_port=443)
     gw = doc["services"]["gateway"]
-    assert gw["ports"][0]["mode"] == "ingress" and gw["deploy"]["endpoint_mode"] == "vip"
+    assert gw["ports"] == [{"target": 8080, "published": 443, "protocol": "tcp", "mode": "ingress"}]
+    assert gw["deploy"]["endpoint_mode"] == "vip" and "bind :8080" in gateway
+    assert doc["networks"]["gateway"] == {"driver": "overlay"}
 
 
 def test_secrets_are_named_by_content_and_rotation_changes_every_spec():
@@ -133,7 +140,8 @@ def test_stack_problems_catch_what_a_deploy_would_trip_over():
     doc["services"]["m"]["shm_size"] = "8g"
     doc["services"]["m"]["secrets"].append({"source": "nope", "target": "x"})
     doc["services"]["m"]["volumes"][1]["tmpfs"]["size"] = 0
-    doc["services"]["gateway"]["ports"][0]["published"] = doc["services"]["m"]["ports"][0]["published"]
+    doc["services"]["gateway"]["ports"] = [{"target": 1, "published": 9000, "mode": "ingress"}]
+    doc["services"]["m"]["ports"] = [{"target": 1, "published": 9000, "mode": "host"}]
     problems = stack.stack_problems(yaml.safe_dump(doc))
     assert any("shm_size" in p for p in problems)
     assert any("secret nope is not declared" in p for p in problems)

@@ -11,6 +11,7 @@ behind (__pycache__). Standard library only.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from scripts.lab import images
 
 ENGINE_DIR = Path(__file__).resolve().parent
 IMAGE_NAME = f"{images.IMAGE_PREFIX}engine"
+# The Dockerfile's first stage (the venv of pinned wheels), tagged so that its layers stay in
+# the build cache (an untagged stage is a dangling image: `docker image prune` drops it, and a
+# code change would then download every wheel again).
+VENV_IMAGE_NAME = f"{images.IMAGE_PREFIX}engine-venv"
+VENV_INPUTS = ("Dockerfile", "requirements.txt", "build-ca.crt")
 # Where the lab registry holds it: the production image's name under the lab's namespace.
 REPOSITORY = "lab/vllm-openai"
 PORT = 8000
@@ -41,5 +47,21 @@ def ensure_image() -> str:
             shutil.copyfile(ENGINE_DIR / relative, target)
         ca = Path(tmp, "build-ca.crt")
         ca.write_bytes(HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.is_file() else b"")
+        base = images.ensure_base()
+        if not images._image_exists(f"{IMAGE_NAME}:{images.recipe_hash(Path(tmp), extra=base)}"):
+            _ensure_venv_stage(Path(tmp), base)
         return images.ensure_image(IMAGE_NAME, Path(tmp),
                                    "lab CPU engine, a stand-in for vllm/vllm-openai")
+
+
+def _ensure_venv_stage(context: Path, base: str) -> None:
+    """Build (or keep) the venv stage as <VENV_IMAGE_NAME>:<hash of what it is made of>."""
+    tag = f"{VENV_IMAGE_NAME}:{images.recipe_hash(*(context / n for n in VENV_INPUTS), extra=base)}"
+    if images._image_exists(tag):
+        return
+    images._say(f"building the engine's venv stage {tag} (pinned wheels from PyPI)")
+    result = subprocess.run(["docker", "build", "--target", "venv", "--build-arg", f"BASE={base}",
+                             "-t", tag, str(context)], capture_output=True, text=True)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()[-800:]
+        raise images.ImageError(f"docker build of {tag} failed: {output}")

@@ -127,21 +127,29 @@ def ensure_image() -> str:
 
 
 def check_config(image: str, config: str, extra_files: dict[str, str] | None = None,
-                 labels: dict[str, str] | None = None) -> tuple[int, str]:
+                 labels: dict[str, str] | None = None,
+                 secrets: dict[str, str] | None = None) -> tuple[int, str]:
     """`haproxy -c -f /usr/local/etc/haproxy/haproxy.cfg` in `image` with `config` mounted
-    there (read-only) and `extra_files` beside it; (exit status, output)."""
+    there (read-only), `extra_files` beside it and `secrets` (name -> text) under /run/secrets
+    as Swarm would put them; (exit status, output)."""
     extra_files = {"api-keys.lst": "Bearer sk-lab-check\n", **(extra_files or {})}
     with tempfile.TemporaryDirectory(prefix="gpufleet-haproxy-") as tmp:
-        Path(tmp, "haproxy.cfg").write_text(config)
-        for name, text in extra_files.items():
-            Path(tmp, name).write_text(text)
-        for path in Path(tmp).iterdir():
-            path.chmod(0o644)
+        conf, run_secrets = Path(tmp, "conf"), Path(tmp, "secrets")
+        for directory, files in ((conf, {"haproxy.cfg": config, **extra_files}),
+                                 (run_secrets, secrets or {})):
+            directory.mkdir(mode=0o755)
+            directory.chmod(0o755)
+            for name, text in files.items():
+                Path(directory, name).write_text(text)
+                Path(directory, name).chmod(0o644)
         Path(tmp).chmod(0o755)
         label_args = [arg for key, value in (labels or {}).items()
                       for arg in ("--label", f"{key}={value}")]
+        mounts = ["-v", f"{conf}:/usr/local/etc/haproxy:ro"]
+        if secrets:
+            mounts += ["-v", f"{run_secrets}:/run/secrets:ro"]
         result = subprocess.run(
-            ["docker", "run", "--rm", *label_args, "--network", "none",
-             "-v", f"{tmp}:/usr/local/etc/haproxy:ro", image, "haproxy", "-c", "-f", CONFIG_PATH],
+            ["docker", "run", "--rm", *label_args, "--network", "none", *mounts,
+             image, "haproxy", "-c", "-f", CONFIG_PATH],
             capture_output=True, text=True, timeout=60)
     return result.returncode, (result.stdout + result.stderr).strip()

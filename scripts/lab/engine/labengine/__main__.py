@@ -10,7 +10,7 @@ import logging
 import sys
 
 from . import STAND_IN_NOTICE, VERSION
-from .cli import UsageError, parse_command
+from .cli import USAGE, UsageError, parse_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(asctime)s [labengine] %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     log = logging.getLogger("labengine")
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(f"{USAGE}\n(the gpu-fleet lab CPU engine, a LAB STAND-IN for vLLM)")
+        return 0
     try:
-        command, value = parse_command(sys.argv[1:] if argv is None else argv)
+        command, value = parse_command(argv)
     except UsageError as error:
         print(f"vllm: {error}", file=sys.stderr)
         return 2
