@@ -402,18 +402,28 @@ def wanted_services(stack: str, text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def convergence(services: list[dict[str, Any]]) -> tuple[bool, list[str], list[str]]:
-    """(done, progress lines, failures) from the StackState services."""
+PAUSED = ("paused", "rollback_paused")
+
+
+def convergence(services: list[dict[str, Any]], watched: set[str] | None = None
+                ) -> tuple[bool, list[str], list[str]]:
+    """(done, progress lines, failures) from the StackState services.
+
+    A rollback or pause counts as a failure only for `watched` services (those this run
+    updated; None: all): a service an earlier run saw roll back runs its previous spec, which a
+    later run only accepts when that spec is the rendered one."""
     done, progress, failures = True, [], []
     for svc in services:
         update = svc["update_state"]
         line = f"{svc['name']} {svc['running']}/{svc['desired']}" + (f" ({update})" if update else "")
         progress.append(line)
-        if update in ("rollback_started", "rollback_completed", "rollback_paused", "paused"):
+        if (watched is None or svc["name"] in watched) and update in (
+                "rollback_started", "rollback_completed", *PAUSED):
             failures.append(f"{svc['name']}: update {update}: {svc['update_message'] or 'no reason given'}")
         # A service with no desired task at all (a global gateway with no eligible node, a
         # replicated one whose tasks were all rejected) is not converged, whatever 0/0 says.
-        if svc["desired"] == 0 or svc["running"] < svc["desired"] or update in ("updating", "rollback_started"):
+        if (svc["desired"] == 0 or svc["running"] < svc["desired"]
+                or update in ("updating", "rollback_started", *PAUSED)):
             done = False
     return done and not failures, progress, failures
 
@@ -561,7 +571,8 @@ def create_secret(state, host, stack: str, kind: str, name: str, value_of: Calla
     return True
 
 
-def wait_converged(state, host, stack: str, timeout_s: int, poll_s: float = 3.0) -> bool:
+def wait_converged(state, host, stack: str, timeout_s: int, watched: list[str] | None = None,
+                   poll_s: float = 3.0) -> bool:
     """Poll the stack until every service runs its wanted tasks and no update is in progress;
     print progress now and then; fail the host on a rollback or the timeout."""
     deadline = time.monotonic() + timeout_s
@@ -571,7 +582,8 @@ def wait_converged(state, host, stack: str, timeout_s: int, poll_s: float = 3.0)
         ok, output = host.run_shell_command(StackState().command(stack), print_output=False,
                                             print_input=False, _sudo=_sudo(host))
         current = parse_stack_state(output.stdout_lines if ok else [])
-        done, progress, failures = convergence(current["services"])
+        done, progress, failures = convergence(current["services"],
+                                               set(watched) if watched is not None else None)
         elapsed = time.monotonic() - started
         if failures:
             for failure in failures:
@@ -711,12 +723,17 @@ def stack_deploy(settings, manager: str | None = None):
             explain(f"stack: {why}")
         yield StringCommand("docker stack deploy --prune --with-registry-auth -c",
                             QuoteString(stack_path), QuoteString(stack))
-        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s), {})
+        updated = [name for name in sorted(wanted) if service_drift(name, running.get(name), wanted[name])]
+        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, updated), {})
         changed = True
-    elif not convergence(current["services"])[0]:
-        # Rendered as running, but not converged (an update in progress from an earlier run).
-        explain("stack: not converged: " + "; ".join(convergence(current["services"])[1]))
-        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s), {})
+    elif not convergence(current["services"], watched=set())[0]:
+        # Running the rendered spec but not converged: an update still in progress, or one Swarm
+        # paused (a rollback that itself failed): a forced update restarts its tasks.
+        explain("stack: not converged: " + "; ".join(convergence(current["services"], set())[1]))
+        paused = [svc["name"] for svc in current["services"] if svc["update_state"] in PAUSED]
+        for name in paused:
+            yield StringCommand("docker service update --detach --force", QuoteString(name))
+        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, paused), {})
         changed = True
 
     stale_secrets = sorted(set(current["secrets"]) - set(names.values()))

@@ -186,39 +186,50 @@ def endpoints_for(target: str, settings, stack: dict | None) -> list[Endpoint]:
 
 
 class Sampler:
-    """Samples `docker stats` on each node in a thread of its own, until stopped (or
-    MAX_SAMPLE_ROUNDS rounds): the stack's CPU, memory and network I/O during a scenario."""
+    """Samples `docker stats` on each node in a thread of its own: once before the load starts
+    (entering waits for it), then every `interval_s` until stopped, and once more after (so
+    network I/O is counted over the whole scenario). Bounded: MAX_SAMPLE_ROUNDS rounds."""
 
     def __init__(self, fleet: Fleet, nodes: list[str], interval_s: float = 1.0):
         self.fleet, self.nodes, self.interval_s = fleet, nodes, interval_s
         self.samples: list[dict] = []
         self.problems: list[str] = []
         self._stop = threading.Event()
+        self._ready = {n: threading.Event() for n in nodes}
         self._threads = [threading.Thread(target=self._loop, args=(n,), daemon=True)
                          for n in nodes]
 
+    def _sample(self, node: str) -> bool:
+        try:
+            ok, stdout, stderr = self.fleet.run(node, STATS_COMMAND, timeout=30)
+        except Exception as error:  # a node that stops answering: say so, stop sampling it
+            self.problems.append(f"{node}: {error}")
+            return False
+        if not ok:
+            self.problems.append(f"{node}: {' '.join(stderr)[:200]}")
+            return False
+        now = time.time()
+        for line in stdout:
+            sample = ls.parse_stats_line(line)
+            if sample:
+                self.samples.append({**sample, "node": node, "t": now})
+        return True
+
     def _loop(self, node: str) -> None:
+        answered = self._sample(node)
+        self._ready[node].set()
         for _ in range(MAX_SAMPLE_ROUNDS):
-            if self._stop.is_set():
-                return
-            try:
-                ok, stdout, stderr = self.fleet.run(node, STATS_COMMAND, timeout=30)
-            except Exception as error:  # a node that stops answering: say so, stop sampling it
-                self.problems.append(f"{node}: {error}")
-                return
-            now = time.time()
-            if not ok:
-                self.problems.append(f"{node}: {' '.join(stderr)[:200]}")
-                return
-            for line in stdout:
-                sample = ls.parse_stats_line(line)
-                if sample:
-                    self.samples.append({**sample, "node": node, "t": now})
-            self._stop.wait(self.interval_s)
+            if not answered or self._stop.wait(self.interval_s):
+                break
+            answered = self._sample(node)
+        if answered:
+            self._sample(node)  # after the load
 
     def __enter__(self):
         for thread in self._threads:
             thread.start()
+        for event in self._ready.values():
+            event.wait(timeout=60)
         return self
 
     def __exit__(self, *exc):
@@ -269,9 +280,11 @@ def wait_ready(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: 
 
 
 def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | None,
-                  args) -> tuple[list[ls.Record], list[dict]]:
+                  args, records: list | None = None,
+                  scenarios: list | None = None) -> tuple[list[ls.Record], list[dict]]:
     """1 replica and N replicas of one model's engine service, each through the gateway and
-    direct; the original replica count is restored in every case."""
+    direct; the original replica count is restored in every case. Results are appended to
+    `records` and `scenarios` as each scenario ends, so a later failure keeps them."""
     spec = next((s for s in sm.served_models(settings)
                  if args.model in (None, s.name, s.served_name)), None)
     if spec is None:
@@ -286,7 +299,8 @@ def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | 
     node_hosts = [n["host"] for n in stack["nodes"] if n["host"] in fleet.hosts]
     for name in node_hosts:  # connect every node before the sampler's threads use them
         fleet.pyinfra_host(name)
-    records, scenarios = [], []
+    records = [] if records is None else records
+    scenarios = [] if scenarios is None else scenarios
     try:
         for replicas in dict.fromkeys([1, many]):
             print(f"scaling {service} to {replicas} replica(s)")
@@ -370,12 +384,15 @@ def run(argv) -> int:
     meta = {"requests": args.requests, "concurrency": args.concurrency,
             "stream": not args.no_stream, "max_tokens": args.max_tokens,
             "max_seconds": args.max_seconds, "started": ls.iso(time.time())}
-    scenarios = None
+    records: list[ls.Record] = []
+    scenarios: list[dict] | None = None
+    failure = None
     try:
         if args.scenarios:
             manager, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
-            records, scenarios = run_scenarios(fleet, settings, manager, stack, key, args)
             meta["target"] = "scenarios"
+            scenarios = []
+            run_scenarios(fleet, settings, manager, stack, key, args, records, scenarios)
         else:
             stack = None
             if args.target in ("gateway", "engines"):
@@ -390,7 +407,10 @@ def run(argv) -> int:
                                            args.max_seconds, not args.no_stream, args.max_tokens,
                                            args.request_timeout))
     except RuntimeError as error:
-        print(f"loadtest: {error}", file=sys.stderr)
+        failure = str(error)
+        meta["stopped"] = failure
+    if failure and not records:
+        print(f"loadtest: {failure}", file=sys.stderr)
         return 1
     written = ls.write_reports(out, records, meta, scenarios)
     print((out / "summary.md").read_text())
@@ -398,7 +418,9 @@ def run(argv) -> int:
     failed = [r for r in records if not r.ok]
     if failed:
         print(f"loadtest: {len(failed)} of {len(records)} request(s) failed", file=sys.stderr)
-    return 1 if failed or not records else 0
+    if failure:  # the scenarios that ran are in the reports
+        print(f"loadtest: stopped: {failure}", file=sys.stderr)
+    return 1 if failed or failure or not records else 0
 
 
 def _exit_on_sigterm(signum, frame):

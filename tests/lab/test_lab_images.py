@@ -5,8 +5,8 @@ The engine and gateway tests build the images (cached by recipe hash) and run th
 serves the lab's tiny model (scripts/lab/hub/model.py's files, mounted read-only) and its
 answers are checked against an independent pure-Python forward pass (llama_reference.py):
 the same greedy tokens, and the same log-probabilities to 1e-4. The gateway is checked alone
-(`haproxy -c` of the stack's keywords, a running gateway) and in front of two engine tasks found
-through Docker's DNS on a network of the test's own. The last test uses the session lab: `up`
+(`haproxy -c` of the keywords the stack may use, a running gateway) and with the configuration
+operations/stack.py renders, in front of two engines on a network of the test's own. The last test uses the session lab: `up`
 pushed both images to the lab registry and wrote the settings that select them.
 
 Every container and network here carries the label gpufleet.lab=<LAB_NAME> and is removed in
@@ -367,67 +367,64 @@ frontend api
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
-def stack_gateway_config(models: list[dict]) -> tuple[str, list[str]]:
-    """The gateway configuration the stack renders (operations/stack.py) for `models`, and the
-    DNS names of their engine tasks (tasks.<stack>_<key>)."""
+def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
+    """The gateway configuration the stack renders (operations/stack.render_gateway) for
+    `models`, over nodes named and addressed as `addresses` (hostname -> address), each with
+    two simulated H100s."""
     from operations import stack
     from operations.config import load_group_data, validate_host_data
+    from operations.sizing import GIB, Node
 
     entries = [{"repo_id": f"org/{m['name']}", "revision": "0" * 40, **m} for m in models]
     settings = validate_host_data("lab", {**load_group_data()["all"], "models": entries,
                                           "stack_api_key_file": "/etc/key"})
-    served = [m for m in settings.models if m.serve]
-    return (stack.render_gateway(settings.stack_name, served),
-            [f"tasks.{settings.stack_name}_{stack.service_key(m.name)}" for m in served])
+    nodes = [Node(name, 2, "NVIDIA H100 80GB HBM3", 81559, 64 * GIB, addr=addr)
+             for name, addr in addresses.items()]
+    return stack.render_gateway([m for m in settings.models if m.serve], nodes, 8080)
 
 
 ONE_MODEL = [{"name": "tiny-llama"}]
 TWO_MODELS = [{"name": "tiny-llama", "port": 8001}, {"name": "other-model", "port": 8002}]
-
-
 @pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
 def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
-    config, _ = stack_gateway_config(models)
+    config = stack_gateway_config(models, {"node-1": "10.0.0.1", "node-2": "10.0.0.2"})
     rc, output = gateway.check_config(gateway.ensure_image(), config, labels={"gpufleet.lab": LAB},
                                       secrets={"gateway_auth": f"Bearer {KEY}\n"})
     assert rc == 0, output
 
 
-@pytest.mark.parametrize("models", [
-    ONE_MODEL,
-    pytest.param(TWO_MODELS, marks=pytest.mark.xfail(strict=True, reason=(
-        "templates/haproxy.cfg.j2: with several models its unconditional `http-request return "
-        "status 404` comes after the use_backend rules, and HAProxy runs every http-request "
-        "rule before any use_backend (haproxy -c warns), so every request gets the 404"))),
-], ids=["one-model", "two-models"])
-def test_stacks_gateway_routes_to_engine_tasks_found_through_docker_dns(tmp_path, files, models):
+@pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
+def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, models):
     """The two stand-ins as the stack runs them: the gateway with the configuration the stack
-    renders (Swarm's DNS names, resolvers on 127.0.0.11, server-template, httpchk /health, the
-    key from /run/secrets/gateway_auth, routing by the body's "model"), two engine tasks of
-    tiny-llama behind tasks.<stack>_tiny-llama, on a network of the test's own."""
+    renders (a server per node at the model's port, httpchk /health, the key from
+    /run/secrets/gateway_auth, routing by the body's "model") in front of two engine tasks of
+    tiny-llama, on a network of the test's own."""
     engine_tag, gateway_tag = engine_image.ensure_image(), gateway.ensure_image()
-    config, dns_names = stack_gateway_config(models)
+    port_of_tiny = str(models[0].get("port", 8000))
     revision = hub_model.write_repo(tmp_path / "hub", files)
     model_dir = tmp_path / "hub" / hub_model.REPO_ID / revision
-    conf, secrets = tmp_path / "conf", tmp_path / "secrets"
-    for directory, name, text in ((conf, "haproxy.cfg", config),
-                                  (secrets, "gateway_auth", f"Bearer {KEY}\n")):
-        directory.mkdir(mode=0o755)
-        directory.chmod(0o755)
-        (directory / name).write_text(text)
-        (directory / name).chmod(0o644)
     tag = f"{LAB}-gw-e2e-{os.getpid()}"
     network, port = tag, free_port()
     env = {**os.environ, "VLLM_API_KEY": KEY}
     containers = [f"{tag}-engine-1", f"{tag}-engine-2", f"{tag}-gateway"]
     try:
         docker("network", "create", "--label", f"gpufleet.lab={LAB}", network)
+        addresses = {}
         for name in containers[:2]:
             docker("run", "-d", "--name", name, "--hostname", name, "--label",
-                   f"gpufleet.lab={LAB}", "--network", network, "--network-alias", dns_names[0],
+                   f"gpufleet.lab={LAB}", "--network", network,
                    "-e", "VLLM_API_KEY", "-v", f"{model_dir}:/models/tiny-llama:ro",
                    engine_tag, "/models/tiny-llama", "--served-model-name", "tiny-llama",
-                   "--port", "8000", env=env)
+                   "--port", port_of_tiny, env=env)
+            addresses[name] = docker("inspect", "-f", "{{(index .NetworkSettings.Networks \""
+                                     + network + "\").IPAddress}}", name)
+        conf, secrets = tmp_path / "conf", tmp_path / "secrets"
+        for directory, name, text in ((conf, "haproxy.cfg", stack_gateway_config(models, addresses)),
+                                      (secrets, "gateway_auth", f"Bearer {KEY}\n")):
+            directory.mkdir(mode=0o755)
+            directory.chmod(0o755)
+            (directory / name).write_text(text)
+            (directory / name).chmod(0o644)
         docker("run", "-d", "--name", containers[2], "--label", f"gpufleet.lab={LAB}",
                "--network", network, "-v", f"{conf}:/usr/local/etc/haproxy:ro",
                "-v", f"{secrets}:/run/secrets:ro", "-p", f"127.0.0.1:{port}:8080", gateway_tag)
@@ -446,14 +443,13 @@ def test_stacks_gateway_routes_to_engine_tasks_found_through_docker_dns(tmp_path
                 texts.add(json.loads(raw)["choices"][0]["text"])
             else:
                 time.sleep(0.5)
-        statuses = answers[-3:]
-        assert tasks == set(containers[:2]), statuses  # both tasks, found by DNS, answer
+        assert tasks == set(containers[:2]), answers[-3:]  # both engines answer
         assert len(texts) == 1  # the same model: the same greedy text
         status, headers, raw = http("POST", base + "/v1/completions", body, key=None)
         assert status == 401 and json.loads(raw) == {"error": "Unauthorized"}
         assert "x-engine-task" not in {k.lower() for k in headers}  # the gateway answered
-        if len(models) == 1:  # the gateway's own health: every model has a healthy task
-            assert http("GET", base + "/health", key=None)[0] == 200
+        # The gateway's own health: 200 only while every model has a healthy engine.
+        assert http("GET", base + "/health", key=None)[0] == 200
     finally:
         for name in containers:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)

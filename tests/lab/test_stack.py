@@ -151,5 +151,8 @@ def test_a_broken_image_rolls_back_and_the_endpoint_keeps_answering(lab):
     images = manager_sh(lab, "docker service inspect gpufleet_tiny-llama --format '{{.Spec.TaskTemplate.ContainerSpec.Image}}'")
     assert images.strip().split("@")[0] == image
     assert outcomes and all(o == 200 for o in outcomes), outcomes
-    # The next ordinary run sees the rolled-back service as it should be: nothing to do.
+    # The next ordinary run puts the rendered files back (the failed run wrote the broken one)
+    # and leaves the rolled-back service alone: it runs the rendered spec. Then nothing to do.
+    repaired = converged_run(lab)
+    assert hosts_changed(repaired) <= {lab.hosts[0]["name"]}
     assert hosts_changed(converged_run(lab)) == set()

@@ -96,7 +96,8 @@ def test_several_models_each_get_a_service_and_a_gateway_route():
     assert 'acl model_b req.body -m reg "\\"model\\"[[:space:]]*:[[:space:]]*\\"org\\\\/b-chat\\""' in gateway
     assert "    server gpu-01 10.20.0.11:8001 check\n    server gpu-02 10.20.0.12:8001 check" in gateway
     assert "server gpu-03 10.20.0.13:8002 check" in gateway
-    assert "default_backend" not in gateway  # an unknown model gets a 404, not a random engine
+    # An unknown model gets a 404 from a backend (http-request rules would run before routing).
+    assert "default_backend unknown_model" in gateway and "backend unknown_model" in gateway
     assert '\\"id\\":\\"org/b-chat\\"' in gateway
 
 
@@ -166,9 +167,15 @@ def test_convergence_reports_progress_and_rollbacks():
     assert stack.convergence([ok]) == (True, ["s 3/3 (completed)"], [])
     done, _, failures = stack.convergence([{**ok, "running": 2}])
     assert not done and failures == []
-    done, _, failures = stack.convergence([{**ok, "update_state": "rollback_completed",
-                                            "update_message": "update rolled back due to failure"}])
+    rolled = {**ok, "update_state": "rollback_completed", "update_message": "update rolled back due to failure"}
+    done, _, failures = stack.convergence([rolled])
     assert not done and failures == ["s: update rollback_completed: update rolled back due to failure"]
+    # A rollback an earlier run saw is not this run's failure (its service was not updated now).
+    assert stack.convergence([rolled], watched=set())[0] is True
+    # A paused rollback is never converged: the next run forces the service's update.
+    paused = {**ok, "update_state": "rollback_paused", "update_message": "update paused"}
+    done, _, failures = stack.convergence([paused], watched=set())
+    assert not done and failures == []
 
 
 def test_parse_stack_state():
