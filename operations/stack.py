@@ -631,6 +631,27 @@ def remove_stale(state, host, kind: str, names: list[str]) -> bool:
     return True
 
 
+# A node whose Docker was just restarted by this run (a daemon.json change) is "down" to the
+# managers for a few seconds: planning placement then would see too few GPU nodes.
+NODE_READY_WAIT_S = 90
+
+
+def wait_for_nodes(listed: dict[str, Any], wait_s: float = NODE_READY_WAIT_S,
+                   poll_s: float = 3.0) -> dict[str, Any]:
+    """Re-read the Swarm's nodes until every active one is ready, or `wait_s` has passed (a node
+    that stays down is then planned without; the fit check says so with the numbers)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        waiting = [n["hostname"] for n in listed["nodes"]
+                   if n.get("availability") == "active" and n.get("state") != "ready"]
+        if not waiting:
+            break
+        host.log_styled(f"waiting for Swarm nodes to be ready: {', '.join(waiting)}")
+        time.sleep(poll_s)
+        listed = host.get_fact(SwarmNodes)
+    return listed
+
+
 # --- Operations -----------------------------------------------------------------------------
 
 
@@ -661,6 +682,8 @@ def stack_deploy(settings, manager: str | None = None):
             host.noop("the Swarm is formed earlier in this run: the stack is planned when it exists")
             return
         raise OperationError(f"cannot list the Swarm's nodes here: {listed['error']}")
+    if host.state.is_executing:
+        listed = wait_for_nodes(listed)
     nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
     manifests = host.get_fact(ModelManifests, models_dir=settings.models_dir,
                               names=[spec.name for spec in served]) if served else {}
