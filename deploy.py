@@ -15,6 +15,8 @@ from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.nvidia import nvidia_driver
 from operations.preflight import preflight
+from operations.smoke import smoke
+from operations.stack import stack
 from operations.swarm import swarm
 from operations.toolkit import container_toolkit, current_gpu_daemon_config, gpu_container_check
 from operations.weights import model_weights
@@ -47,3 +49,11 @@ if preflight(settings):
     # 7. Docker Swarm: init on the first of swarm_managers, joins with tokens read from a manager
     #    when the join runs (never logged or on a command line), nodes labelled from their GPUs.
     swarm(settings)
+
+    # 8. Inference stack: engines (one service per served model) behind the HAProxy gateway,
+    #    secrets versioned by content, deployed from a manager when it differs, then waited on.
+    stack(settings)
+
+    # 9. Smoke tests: the gateway and every engine task answer as configured (health, models,
+    #    one completion per model, 401 without the key), checked from the control machine.
+    smoke(settings)

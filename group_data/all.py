@@ -100,6 +100,9 @@ stack_engine_images = {
 }
 # The gateway in front of every engine: HAProxy, balancing over healthy engine tasks.
 stack_gateway_image = "haproxy:3.2.4"
+# The user id each image runs as: it owns the secrets mounted in /run/secrets (mode 0400).
+# The official vLLM, TGI and Ollama images run as root; the official haproxy image as uid 99.
+stack_secret_uids = {"vllm": 0, "tgi": 0, "ollama": 0, "gateway": 99}
 # The port users and smoke tests reach the gateway on.
 stack_gateway_port = 8080
 # How the gateway's port is published: "ingress" (Swarm's routing mesh: any node answers, needs
@@ -113,6 +116,10 @@ stack_api_key_file = None
 stack_converge_timeout_s = 1800
 # Seconds Swarm watches an updated task before it counts the update as done (and rolls back on failure).
 stack_update_monitor_s = 60
+
+# --- Smoke tests ---------------------------------------------------------------------------
+# Seconds an endpoint's /health may take to answer 200 (retried with backoff while a model loads).
+smoke_deadline_s = 300
 
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,

@@ -18,14 +18,14 @@ gpu_nodes = [
     ("gpu-03", {"ssh_hostname": "10.20.0.13", "ssh_user": "ubuntu",
                 # Labels of your own for placement, beside the gpufleet.gpu.* ones from the GPUs.
                 "swarm_node_labels": {"rack": "r12"}}),
-    # A host with more disk for weights than the fleet default:
+    # A host with a smaller disk than the fleet default asks for (models_dir itself, like every
+    # key the stack reads, is the same on every host: set it in group_data, not here):
     (
         "gpu-04",
         {
             "ssh_hostname": "10.20.0.14",
             "ssh_user": "ubuntu",
-            "models_dir": "/data/models",
-            "preflight_min_free_gb_models": 800,
+            "preflight_min_free_gb_models": 60,
         },
     ),
 ]

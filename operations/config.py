@@ -186,11 +186,15 @@ class Settings(BaseModel):
     stack_name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
     stack_engine_images: dict[Literal["vllm", "tgi", "ollama"], ImageRef]
     stack_gateway_image: ImageRef
+    stack_secret_uids: dict[Literal["vllm", "tgi", "ollama", "gateway"], Annotated[int, Field(ge=0, le=2**31)]]
     stack_gateway_port: Annotated[int, Field(ge=1, le=65535)]
     stack_publish_mode: Literal["ingress", "host"]
     stack_api_key_file: ControlPath | None
     stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
     stack_update_monitor_s: Annotated[int, Field(ge=5, le=3600)]
+
+    # Smoke tests
+    smoke_deadline_s: Annotated[int, Field(ge=1, le=7200)]
 
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
@@ -459,6 +463,7 @@ def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
             validate_host_data(name, data)
         except ConfigError as error:
             problems.extend(error.lines)
+    problems += _fleet_wide_problems(per_host)
     if "swarm_managers" in inventory_globals:
         from operations.swarm import manager_group_problems
 
@@ -470,6 +475,29 @@ def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
             f"{inventory_globals['__file__']}: {problem}"
             for problem in manager_group_problems(names("swarm_managers"), names("gpu_nodes"), retiring)
         ]
+    return problems
+
+
+# Keys one Swarm service reads the same on every node: the stack is one file for the fleet.
+FLEET_WIDE_KEYS = ("models_dir", "models", "stack_name", "stack_engine_images", "stack_gateway_image",
+                   "stack_gateway_port", "stack_publish_mode", "stack_secret_uids")
+
+
+def _fleet_wide_problems(per_host: dict[str, dict[str, Any]]) -> list[str]:
+    """A key the stack applies fleet-wide must not differ between hosts (an engine's weights
+    mount, say, is one path for every node the Swarm may place it on)."""
+    problems = []
+    names = sorted(per_host)
+    if not names:
+        return problems
+    first = names[0]
+    for key in FLEET_WIDE_KEYS:
+        for name in names[1:]:
+            if per_host[name].get(key) != per_host[first].get(key):
+                problems.append(
+                    f"host {name}: key '{key}' = {per_host[name].get(key)!r}: expected the same value "
+                    f"on every host ({first} has {per_host[first].get(key)!r}): one stack serves the fleet")
+                break
     return problems
 
 

@@ -37,7 +37,7 @@ from pyinfra.api import (
 from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt, systemd
 
-from operations.phase import PhaseResult, fails_only_this_host
+from operations.phase import PhaseResult, explain, fails_only_this_host
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
@@ -162,6 +162,19 @@ def managed_daemon_config(
 def render_daemon_json(config: dict[str, Any]) -> str:
     """daemon.json text: sorted keys, two-space indent, trailing newline."""
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def changed_keys(current: dict[str, Any], merged: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted key paths where `merged` differs from `current` (names only: values may be
+    anything an operator put there)."""
+    keys = []
+    for key in sorted(set(current) | set(merged)):
+        left, right = current.get(key), merged.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += changed_keys(left, right, f"{prefix}{key}.")
+        elif key not in current or key not in merged or not same_config({"v": left}, {"v": right}):
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def same_config(left: dict[str, Any], right: dict[str, Any]) -> bool:
@@ -443,6 +456,7 @@ def daemon_json(managed: dict | Callable[[], dict], path: str = DAEMON_JSON):
             host.noop(f"no daemon.json keys to manage and {path} is absent")
         return
 
+    explain(f"{path}: managed keys differ: {', '.join(changed_keys(current['config'], merged))}")
     staging = f"{path}.pyinfra-new"
     quoted_staging = QuoteString(staging)
     yield StringCommand("install -d -m 0755", QuoteString(posixpath.dirname(path)))

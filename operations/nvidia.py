@@ -45,7 +45,7 @@ from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, systemd
 
-from operations.phase import PhaseResult, fails_only_this_host
+from operations.phase import PhaseResult, explain, fails_only_this_host
 
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
 CUDA_SOURCES_NAME = "nvidia-cuda"  # -> /etc/apt/sources.list.d/nvidia-cuda.sources
@@ -816,6 +816,7 @@ def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: 
             f"reboot required: {reason}; nvidia_allow_reboot is False, so this host stops here. "
             "Reboot it (or allow reboots) and run again."
         )
+    explain(f"reboot needed: {reason}")
     yield from reboot_commands(reboot_timeout)
     yield verify_command(version)
 
@@ -843,6 +844,8 @@ def verify_driver(version: str):
             f"driver {version} is loaded on {len(gpus)} GPU(s): {', '.join(state['models'])}"
         )
         return
+    loaded = sorted({gpu["driver_version"] or "none" for gpu in gpus}) or ["no GPU visible"]
+    explain(f"loaded driver {', '.join(loaded)}, wanted {version}")
     yield verify_command(version)
 
 

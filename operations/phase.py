@@ -11,9 +11,10 @@ OperationError as usual, and `@fails_only_this_host` turns it into a failing com
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Iterator
 
-from pyinfra import logger
+from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, OperationError
 
 
@@ -50,3 +51,47 @@ def fails_only_this_host(func: Callable[..., Iterator]) -> Callable[..., Iterato
             yield FunctionCommand(fail_host, (str(error),), {})
 
     return operation_body
+
+
+# --- What an operation tells the drift check (scripts/drift_check.py) -----------------------
+#
+# The deploy itself ignores both records below; the drift check plans the run without executing
+# it and reads them per host and operation. They are kept per State (a weak key: a finished run's
+# records go with it), so one process may plan several runs.
+
+_NOTES: "weakref.WeakKeyDictionary[Any, list[tuple[str, str | None, str, str, str | None]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+EXPLAIN = "explain"
+FINDING = "finding"
+
+
+def _record(kind: str, text: str, about: str | None = None) -> None:
+    try:
+        notes = _NOTES.setdefault(host.state, [])
+    except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
+        return
+    entry = (host.name, host.current_op_hash, kind, text, about)
+    if entry not in notes:  # an operation body may be planned more than once
+        notes.append(entry)
+
+
+def explain(text: str, about: str | None = None) -> None:
+    """Say in words what the current operation is about to change (and why), before it yields
+    its commands: the drift check shows this instead of the raw commands. `about`: the inventory
+    host the change is about when it is made from another one (a manager labels every node)."""
+    _record(EXPLAIN, text, about)
+
+
+def finding(text: str) -> None:
+    """Something the deploy sees but leaves to an operator (a Swarm node no inventory host
+    accounts for): a noop for the deploy, drift for the drift check."""
+    host.noop(text)
+    _record(FINDING, text)
+
+
+def notes_of(state) -> list[tuple[str, str | None, str, str, str | None]]:
+    """(host name, operation hash, EXPLAIN or FINDING, text, about) recorded while planning
+    `state`."""
+    return list(_NOTES.get(state, []))

@@ -40,7 +40,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
 from operations.nvidia import NvidiaHost
-from operations.phase import PhaseResult, fail_host
+from operations.phase import PhaseResult, explain, fail_host, finding
 
 LABEL_PREFIX = "gpufleet."
 LABEL_HOST = "gpufleet.host"  # the inventory name: finds a node whose host has left
@@ -167,6 +167,8 @@ def parse_swarm_nodes(lines: list[str]) -> dict[str, Any]:
             "addr": status.get("Addr", ""),
             "leader": bool((manager or {}).get("Leader")),
             "reachability": (manager or {}).get("Reachability"),
+            "memory_bytes": int(((item.get("Description") or {}).get("Resources") or {})
+                                .get("MemoryBytes") or 0),
         })
     return {"error": None, "nodes": sorted(nodes, key=lambda node: node["hostname"])}
 
@@ -538,6 +540,9 @@ def swarm_labels(nodes: dict | Callable, manager: str | None = None):
         if not add and not remove:
             unchanged.append(name)
             continue
+        changes = [f"set {key}={value}" for key, value in add.items()]
+        explain(f"node {name}: " + ", ".join(changes + [f"remove {key}" for key in remove]),
+                about=name)
         args: list[Any] = ["docker node update"]
         for key, value in add.items():
             args += ["--label-add", QuoteString(f"{key}={value}")]
@@ -693,9 +698,12 @@ def swarm_report(known_ids: list | Callable, names: list, manager: str | None = 
     # Said once per run, in the stage whose output the operator reads: while planning when
     # pyinfra shows changes before asking, while executing under -y (pyinfra then runs the
     # operation only once, at execution, and prints no noop reasons).
-    if host.state.is_executing != host.state.should_check_for_changes():
+    # (pyinfra-testing's FakeState has neither: it plans, as pyinfra does before asking.)
+    executing = getattr(host.state, "is_executing", False)
+    checking = getattr(host.state, "should_check_for_changes", lambda: True)()
+    if executing != checking:
         logger.warning(f"{host.print_prefix}Swarm nodes not in the inventory (left alone): {text}")
-    host.noop(f"nodes not in the inventory, left alone: {text}")
+    finding(f"nodes not in the inventory, left alone: {text}")
     return
     yield  # pragma: no cover - a generator that yields nothing
 

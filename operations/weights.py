@@ -52,7 +52,7 @@ from pyinfra.api import (
 )
 from pyinfra.api.state import BaseStateCallback
 
-from operations.phase import fails_only_this_host
+from operations.phase import explain, fails_only_this_host
 
 MANIFEST_NAME = ".gpufleet-manifest.json"
 SUMS_NAME = ".gpufleet-sha256sums"
@@ -975,6 +975,7 @@ def model(
     if not problems:
         manifest = state["manifest"]
         if perms:
+            explain(f"model {label}: ownership or mode: {'; '.join(perms[:5])}")
             yield StringCommand(
                 "chown -R 0:0", QuoteString(target),
                 "&& find", QuoteString(target), "-type d -exec chmod 0755 {} +",
@@ -993,6 +994,7 @@ def model(
             )
         return
 
+    explain(f"model {label}: {'; '.join(problems)}")
     if state["dir"] not in ("present", "missing"):
         raise OperationError(
             f"{target} is a {state['dir']}, not a directory: move it away by hand (the deploy "

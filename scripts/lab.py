@@ -269,10 +269,22 @@ def status_table(hosts: list[dict], reachable: list[bool]) -> str:
                      for row in rows)
 
 
-def gateway_endpoint(state: dict | None) -> str | None:
-    """The stack gateway's base URL. There is no stack phase in the run yet, so there is no
-    endpoint to report; the stack issue fills this in."""
-    return None
+def gateway_endpoint(state: dict | None, port: int = 8080) -> str | None:
+    """The stack gateway's base URL on the first manager (the lab publishes it in host mode,
+    stack_gateway_port's default), once a gateway answers there; None before the stack exists."""
+    import urllib.error
+    import urllib.request
+
+    if not state or not state.get("hosts"):
+        return None
+    base = f"http://{state['hosts'][0]['address']}:{port}"
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=2).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (503: no engine task healthy yet): the gateway exists
+    except OSError:
+        return None
+    return base
 
 
 def ssh(lab: str, node: str, command: list[str]) -> int:

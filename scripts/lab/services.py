@@ -6,7 +6,9 @@ host data. That is the only way a stand-in enters a run: production code knows n
 
     .2  the NVIDIA stand-in: signed apt repositories laid out like NVIDIA's (scripts/lab/nvidia_sim)
     .3  the Hugging Face Hub stand-in: a tiny model behind the Hub's API, token required (scripts/lab/hub)
-    .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry)
+    .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry),
+        among them the inference stack's stand-ins: the CPU engine for vllm/vllm-openai
+        (scripts/lab/engine) and the gateway for haproxy (scripts/lab/gateway)
 """
 
 from __future__ import annotations
@@ -84,7 +86,48 @@ def registry(lab: str, subnet: ipaddress.IPv4Network) -> dict[str, object]:
     reg = registry_service.start(lab, fleet.network_name(lab), address)
     verify_image = registry_service.push(lab, images.ensure_base(), VERIFY_IMAGE, reg)
     fleet.say(f"registry stand-in at {reg['address']} (plain HTTP, lab hosts only)")
-    return registry_settings(reg["address"], verify_image)
+    return {**registry_settings(reg["address"], verify_image), **stack_images(lab, reg)}
+
+
+def stack_images(lab: str, reg: dict) -> dict[str, object]:
+    """The inference stack's images, built here (cached by recipe hash) and pushed to the lab
+    registry (skipped when it holds them already): LAB STAND-INS for vllm/vllm-openai and
+    haproxy."""
+    from scripts.lab import engine, gateway
+    from scripts.lab.registry import service as registry_service
+
+    pushed = {}
+    for name, module in (("engine", engine), ("gateway", gateway)):
+        local = module.ensure_image()
+        pushed[name] = registry_service.push(lab, local, pushed_name(module.REPOSITORY, local), reg)
+    fleet.say(f"stack stand-ins in the registry: engine {pushed['engine']} (lab CPU engine, "
+              f"not vLLM), gateway {pushed['gateway']} (Debian's haproxy 2.6)")
+    uids = {name: image_uid(module.ensure_image()) for name, module in (("vllm", engine), ("gateway", gateway))}
+    return {**stack_image_settings(pushed["engine"], pushed["gateway"]),
+            # The stand-ins run as users of their own: they must own the secrets mounted for them.
+            "stack_secret_uids": {"vllm": uids["vllm"], "tgi": 0, "ollama": 0, "gateway": uids["gateway"]}}
+
+
+def image_uid(image: str) -> int:
+    """The uid an image's processes run as (its USER), read by running `id -u` in it."""
+    import subprocess
+
+    result = subprocess.run(["docker", "run", "--rm", "--entrypoint", "id", image, "-u"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot read the user of {image}: {result.stderr.strip()}")
+    return int(result.stdout.strip())
+
+
+def pushed_name(repository: str, local_tag: str) -> str:
+    """lab/<name>:<the local tag's recipe hash>: a changed recipe is a new tag, which Swarm
+    pulls and rolls out; an unchanged one is the same reference on every `up`."""
+    return f"{repository}:{local_tag.rpartition(':')[2]}"
+
+
+def stack_image_settings(engine_image: str, gateway_image: str) -> dict[str, object]:
+    """The production keys that point the stack at the lab's stand-in images."""
+    return {"stack_engine_images": {"vllm": engine_image}, "stack_gateway_image": gateway_image}
 
 
 def registry_settings(address: str, verify_image: str) -> dict[str, object]:
@@ -119,7 +162,9 @@ def hub_settings(endpoint: str, token_file: Path, repo_id: str, revision: str) -
     return {
         "hf_endpoint": endpoint,
         "hf_token_file": str(token_file),
-        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision}],
+        # Two replicas on three hosts: a spare node, so updates roll start-first; and a fleet
+        # with one host down (tests/lab/test_run.py) can still place them.
+        "models": [{"name": "tiny-llama", "repo_id": repo_id, "revision": revision, "replicas": 2}],
         # The lab model is half a megabyte: verify every byte on every run.
         "weights_verify": "sha256",
         "weights_free_margin_gb": 0,

@@ -22,10 +22,26 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_CLI = [sys.executable, str(REPO / "scripts" / "lab.py")]
 
 
+# The lab's test files share one fleet and build on each other's state, so they run in the
+# order of a fleet's life, not alphabetically: fresh hosts first, then the first deploys, the
+# stack, what runs against a serving fleet, and the Swarm's membership changes last.
+LAB_ORDER = ["test_lab_hosts", "test_lab_images", "test_run", "test_run_weights", "test_stack",
+             "test_smoke_loadtest", "test_drift", "test_swarm"]
+
+
 def pytest_collection_modifyitems(items):
+    here = Path(__file__).parent
+
+    def rank(item):
+        path = Path(str(item.fspath))
+        if not path.is_relative_to(here):
+            return -1  # unit tests first, in their own order
+        return LAB_ORDER.index(path.stem) if path.stem in LAB_ORDER else len(LAB_ORDER)
+
     for item in items:
-        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+        if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.lab)
+    items.sort(key=rank)  # stable: tests keep their order within a file
 
 
 @dataclass

@@ -257,3 +257,12 @@ def test_bad_serving_fields_are_named_by_their_path(defaults, field, value, expe
     lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE)
     assert len(lines) == 1 and lines[0].startswith(f"host gpu-01: key 'models[0].{field}' = {value!r}:"), lines
     assert expected in lines[0], lines
+
+
+def test_keys_the_stack_reads_fleet_wide_must_agree_between_hosts(tmp_path):
+    per_host = {"gpu-01": {"models_dir": "/opt/models"}, "gpu-02": {"models_dir": "/data/models"},
+                "gpu-03": {"models_dir": "/opt/models"}}
+    assert config._fleet_wide_problems(per_host) == [
+        "host gpu-02: key 'models_dir' = '/data/models': expected the same value on every host "
+        "(gpu-01 has '/opt/models'): one stack serves the fleet"]
+    assert config._fleet_wide_problems({"gpu-01": {"models_dir": "/x"}, "gpu-02": {"models_dir": "/x"}}) == []

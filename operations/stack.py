@@ -1,0 +1,813 @@
+"""The inference stack: one Swarm service per served model behind an HAProxy gateway, deployed
+from the acting Swarm manager with `docker stack deploy`, waited on until it converges.
+
+What a run does (on the acting manager; every other host says where it is done):
+1. Plans from facts: the Swarm's nodes (GPU labels, memory), each model's weights manifest, the
+   stack's services, secrets and configs. A model that cannot fit (tensor-parallel size above the
+   GPUs of any node, weights above the GPU memory a replica gets, more replicas than nodes) fails
+   the host with the numbers, before anything is deployed.
+2. Secrets: the API key (engines and gateway) and the Hub token are Docker secrets named by a
+   hash of their content (`<stack>_api_key_<sha256[:12]>`): Swarm secrets are immutable, so a
+   rotated key is a new secret, the services roll onto it, and the old one is removed once they
+   have. Values are read on the control machine and handed to the engine API on the SSH
+   channel's stdin (`docker system dial-stdio`): never on a command line, in a file or a log.
+3. Files: the rendered stack file and HAProxy config in /etc/gpufleet/stack/ (no secret in
+   either; `--dry --diff` shows their diff). The stack file is checked before it is deployed.
+4. Deploy only when something differs: a service missing, its spec (a hash of what was rendered,
+   kept as a service label), replicas, image or secrets changed by hand. Then wait, by polling
+   the Engine API through the CLI (no reliance on a CLI version's --detach=false), until every
+   service runs its wanted tasks, healthy, and no update is in progress; a rolled-back update
+   fails the host naming the service and Swarm's reason.
+
+Updates are rolling and health-gated: one task at a time, start-first where a spare node can
+take the replacement, stop-first otherwise (operations/sizing.update_order), automatic rollback.
+
+Networking: engines run on each node's own network (Swarm's `host` network) and listen on the
+node's address at the model's port; the gateway lists the eligible nodes' addresses and its
+health checks find the nodes that run a healthy task. No overlay network, on purpose: Swarm's
+constraint enforcer rejects every task holding named generic resources (GPUs) on a node whose
+node object is updated ("assigned node no longer meets constraints": it tests
+genericresource.HasResource where it means the opposite), and the allocator updates a node when
+it first gives it an address on an overlay network, so GPU tasks on overlay networks were killed
+whenever they landed on a node new to that network (seen on the lab, Docker 20.10; any
+`docker node update`, a label change included, does the same). With the host network no such
+update happens during a deploy. The routing mesh (stack_publish_mode "ingress") still works for
+the gateway, which holds no GPU.
+
+    stack(settings)        # in deploy.py, after the swarm phase
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import posixpath
+import re
+import time
+from io import StringIO
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+import yaml
+from pyinfra import host, logger
+from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
+from pyinfra.api.exceptions import OperationError
+from pyinfra.operations import files
+
+from operations import sizing
+from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host
+from operations.swarm import SwarmNodes, _inventory_hosts, _sudo
+from operations.weights import MANIFEST_NAME, read_token
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+STACK_DIR = "/etc/gpufleet/stack"
+# The gateway's port inside its container when Swarm's routing mesh publishes it (unprivileged:
+# HAProxy's image runs as a non-root user); on the host network it listens on stack_gateway_port.
+GATEWAY_CONTAINER_PORT = 8080
+MODEL_MOUNT = "/models"
+
+LABEL_ROLE = "gpufleet.role"
+LABEL_MODEL = "gpufleet.model"
+LABEL_SERVED = "gpufleet.served-name"
+LABEL_PORT = "gpufleet.port"
+LABEL_ENGINE = "gpufleet.engine"
+LABEL_SPEC = "gpufleet.spec"
+LABEL_STACK = "gpufleet.stack"
+LABEL_SECRET = "gpufleet.secret"
+STACK_NAMESPACE = "com.docker.stack.namespace"
+
+# --- Pure logic -----------------------------------------------------------------------------
+
+
+def service_key(model_name: str) -> str:
+    """The stack's service key of a model: DNS-safe (tasks.<stack>_<key> is a DNS name)."""
+    return re.sub(r"[^a-z0-9-]", "-", model_name.lower()).strip("-") or "model"
+
+
+def content_hash(value: str, length: int = 12) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:length]
+
+
+def secret_name(stack: str, kind: str, value: str) -> str:
+    """Versioned by content: a changed value is a new secret (Swarm secrets are immutable).
+    12 hex digits of SHA-256 name a version without revealing anything usable of a random key."""
+    return f"{stack}_{kind}_{content_hash(kind + ':' + value)}"
+
+
+def _compose_escape(text: str) -> str:
+    """`docker stack deploy` interpolates ${VAR} in every string: a literal $ is written $$."""
+    return text.replace("$", "$$")
+
+
+_SECRET_EXPORTS = {
+    "vllm": ('VLLM_API_KEY="$(cat /run/secrets/api_key)"; export VLLM_API_KEY; ', "exec vllm serve \"$@\""),
+    "tgi": ('API_KEY="$(cat /run/secrets/api_key)"; export API_KEY; ', "exec text-generation-launcher \"$@\""),
+    # Ollama has no API key of its own: the gateway enforces it.
+    "ollama": ("", "exec ollama serve"),
+}
+_HF_TOKEN_EXPORT = 'if [ -r /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; '
+
+def engine_healthcheck(engine: str, port: int) -> list[str]:
+    """A check the engine's own image can run: vLLM's has python3, TGI's curl, Ollama its CLI."""
+    if engine == "vllm":
+        return ["CMD", "python3", "-c", "import urllib.request; "
+                f"urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=3)"]
+    if engine == "tgi":
+        return ["CMD-SHELL", f"curl -fsS http://127.0.0.1:{port}/health >/dev/null || exit 1"]
+    return ["CMD", "ollama", "list"]
+
+
+def engine_entrypoint(engine: str) -> list[str]:
+    """A shell wrapper that exports the engine's secrets from /run/secrets, then execs it."""
+    export, run = _SECRET_EXPORTS[engine]
+    script = "set -e; " + export + _HF_TOKEN_EXPORT + run
+    return ["/bin/sh", "-c", _compose_escape(script), "engine"]
+
+
+def engine_command(spec, model_path: str) -> list[str]:
+    """The engine's own arguments (after the wrapper)."""
+    if spec.engine == "vllm":
+        args = [model_path, "--served-model-name", spec.served_name, "--host", "0.0.0.0",
+                "--port", str(spec.port), "--tensor-parallel-size", str(spec.tensor_parallel_size),
+                "--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+        if spec.max_model_len:
+            args += ["--max-model-len", str(spec.max_model_len)]
+    elif spec.engine == "tgi":
+        args = ["--model-id", model_path, "--served-model-name", spec.served_name,
+                "--hostname", "0.0.0.0", "--port", str(spec.port),
+                "--num-shard", str(spec.tensor_parallel_size),
+                "--cuda-memory-fraction", str(spec.gpu_memory_utilization)]
+        if spec.max_model_len:
+            args += ["--max-total-tokens", str(spec.max_model_len)]
+    else:  # ollama: models come from its store under the mount, configured by environment
+        args = []
+    return [_compose_escape(arg) for arg in [*args, *spec.engine_args]]
+
+
+def engine_environment(spec, model_path: str) -> dict[str, str]:
+    if spec.engine == "ollama":
+        return {"OLLAMA_HOST": f"0.0.0.0:{spec.port}", "OLLAMA_MODELS": model_path}
+    # The weights are on the node already (weights phase): the engine must not reach the Hub.
+    env = {"HF_HUB_OFFLINE": "1"}
+    if spec.engine == "vllm":
+        env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    return env
+
+
+def body_regex(served_name: str) -> str:
+    """Matches a JSON body whose "model" is exactly `served_name` (the gateway routes on it)."""
+    escaped = re.sub(r"([.^$*+?()\[\]{}|\\/])", r"\\\1", served_name)
+    return f'"model"[[:space:]]*:[[:space:]]*"{escaped}"'
+
+
+def _env(path: Path) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(path)), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True, autoescape=False)
+
+
+def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int) -> str:
+    """The HAProxy configuration: routes by model to every node that may run it (a node without
+    a healthy task fails the health check), enforces the API key, lists the models."""
+    backends = []
+    for spec in served:
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model)
+        backends.append({
+            "id": service_key(spec.name).replace("-", "_"),
+            "port": spec.port,
+            "servers": [{"name": node.hostname, "addr": node.addr}
+                        for node in sorted(eligible, key=lambda n: n.hostname) if node.addr],
+            "body_regex": body_regex(spec.served_name),
+        })
+    models = {"object": "list", "data": [
+        {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
+    return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
+        backends=backends, listen_port=listen_port,
+        models_json=json.dumps(models, separators=(",", ":")))
+
+
+def gateway_listen_port(settings) -> int:
+    return settings.stack_gateway_port if settings.stack_publish_mode == "host" else GATEWAY_CONTAINER_PORT
+
+
+def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) -> list[dict[str, Any]]:
+    """Everything the stack template needs for each served model (pure)."""
+    engines = []
+    for spec in settings.models:
+        if not spec.serve:
+            continue
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model)
+        model_path = posixpath.join(MODEL_MOUNT, spec.name)
+        constraints = ["node.labels.gpufleet.gpu.count != 0"]
+        if spec.gpu_model:
+            constraints.append(f"node.labels.gpufleet.gpu.model == {spec.gpu_model}")
+        uid = str(settings.stack_secret_uids.get(spec.engine, 0))
+        engine_secrets = [{"source": "api_key", "target": "api_key", "uid": uid}]
+        if "hf_token" in secrets:
+            engine_secrets.append({"source": "hf_token", "target": "hf_token", "uid": uid})
+        labels = {LABEL_ROLE: "engine", LABEL_MODEL: spec.name, LABEL_SERVED: spec.served_name,
+                  LABEL_PORT: str(spec.port), LABEL_ENGINE: spec.engine}
+        engines.append({
+            "key": service_key(spec.name),
+            "image": spec.image or settings.stack_engine_images[spec.engine],
+            "entrypoint": engine_entrypoint(spec.engine),
+            "command": engine_command(spec, model_path),
+            "environment": engine_environment(spec, model_path),
+            "port": spec.port,
+            "weights_dir": posixpath.join(settings.models_dir, spec.name),
+            "model_path": model_path,
+            "shm_bytes": sizing.shm_bytes(spec.tensor_parallel_size,
+                                          [n.memory_bytes for n in eligible], spec.shm_size_gb),
+            "secrets": engine_secrets,
+            "healthcheck": engine_healthcheck(spec.engine, spec.port),
+            "start_period_s": spec.health_start_period_s,
+            "replicas": spec.replicas,
+            "gpus": spec.tensor_parallel_size,
+            "constraints": constraints,
+            "update_order": sizing.update_order(spec.replicas, spec.tensor_parallel_size, eligible),
+            "service_labels": labels,
+        })
+    return engines
+
+
+def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
+                 gateway_config: str) -> str:
+    """The stack file: services for the served models and the gateway. Each service carries a
+    hash of everything rendered for it (label gpufleet.spec), so a run can tell a service that
+    runs something else, whatever was changed by hand."""
+    host_mode = settings.stack_publish_mode == "host"
+    gateway = {
+        "image": settings.stack_gateway_image,
+        "listen_port": gateway_listen_port(settings),
+        "port": settings.stack_gateway_port,
+        "publish_mode": settings.stack_publish_mode,
+        "endpoint_mode": "dnsrr" if host_mode else "vip",
+        "uid": str(settings.stack_secret_uids.get("gateway", 99)),
+        # A host-mode port is held by the running task: its replacement can only start after.
+        "update_order": "stop-first" if host_mode else "start-first",
+        "config_name": f"{settings.stack_name}_haproxy_{content_hash(gateway_config)}",
+        "config_file": posixpath.join(STACK_DIR, f"{settings.stack_name}.haproxy.cfg"),
+        "service_labels": {LABEL_ROLE: "gateway"},
+    }
+    engines = plan_engines(settings, nodes, secrets)
+    shared = {"secrets": secrets, "monitor_s": settings.stack_update_monitor_s}
+    for service in [*engines, gateway]:
+        service["service_labels"][LABEL_SPEC] = content_hash(
+            json.dumps({**service, **shared}, sort_keys=True))
+    return _env(TEMPLATES).get_template("stack.yml.j2").render(
+        engines=engines, gateway=gateway, monitor_s=settings.stack_update_monitor_s,
+        secrets=[{"source": kind, "name": name} for kind, name in sorted(secrets.items())],
+    )
+
+
+def service_specs(text: str) -> dict[str, str]:
+    """service key -> spec hash, from a rendered stack file."""
+    doc = yaml.safe_load(text)
+    return {key: svc["deploy"]["labels"][LABEL_SPEC] for key, svc in doc["services"].items()}
+
+
+_VALID_SERVICE_KEYS = {
+    "image", "entrypoint", "command", "environment", "hostname", "networks", "ports", "volumes",
+    "secrets", "configs", "healthcheck", "stop_grace_period", "labels", "deploy",
+}
+_VALID_DEPLOY_KEYS = {
+    "mode", "replicas", "endpoint_mode", "labels", "placement", "resources", "restart_policy",
+    "update_config", "rollback_config",
+}
+
+
+def stack_problems(text: str) -> list[str]:
+    """Structural checks of a rendered stack file, the ones a deploy would otherwise trip over
+    on the manager (or, worse, accept): every reference declared, sizes and counts sane, keys
+    the Swarm honours (shm_size, for one, it silently ignores)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        return [f"stack file is not YAML: {error}"]
+    problems = []
+    if str(doc.get("version", "")) < "3.8":
+        problems.append("stack file version must be 3.8 or later (max_replicas_per_node)")
+    services = doc.get("services") or {}
+    if not services:
+        problems.append("stack file has no services")
+    declared_secrets = set(doc.get("secrets") or {})
+    declared_configs = set(doc.get("configs") or {})
+    declared_networks = set(doc.get("networks") or {})
+    published = {}
+    for key, svc in services.items():
+        unknown = set(svc) - _VALID_SERVICE_KEYS
+        if unknown:
+            problems.append(f"service {key}: keys Swarm would ignore or refuse: {sorted(unknown)}")
+        if not svc.get("image"):
+            problems.append(f"service {key}: no image")
+        deploy_ = svc.get("deploy") or {}
+        if set(deploy_) - _VALID_DEPLOY_KEYS:
+            problems.append(f"service {key}: unknown deploy keys {sorted(set(deploy_) - _VALID_DEPLOY_KEYS)}")
+        for ref in svc.get("secrets") or []:
+            if ref["source"] not in declared_secrets:
+                problems.append(f"service {key}: secret {ref['source']} is not declared")
+        for ref in svc.get("configs") or []:
+            if ref["source"] not in declared_configs:
+                problems.append(f"service {key}: config {ref['source']} is not declared")
+        for net in svc.get("networks") or []:
+            if net not in declared_networks:
+                problems.append(f"service {key}: network {net} is not declared")
+        for port in svc.get("ports") or []:
+            if port["published"] in published:
+                problems.append(f"service {key}: port {port['published']} also published by "
+                                f"{published[port['published']]}")
+            published[port["published"]] = key
+            if port.get("mode") == "ingress" and deploy_.get("endpoint_mode") == "dnsrr":
+                problems.append(f"service {key}: an ingress port needs endpoint_mode vip")
+        for volume in svc.get("volumes") or []:
+            if volume.get("type") == "tmpfs" and int((volume.get("tmpfs") or {}).get("size", 0)) <= 0:
+                problems.append(f"service {key}: tmpfs {volume.get('target')} has no size")
+        for resource in ((deploy_.get("resources") or {}).get("reservations") or {}).get("generic_resources") or []:
+            spec = resource.get("discrete_resource_spec") or {}
+            if spec.get("kind") != "NVIDIA-GPU" or int(spec.get("value", 0)) < 1:
+                problems.append(f"service {key}: generic resource {spec} is not NVIDIA-GPU >= 1")
+    return problems
+
+
+def read_control_secret(path: str | None, what: str) -> str:
+    """A secret from a file on the control machine, refusing one that others can read."""
+    if not path:
+        raise OperationError(f"{what}: no file configured")
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode & 0o777
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise OperationError(f"{what} {file}: cannot read it ({error.strerror})") from None
+    if mode & 0o077:
+        raise OperationError(f"{what} {file}: mode {mode:04o} lets others read it; chmod 600 it")
+    if not value or "\n" in value:
+        raise OperationError(f"{what} {file}: expected one line holding the secret")
+    return value
+
+
+def wanted_secrets(settings) -> dict[str, tuple[str, str]]:
+    """kind -> (versioned name, value), read on the control machine."""
+    key = read_control_secret(settings.stack_api_key_file, "stack_api_key_file")
+    values = {"api_key": key, "gateway_auth": f"Bearer {key}"}
+    token = read_token(settings.hf_token_file)
+    if token:
+        values["hf_token"] = token
+    return {kind: (secret_name(settings.stack_name, kind, value), value) for kind, value in values.items()}
+
+
+def secret_request(name: str, kind: str, stack: str, value: str) -> str:
+    """The raw Engine API request creating a secret (POST /secrets/create), fed on stdin."""
+    body = json.dumps({
+        "Name": name,
+        "Labels": {LABEL_STACK: stack, LABEL_SECRET: kind},
+        "Data": base64.b64encode(value.encode()).decode(),
+    }) + "\n"
+    return ("POST /secrets/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}")
+
+
+def service_drift(name: str, service: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
+    """Why a running service differs from the rendered one, or None."""
+    if service is None:
+        return f"{name} is not running"
+    if service["labels"].get(LABEL_SPEC) != wanted["spec"]:
+        return f"{name} runs another spec ({service['labels'].get(LABEL_SPEC)} -> {wanted['spec']})"
+    if wanted.get("replicas") is not None and service["replicas"] != wanted["replicas"]:
+        return f"{name} is scaled to {service['replicas']} (wanted {wanted['replicas']})"
+    # Swarm records the digest it resolved (`name:tag@sha256:...`): compare it only when the
+    # wanted image pins one, or a digest-pinned image would differ on every run.
+    image = service["image"] if "@" in wanted["image"] else service["image"].split("@", 1)[0]
+    if image != wanted["image"]:
+        return f"{name} runs image {image} (wanted {wanted['image']})"
+    if sorted(service["secrets"]) != sorted(wanted["secrets"]):
+        return f"{name} has secrets {sorted(service['secrets'])} (wanted {sorted(wanted['secrets'])})"
+    return None
+
+
+def wanted_services(stack: str, text: str) -> dict[str, dict[str, Any]]:
+    """Full service name -> what the rendered stack file says it must be."""
+    doc = yaml.safe_load(text)
+    declared = {key: value["name"] for key, value in (doc.get("secrets") or {}).items()}
+    out = {}
+    for key, svc in doc["services"].items():
+        deploy_ = svc["deploy"]
+        out[f"{stack}_{key}"] = {
+            "spec": deploy_["labels"][LABEL_SPEC],
+            "replicas": deploy_.get("replicas") if deploy_.get("mode") == "replicated" else None,
+            "image": svc["image"],
+            "secrets": [declared[ref["source"]] for ref in svc.get("secrets") or []],
+        }
+    return out
+
+
+PAUSED = ("paused", "rollback_paused")
+
+
+def convergence(services: list[dict[str, Any]], watched: set[str] | None = None
+                ) -> tuple[bool, list[str], list[str]]:
+    """(done, progress lines, failures) from the StackState services.
+
+    A rollback or pause counts as a failure only for `watched` services (those this run
+    updated; None: all): a service an earlier run saw roll back runs its previous spec, which a
+    later run only accepts when that spec is the rendered one."""
+    done, progress, failures = True, [], []
+    for svc in services:
+        update = svc["update_state"]
+        line = f"{svc['name']} {svc['running']}/{svc['desired']}" + (f" ({update})" if update else "")
+        progress.append(line)
+        if (watched is None or svc["name"] in watched) and update in (
+                "rollback_started", "rollback_completed", *PAUSED):
+            failures.append(f"{svc['name']}: update {update}: {svc['update_message'] or 'no reason given'}")
+        # A service with no desired task at all (a global gateway with no eligible node, a
+        # replicated one whose tasks were all rejected) is not converged, whatever 0/0 says.
+        if (svc["desired"] == 0 or svc["running"] < svc["desired"]
+                or update in ("updating", "rollback_started", *PAUSED)):
+            done = False
+    return done and not failures, progress, failures
+
+
+def parse_stack_state(lines: list[str]) -> dict[str, Any]:
+    """Parse StackState's sections; never raises."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        if line.startswith("@@"):
+            current = line[2:].strip()
+            sections[current] = []
+        elif current:
+            sections[current].append(line)
+    if "error" in sections:
+        return {"error": " ".join(sections["error"]).strip() or "docker failed",
+                "services": [], "secrets": [], "configs": []}
+    try:
+        inspected = json.loads("\n".join(sections.get("inspect", [])) or "[]")
+    except ValueError:
+        inspected = []
+    counts = {}
+    for line in sections.get("ls", []):
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        running, _, desired = str(item.get("Replicas", "0/0")).partition("/")
+        counts[item.get("Name")] = (int(running or 0), int(desired.split(" ")[0] or 0))
+    services = []
+    for item in inspected:
+        spec = item.get("Spec") or {}
+        task = spec.get("TaskTemplate") or {}
+        container = task.get("ContainerSpec") or {}
+        mode = spec.get("Mode") or {}
+        update = item.get("UpdateStatus") or {}
+        name = spec.get("Name", "")
+        running, desired = counts.get(name, (0, 0))
+        services.append({
+            "name": name,
+            "labels": dict(spec.get("Labels") or {}),
+            "replicas": (mode.get("Replicated") or {}).get("Replicas"),
+            "image": container.get("Image", ""),
+            "secrets": [s.get("SecretName") for s in container.get("Secrets") or []],
+            "running": running,
+            "desired": desired,
+            "update_state": update.get("State"),
+            "update_message": update.get("Message"),
+        })
+    return {
+        "error": None,
+        "services": sorted(services, key=lambda s: s["name"]),
+        "secrets": sorted(line.strip() for line in sections.get("secrets", []) if line.strip()),
+        "configs": sorted(line.strip() for line in sections.get("configs", []) if line.strip()),
+    }
+
+
+# --- Facts ----------------------------------------------------------------------------------
+
+
+class StackState(FactBase):
+    """The stack as the Swarm runs it, from a manager: its services (spec labels, replicas,
+    image, secrets, running/desired tasks, update state), the project's secrets and the
+    stack's configs. Never fails: off a manager, `error` says why.
+
+    .. code:: python
+
+        {"error": None, "secrets": ["gpufleet_api_key_0a1b2c3d4e5f"], "configs": [...],
+         "services": [{"name": "gpufleet_tiny-llama", "labels": {"gpufleet.spec": "..."},
+                       "replicas": 3, "image": "reg/vllm:1@sha256:...", "secrets": [...],
+                       "running": 3, "desired": 3, "update_state": "completed",
+                       "update_message": "update completed"}]}
+    """
+
+    def command(self, stack: str) -> StringCommand:
+        script = (
+            'ids=$(docker service ls -q --filter "label=com.docker.stack.namespace=$1" 2>&1) '
+            '|| { echo @@error; echo "$ids"; exit 0; }; '
+            'echo @@ls; docker service ls --filter "label=com.docker.stack.namespace=$1" '
+            "--format '{{json .}}'; "
+            'echo @@inspect; if [ -n "$ids" ]; then docker service inspect $ids; else echo "[]"; fi; '
+            "echo @@secrets; docker secret ls --filter \"label=gpufleet.stack=$1\" --format '{{.Name}}'; "
+            "echo @@configs; docker config ls --filter \"label=com.docker.stack.namespace=$1\" "
+            "--format '{{.Name}}'; true"
+        )
+        return StringCommand("sh", "-c", QuoteString(script), "stack", QuoteString(stack))
+
+    def process(self, output):
+        return parse_stack_state(output)
+
+
+class ModelManifests(FactBase):
+    """Each model's weights manifest on this host (written by the weights phase), or None.
+
+    .. code:: python
+
+        {"tiny-llama": {"repo_id": "...", "files": [{"path": "model.safetensors", "size": 1}]}}
+    """
+
+    def command(self, models_dir: str, names: list[str]) -> StringCommand:
+        script = ('d="$1"; shift; for n in "$@"; do echo "@@$n"; '
+                  f'cat "$d/$n/{MANIFEST_NAME}" 2>/dev/null || true; echo; done')
+        return StringCommand("sh", "-c", QuoteString(script), "manifests", QuoteString(models_dir),
+                             *[QuoteString(n) for n in names])
+
+    def process(self, output):
+        found: dict[str, Any] = {}
+        current = None
+        buffers: dict[str, list[str]] = {}
+        for line in output:
+            if line.startswith("@@"):
+                current = line[2:]
+                buffers[current] = []
+            elif current is not None:
+                buffers[current].append(line)
+        for name, lines in buffers.items():
+            try:
+                found[name] = json.loads("\n".join(lines)) if "".join(lines).strip() else None
+            except ValueError:
+                found[name] = None
+        return found
+
+
+# --- Execution helpers (FunctionCommand bodies) -------------------------------------------------
+
+_ENGINE_API_SCRIPT = (
+    "resp=$(docker system dial-stdio) || exit 1; "
+    "code=$(printf '%s\\n' \"$resp\" | head -n1 | cut -d' ' -f2); "
+    "if [ \"$code\" = \"$1\" ]; then exit 0; fi; "
+    "echo \"engine API answered HTTP $code: $(printf '%s\\n' \"$resp\" | tail -n1)\" >&2; exit 1"
+)
+
+
+def create_secret(state, host, stack: str, kind: str, name: str, value_of: Callable[[], str]) -> bool:
+    """Create one secret through the engine API, the request on stdin (see the module doc)."""
+    request = secret_request(name, kind, stack, value_of())
+    ok, output = host.run_shell_command(
+        StringCommand("sh", "-c", QuoteString(_ENGINE_API_SCRIPT), "api", "201"),
+        print_output=False, print_input=False, _stdin=[request], _sudo=_sudo(host),
+    )
+    del request
+    if not ok:
+        return fail_host(state, host, f"secret {name}: " + " ".join(output.stderr.split()))
+    host.log_styled(f"created secret {name}")
+    return True
+
+
+def wait_converged(state, host, stack: str, timeout_s: int, watched: list[str] | None = None,
+                   poll_s: float = 3.0) -> bool:
+    """Poll the stack until every service runs its wanted tasks and no update is in progress;
+    print progress now and then; fail the host on a rollback or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    started = time.monotonic()
+    while True:
+        ok, output = host.run_shell_command(StackState().command(stack), print_output=False,
+                                            print_input=False, _sudo=_sudo(host))
+        current = parse_stack_state(output.stdout_lines if ok else [])
+        done, progress, failures = convergence(current["services"],
+                                               set(watched) if watched is not None else None)
+        elapsed = time.monotonic() - started
+        if failures:
+            for failure in failures:
+                host.log_styled(failure, fg="red", log_func=logger.error)
+            for line in failed_tasks(host, [svc["name"] for svc in current["services"]]):
+                host.log_styled(f"  {line}", fg="red", log_func=logger.error)
+            return fail_host(state, host, f"stack {stack}: an update failed and was rolled back; "
+                                          "the services run their previous version")
+        if done:
+            host.log_styled(f"stack {stack} converged in {elapsed:.0f}s: {'; '.join(progress)}")
+            return True
+        if time.monotonic() > deadline:
+            return fail_host(state, host, f"stack {stack} did not converge in {timeout_s}s: "
+                                          f"{'; '.join(progress)}")
+        if time.monotonic() - last_print > 15:
+            host.log_styled(f"waiting for stack {stack} ({elapsed:.0f}s): {'; '.join(progress)}")
+            last_print = time.monotonic()
+        time.sleep(poll_s)
+
+
+def failed_tasks(host, services: list[str], limit: int = 6) -> list[str]:
+    """The most recent tasks that failed or were rejected, with Swarm's reason: what an operator
+    needs to see next to "rolled back"."""
+    ok, output = host.run_shell_command(
+        StringCommand("docker service ps --no-trunc --format",
+                      QuoteString("{{.Name}} on {{.Node}}: {{.CurrentState}}: {{.Error}}"),
+                      *[QuoteString(name) for name in services]),
+        print_output=False, print_input=False, _sudo=_sudo(host))
+    if not ok:
+        return []
+    return [line for line in output.stdout_lines if line.rstrip().endswith(":") is False
+            and ("Rejected" in line or "Failed" in line)][:limit]
+
+
+def remove_stale(state, host, kind: str, names: list[str]) -> bool:
+    """Remove secrets/configs no service uses any more (after the services rolled off them)."""
+    for name in names:
+        ok, output = host.run_shell_command(StringCommand("docker", kind, "rm", QuoteString(name)),
+                                            print_output=False, _sudo=_sudo(host))
+        if ok:
+            host.log_styled(f"removed {kind} {name} (no longer used)")
+        else:
+            logger.warning(f"{host.print_prefix}{kind} {name} still in use, kept: "
+                           + " ".join(output.stderr.split()))
+    return True
+
+
+# A node whose Docker was just restarted by this run (a daemon.json change) is "down" to the
+# managers for a few seconds: planning placement then would see too few GPU nodes.
+NODE_READY_WAIT_S = 90
+
+
+def wait_for_nodes(listed: dict[str, Any], wait_s: float = NODE_READY_WAIT_S,
+                   poll_s: float = 3.0) -> dict[str, Any]:
+    """Re-read the Swarm's nodes until every active one is ready, or `wait_s` has passed (a node
+    that stays down is then planned without; the fit check says so with the numbers)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        waiting = [n["hostname"] for n in listed["nodes"]
+                   if n.get("availability") == "active" and n.get("state") != "ready"]
+        if not waiting:
+            break
+        host.log_styled(f"waiting for Swarm nodes to be ready: {', '.join(waiting)}")
+        time.sleep(poll_s)
+        listed = host.get_fact(SwarmNodes)
+    return listed
+
+
+# --- Operations -----------------------------------------------------------------------------
+
+
+@operation()
+@fails_only_this_host
+def stack_deploy(settings, manager: str | None = None):
+    """
+    Render, check and deploy the inference stack from the acting manager when it differs from
+    what runs; wait until it converges; remove secrets and configs it no longer uses.
+
+    + settings: the host's operations.config.Settings
+    + manager: the acting manager when it is another host (this host then has nothing to do)
+
+    **Example:**
+
+    .. code:: python
+
+        stack_deploy(name="Deploy the inference stack", settings=settings)
+    """
+    if manager:
+        host.noop(f"done from the acting manager {manager}")
+        return
+    stack = settings.stack_name
+    served = [spec for spec in settings.models if spec.serve]
+    listed = host.get_fact(SwarmNodes)
+    if listed["error"]:
+        if not host.state.is_executing:
+            host.noop("the Swarm is formed earlier in this run: the stack is planned when it exists")
+            return
+        raise OperationError(f"cannot list the Swarm's nodes here: {listed['error']}")
+    if host.state.is_executing:
+        listed = wait_for_nodes(listed)
+    nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
+    manifests = host.get_fact(ModelManifests, models_dir=settings.models_dir,
+                              names=[spec.name for spec in served]) if served else {}
+    problems = []
+    for spec in served:
+        problems += sizing.fit_problems(
+            spec.name, spec.replicas, spec.tensor_parallel_size, spec.gpu_memory_utilization,
+            spec.gpu_model, nodes, sizing.weights_bytes(manifests.get(spec.name)))
+        if manifests.get(spec.name) is None:
+            problems.append(f"model {spec.name}: no weights in {settings.models_dir}/{spec.name} "
+                            "on the acting manager (the weights phase did not complete)")
+    if not served:
+        host.noop("no model is served (models[].serve): no stack to deploy")
+        return
+    if problems:
+        raise OperationError("the stack cannot be placed: " + "; ".join(problems))
+
+    secrets = wanted_secrets(settings)
+    names = {kind: name for kind, (name, _) in secrets.items()}
+    gateway_config = render_gateway(served, nodes, gateway_listen_port(settings))
+    text = render_stack(settings, nodes, names, gateway_config)
+    problems = stack_problems(text)
+    if problems:
+        raise OperationError("the rendered stack file is invalid: " + "; ".join(problems))
+
+    current = host.get_fact(StackState, stack=stack)
+    if current["error"]:
+        raise OperationError(f"cannot read the stack here: {current['error']}")
+
+    changed = False
+    for kind, (name, value) in sorted(secrets.items()):
+        if name not in current["secrets"]:
+            changed = True
+            explain(f"stack: secret {name} ({kind}) does not exist yet")
+            yield FunctionCommand(create_secret, (stack, kind, name, lambda v=value: v), {})
+    del secrets
+
+    config_path = posixpath.join(STACK_DIR, f"{stack}.haproxy.cfg")
+    stack_path = posixpath.join(STACK_DIR, f"{stack}.yml")
+    for command in files.directory._inner(path=STACK_DIR, mode="0755"):
+        changed = True
+        yield command
+    for path, content in ((config_path, gateway_config), (stack_path, text)):
+        said = False
+        for command in files.put._inner(src=StringIO(content), dest=path, mode="0644"):
+            changed = True
+            if not said:
+                said = True
+                explain(f"stack: {path} differs from the rendered file")
+            yield command
+
+    running = {svc["name"]: svc for svc in current["services"]}
+    wanted = wanted_services(stack, text)
+    drift = [why for name, want in sorted(wanted.items())
+             if (why := service_drift(name, running.get(name), want))]
+    extra = sorted(set(running) - set(wanted))
+    if drift or extra:
+        for why in drift + [f"{name} is not in the stack file (removed by --prune)" for name in extra]:
+            host.log_styled(f"stack: {why}")
+            explain(f"stack: {why}")
+        yield StringCommand("docker stack deploy --prune --with-registry-auth -c",
+                            QuoteString(stack_path), QuoteString(stack))
+        updated = [name for name in sorted(wanted) if service_drift(name, running.get(name), wanted[name])]
+        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, updated), {})
+        changed = True
+    elif not convergence(current["services"], watched=set())[0]:
+        # Running the rendered spec but not converged: an update still in progress, or one Swarm
+        # paused (a rollback that itself failed): a forced update restarts its tasks.
+        explain("stack: not converged: " + "; ".join(convergence(current["services"], set())[1]))
+        paused = [svc["name"] for svc in current["services"] if svc["update_state"] in PAUSED]
+        for name in paused:
+            yield StringCommand("docker service update --detach --force", QuoteString(name))
+        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, paused), {})
+        changed = True
+
+    stale_secrets = sorted(set(current["secrets"]) - set(names.values()))
+    config_name = f"{stack}_haproxy_{content_hash(gateway_config)}"
+    stale_configs = sorted(set(current["configs"]) - {config_name})
+    if stale_secrets or stale_configs:
+        explain("stack: no longer used, to remove: " + ", ".join(stale_secrets + stale_configs))
+    if stale_secrets:
+        yield FunctionCommand(remove_stale, ("secret", stale_secrets), {})
+        changed = True
+    if stale_configs:
+        yield FunctionCommand(remove_stale, ("config", stale_configs), {})
+        changed = True
+    if not changed:
+        host.noop(f"stack {stack} runs as rendered: {len(wanted)} service(s) converged")
+
+
+# --- Phase ----------------------------------------------------------------------------------
+
+
+@deploy("Inference stack")
+def stack(settings) -> PhaseResult:
+    """Deploy the stack from the acting manager (the first of swarm_managers in this run)."""
+    state = host.state
+    _, managers = _inventory_hosts(host.inventory)
+    acting = next((h for h in managers if h in state.active_hosts), None)
+    if acting is None:
+        op = stack_deferred(name="Deploy the inference stack",
+                            manager=managers[0].name if managers else "a swarm_managers host")
+        return PhaseResult([op])
+    via = None if host.name == acting.name else acting.name
+    op = stack_deploy(name="Deploy the inference stack", settings=settings, manager=via)
+    return PhaseResult([op])
+
+
+@operation()
+def stack_deferred(manager: str):
+    """
+    Nothing to change: the stack is deployed from a Swarm manager, which is not in this run
+    (--limit); the next run that includes one deploys it.
+
+    + manager: the first of swarm_managers
+
+    **Example:**
+
+    .. code:: python
+
+        stack_deferred(name="Deploy the inference stack", manager="gpu-01")
+    """
+    host.noop(f"the stack is deployed from a Swarm manager ({manager}), not in this run (--limit)")
+    return
+    yield  # pragma: no cover - a generator that yields nothing
+
+

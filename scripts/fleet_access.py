@@ -1,0 +1,158 @@
+"""An inventory loaded the way the deploy loads it, and its hosts reached with pyinfra's API, for
+scripts that run outside a deploy (smoke.py, loadtest.py).
+
+pyinfra's CLI package is not imported: it monkey-patches the whole process for gevent at import,
+and the load test runs asyncio. The inventory file is executed as pyinfra would (it validates
+itself: a bad configuration exits 2 with one line per problem), its data merged with group_data
+by operations.config, and `--data KEY=VALUE` overrides applied on top, as pyinfra's `--data`.
+
+    fleet = load_fleet("inventories/lab.py", {"smoke_deadline_s": 30})
+    settings = fleet.settings()                 # the first manager's typed settings
+    manager, stack = fleet.read_from_manager(SmokeStack, stack_name=settings.stack_name)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from operations import config  # noqa: E402
+
+
+def reexec_in_venv() -> None:
+    """`python scripts/x.py` with a Python that lacks the pinned dependencies: run again with
+    the repository's .venv, if there is one."""
+    try:
+        import httpx  # noqa: F401
+        import pyinfra  # noqa: F401
+    except ImportError:
+        venv = REPO / ".venv" / "bin" / "python"
+        if venv.exists() and Path(sys.executable).resolve() != venv.resolve():
+            os.execv(str(venv), [str(venv), *sys.argv])
+        raise
+
+
+def parse_data(items: list[str]) -> dict[str, Any]:
+    """`--data KEY=VALUE` as pyinfra's CLI reads it (pyinfra_cli.util.parse_cli_arg, not
+    imported: see the module doc): true/false, a whole number, JSON, else the plain string."""
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise config.ConfigError([f"--data {item!r}: expected KEY=VALUE"])
+        data[key] = _cli_value(text)
+    return data
+
+
+def _cli_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@dataclass
+class Fleet:
+    inventory_file: str
+    hosts: dict[str, dict[str, Any]]  # name -> merged data, inventory order
+    groups: dict[str, list[str]]
+    _state: Any = field(default=None, repr=False)
+
+    @property
+    def managers(self) -> list[str]:
+        return self.groups.get("swarm_managers") or list(self.hosts)[:1]
+
+    def settings(self, name: str | None = None) -> config.Settings:
+        """Typed settings of one host (default: the first manager); ConfigError if refused."""
+        name = name or self.managers[0]
+        return config.validate_host_data(name, self.hosts[name])
+
+    def pyinfra_host(self, name: str):
+        """The pyinfra Host of one inventory host, connected (raises on failure)."""
+        if self._state is None:
+            from pyinfra.api import Config, Inventory, State
+
+            names = [(n, data) for n, data in self.hosts.items()]
+            groups = {g: (members, {}) for g, members in self.groups.items()}
+            inventory = Inventory((names, {}), **groups)
+            self._state = State(inventory, Config())
+        host = self._state.inventory.get_host(name)
+        if not host.connected:
+            host.connect(raise_exceptions=True, show_errors=False)
+        return host
+
+    def read_fact(self, name: str, fact, **kwargs):
+        host = self.pyinfra_host(name)
+        return host.get_fact(fact, _sudo=bool(host.data.get("_sudo")), **kwargs)
+
+    def run(self, name: str, command: str, timeout: int = 300) -> tuple[bool, list[str], list[str]]:
+        """Run one command on a host (with its sudo); (ok, stdout lines, stderr lines)."""
+        from pyinfra.api import StringCommand
+
+        host = self.pyinfra_host(name)
+        ok, output = host.run_shell_command(
+            StringCommand(command), print_output=False, print_input=False,
+            _sudo=bool(host.data.get("_sudo")), _timeout=timeout,
+        )
+        return ok, output.stdout_lines, output.stderr_lines
+
+    def read_from_manager(self, fact, **kwargs) -> tuple[str, Any]:
+        """(manager, fact) from the first manager that answers with no `error`; RuntimeError
+        with every manager's reason otherwise."""
+        reasons = []
+        for name in self.managers:
+            try:
+                value = self.read_fact(name, fact, **kwargs)
+            except Exception as error:  # unreachable manager: try the next one
+                reasons.append(f"{name}: {error}")
+                continue
+            if isinstance(value, dict) and value.get("error"):
+                reasons.append(f"{name}: {value['error']}")
+                continue
+            return name, value
+        raise RuntimeError("no manager answered: " + "; ".join(reasons))
+
+
+def load_fleet(inventory_file: str, overrides: dict[str, Any] | None = None) -> Fleet:
+    """Execute the inventory file (SystemExit(2) on a refused configuration, as pyinfra does),
+    merge group_data and apply `overrides` to every host; ConfigError if an override is bad."""
+    path = str(Path(inventory_file).resolve())
+    namespace = runpy.run_path(path, run_name="inventory")
+    namespace["__file__"] = path
+    group_data: dict[str, dict[str, Any]] = {}
+    for directory in config.group_data_dirs(path):
+        for group, data in config.load_group_data(directory).items():
+            group_data.setdefault(group, {}).update(data)
+    hosts = config.inventory_host_data(namespace, group_data)
+    for data in hosts.values():
+        data.update(overrides or {})
+    groups = {
+        name: [config._split_host(entry)[0] for entry in value]
+        for name, value in namespace.items()
+        if not name.startswith("_") and isinstance(value, (list, tuple))
+    }
+    fleet = Fleet(path, hosts, groups)
+    problems = []
+    for name in hosts:
+        try:
+            fleet.settings(name)
+        except config.ConfigError as error:
+            problems.extend(error.lines)
+    if problems:
+        raise config.ConfigError(problems)
+    return fleet

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""A bounded load test of the served models, through the gateway or straight to the engines.
+
+    python scripts/loadtest.py inventories/lab.py --requests 160 --concurrency 8 --out load/
+    python scripts/loadtest.py inventories/lab.py --target engines --out load/
+    python scripts/loadtest.py inventories/lab.py --target http://10.20.0.11:8080 --out load/
+    python scripts/loadtest.py inventories/lab.py --scenarios --replicas 3 --out load/
+
+Sends `--requests` chat completions (default 160), `--concurrency` at a time, streamed (SSE)
+unless `--no-stream`, and stops by itself: no new request after `--max-seconds`, and no request
+waits longer than `--request-timeout`. Per request: latency, time to first token, tokens out.
+
+Writes into --out: requests.csv (one row per request, appended), summary.md and summary.json
+(p50/p95/p99, throughput in requests/s and tokens/s, errors), latency_hist.png and
+latency_over_time.png. Exit 0, or 1 when any request failed, 2 on a refused configuration.
+
+--scenarios runs the same load four times: one replica of the model's engine service and
+--replicas replicas (`docker service scale` on a manager; the original count is restored
+afterwards, whatever happens), each through the gateway and directly to the engine tasks,
+while `docker stats` samples every node's stack containers; the comparison table (CPU %,
+memory, network I/O, average and p95 latency, throughput) goes into the same reports.
+
+The API key comes from stack_api_key_file and is sent only as the Authorization header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.fleet_access import reexec_in_venv  # noqa: E402
+
+reexec_in_venv()
+
+import httpx  # noqa: E402
+
+from operations import config  # noqa: E402
+from operations import smoke as sm  # noqa: E402
+from scripts import loadstats as ls  # noqa: E402
+from scripts.fleet_access import Fleet, load_fleet, parse_data  # noqa: E402
+
+PROMPT = "Write one sentence about GPUs."
+STATS_COMMAND = "docker stats --no-stream --format '{{json .}}'"
+# A sampler thread stops after this many rounds whatever happens (bounded loop).
+MAX_SAMPLE_ROUNDS = 2000
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    models: tuple[str, ...]
+    usage_in_stream: bool = True  # vLLM's stream_options.include_usage
+
+
+# --- Requests -------------------------------------------------------------------------------
+
+
+def _body(model: str, stream: bool, max_tokens: int, usage_in_stream: bool) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens, "stream": stream}
+    if stream and usage_in_stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def _read_stream(response: httpx.Response, started: float) -> tuple[float | None, int]:
+    """(TTFT, tokens) from an SSE stream: TTFT at the first chunk carrying content, tokens from
+    the usage of the last chunk, else the number of content chunks."""
+    ttft, chunks, usage = None, 0, None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            continue
+        for choice in event.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content") or choice.get("text")
+            if content:
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+        if isinstance((event.get("usage") or {}).get("completion_tokens"), int):
+            usage = event["usage"]["completion_tokens"]
+    return ttft, usage if usage is not None else chunks
+
+
+async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str, key: str | None,
+                      stream: bool, max_tokens: int, scenario: str) -> ls.Record:
+    """One chat completion; never raises (a failure is a Record with status 0 or the HTTP
+    status, and the error's kind)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = _body(model, stream, max_tokens, endpoint.usage_in_stream)
+    stamp, started = time.time(), time.perf_counter()
+    status, ttft, tokens, error = 0, None, 0, ""
+    try:
+        if stream:
+            async with client.stream("POST", endpoint.url + "/v1/chat/completions", json=body,
+                                     headers=headers) as response:
+                status = response.status_code
+                if status == 200:
+                    ttft, tokens = await _read_stream(response, started)
+                else:
+                    await response.aread()
+        else:
+            response = await client.post(endpoint.url + "/v1/chat/completions", json=body,
+                                         headers=headers)
+            status = response.status_code
+            if status == 200:
+                tokens = sm.completion_tokens(response.json())
+    except (httpx.HTTPError, ValueError) as failure:
+        error = f"{type(failure).__name__}: {failure}"[:200]
+    if status and status != 200 and not error:
+        error = f"HTTP {status}"
+    return ls.Record(timestamp=stamp, endpoint=endpoint.url, model=model, status=status,
+                     latency_s=time.perf_counter() - started, ttft_s=ttft, tokens=tokens,
+                     scenario=scenario, error=error)
+
+
+async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, concurrency: int,
+                   max_seconds: float, stream: bool = True, max_tokens: int = 32,
+                   request_timeout: float = 60.0, scenario: str = "load") -> list[ls.Record]:
+    """Send at most `requests` requests, `concurrency` at a time, round-robin over endpoints
+    and their models; no new request after `max_seconds`. Bounded: at most max_seconds +
+    request_timeout of wall time."""
+    if not endpoints:
+        return []
+    records: list[ls.Record] = []
+    issued = 0
+    stop_at = time.monotonic() + max_seconds
+    timeout = httpx.Timeout(request_timeout, connect=min(10.0, request_timeout))
+    limits = httpx.Limits(max_connections=concurrency * 2)
+
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def worker():
+            nonlocal issued
+            while issued < requests and time.monotonic() < stop_at:
+                index = issued
+                issued += 1
+                endpoint = endpoints[index % len(endpoints)]
+                model = endpoint.models[(index // len(endpoints)) % len(endpoint.models)]
+                records.append(await one_request(client, endpoint, model, key, stream,
+                                                 max_tokens, scenario))
+
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+        try:
+            await asyncio.wait_for(asyncio.gather(*workers),
+                                   timeout=max_seconds + request_timeout + 5)
+        except asyncio.TimeoutError:
+            pass  # the hard stop; requests cut short are not recorded
+    return sorted(records, key=lambda r: r.timestamp)
+
+
+# --- Where the load goes --------------------------------------------------------------------
+
+
+def endpoints_for(target: str, settings, stack: dict | None) -> list[Endpoint]:
+    """`gateway`: every gateway address (each serves every model); `engines`: every engine task
+    (its own model); a URL: that base URL, serving every configured model."""
+    served = sm.served_models(settings)
+    vllm_only = all(spec.engine == "vllm" for spec in served)
+    if target not in ("gateway", "engines"):
+        return [Endpoint(target.rstrip("/"), tuple(s.served_name for s in served), vllm_only)]
+    targets, _ = sm.stack_targets(settings, stack or {"services": [], "tasks": [], "nodes": []})
+    kind = "gateway" if target == "gateway" else "engine"
+    engines = {spec.served_name: spec.engine for spec in served}
+    return [
+        Endpoint(t.url, t.models,
+                 vllm_only if t.kind == "gateway" else engines.get(t.models[0]) == "vllm")
+        for t in targets if t.kind == kind
+    ]
+
+
+# --- docker stats sampling ------------------------------------------------------------------
+
+
+class Sampler:
+    """Samples `docker stats` on each node in a thread of its own: once before the load starts
+    (entering waits for it), then every `interval_s` until stopped, and once more after (so
+    network I/O is counted over the whole scenario). Bounded: MAX_SAMPLE_ROUNDS rounds."""
+
+    def __init__(self, fleet: Fleet, nodes: list[str], interval_s: float = 1.0):
+        self.fleet, self.nodes, self.interval_s = fleet, nodes, interval_s
+        self.samples: list[dict] = []
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._ready = {n: threading.Event() for n in nodes}
+        self._threads = [threading.Thread(target=self._loop, args=(n,), daemon=True)
+                         for n in nodes]
+
+    def _sample(self, node: str) -> bool:
+        try:
+            ok, stdout, stderr = self.fleet.run(node, STATS_COMMAND, timeout=30)
+        except Exception as error:  # a node that stops answering: say so, stop sampling it
+            self.problems.append(f"{node}: {error}")
+            return False
+        if not ok:
+            self.problems.append(f"{node}: {' '.join(stderr)[:200]}")
+            return False
+        now = time.time()
+        for line in stdout:
+            sample = ls.parse_stats_line(line)
+            if sample:
+                self.samples.append({**sample, "node": node, "t": now})
+        return True
+
+    def _loop(self, node: str) -> None:
+        answered = self._sample(node)
+        self._ready[node].set()
+        for _ in range(MAX_SAMPLE_ROUNDS):
+            if not answered or self._stop.wait(self.interval_s):
+                break
+            answered = self._sample(node)
+        if answered:
+            self._sample(node)  # after the load
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        for event in self._ready.values():
+            event.wait(timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+# --- Scenarios ------------------------------------------------------------------------------
+
+
+def scale(fleet: Fleet, manager: str, service: str, replicas: int) -> None:
+    """Ask Swarm for `replicas` tasks (detached: wait_ready does the bounded waiting)."""
+    try:
+        ok, _, stderr = fleet.run(
+            manager, f"docker service scale --detach {service}={int(replicas)}", timeout=120)
+    except Exception as error:  # the manager stopped answering
+        raise RuntimeError(f"docker service scale {service}={replicas}: {error}") from None
+    if not ok:
+        raise RuntimeError(f"docker service scale {service}={replicas}: {' '.join(stderr)[:300]}")
+
+
+def wait_ready(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: int,
+               service: str) -> dict:
+    """Re-read the stack (every 2 s, until the deadline) until `wanted` tasks of `service` run,
+    then wait for every endpoint's /health; the stack as read. RuntimeError with Swarm's
+    reasons (a rejected task's error) when it does not get there in time."""
+    end = time.monotonic() + deadline_s
+    stack: dict = {}
+    for _ in range(int(deadline_s // 2) + 2):
+        stack = fleet.read_fact(manager, sm.SmokeStack, stack_name=settings.stack_name)
+        running = [t for t in stack["tasks"] if t["service"] == service and t["state"] == "running"]
+        if len(running) >= wanted:
+            break
+        if time.monotonic() > end:
+            _, problems = sm.stack_targets(settings, stack)
+            reasons = "; ".join(p.detail for p in problems if p.endpoint == service)
+            raise RuntimeError(f"{service}: {len(running)} of {wanted} task(s) running after "
+                               f"{deadline_s:g}s" + (f" ({reasons})" if reasons else ""))
+        time.sleep(2)
+    targets, _ = sm.stack_targets(settings, stack)
+    with httpx.Client() as client:
+        for target in targets:
+            result = sm.check_health(client, target, max(1.0, end - time.monotonic()))
+            if result.failed:
+                raise RuntimeError(result.failure_line())
+    return stack
+
+
+def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | None,
+                  args, records: list | None = None,
+                  scenarios: list | None = None) -> tuple[list[ls.Record], list[dict]]:
+    """1 replica and N replicas of one model's engine service, each through the gateway and
+    direct; the original replica count is restored in every case. Results are appended to
+    `records` and `scenarios` as each scenario ends, so a later failure keeps them."""
+    spec = next((s for s in sm.served_models(settings)
+                 if args.model in (None, s.name, s.served_name)), None)
+    if spec is None:
+        raise RuntimeError(f"no served model {args.model}")
+    service = f"{settings.stack_name}_{sm.service_key(spec.name)}"
+    found = next((s for s in stack["services"] if s["name"] == service), None)
+    if found is None or found["mode"] != "replicated":
+        raise RuntimeError(f"service {service} is not a replicated service of the stack")
+    original = found["replicas"]
+    ready = [n for n in stack["nodes"] if n["state"] == "ready" and n["availability"] == "active"]
+    many = args.replicas or len(ready)
+    node_hosts = [n["host"] for n in stack["nodes"] if n["host"] in fleet.hosts]
+    for name in node_hosts:  # connect every node before the sampler's threads use them
+        fleet.pyinfra_host(name)
+    records = [] if records is None else records
+    scenarios = [] if scenarios is None else scenarios
+    try:
+        for replicas in dict.fromkeys([1, many]):
+            print(f"scaling {service} to {replicas} replica(s)")
+            scale(fleet, manager, service, replicas)
+            current = wait_ready(fleet, manager, settings, settings.smoke_deadline_s, replicas,
+                                 service)
+            time.sleep(args.settle)  # the gateway re-resolves its backends (DNS round-robin)
+            for path in ("gateway", "engines"):
+                endpoints = [e for e in endpoints_for(path, settings, current)
+                             if spec.served_name in e.models]
+                endpoints = [Endpoint(e.url, (spec.served_name,), e.usage_in_stream)
+                             for e in endpoints]
+                name = f"{replicas} replica(s), {'gateway' if path == 'gateway' else 'direct'}"
+                print(f"scenario {name}: {len(endpoints)} endpoint(s)")
+                with Sampler(fleet, node_hosts, args.sample_interval) as sampler:
+                    got = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
+                                               args.max_seconds, not args.no_stream,
+                                               args.max_tokens, args.request_timeout, name))
+                usage = ls.container_usage(sampler.samples, f"{settings.stack_name}_")
+                records += got
+                scenarios.append({
+                    "name": name, "replicas": replicas, "path": path,
+                    "endpoints": [e.url for e in endpoints], "summary": ls.summarize(got),
+                    "usage": usage, "usage_totals": ls.usage_totals(usage),
+                    "sampling_problems": sampler.problems,
+                })
+    finally:
+        print(f"restoring {service} to {original} replica(s)")
+        scale(fleet, manager, service, original)
+    return records, scenarios
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inventory")
+    parser.add_argument("--requests", type=int, default=160, help="requests per run (default 160)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", required=True, help="directory for CSV, Markdown, JSON and PNGs")
+    parser.add_argument("--target", default="gateway", help="gateway | engines | a base URL")
+    parser.add_argument("--scenarios", action="store_true",
+                        help="1 vs N replicas, gateway vs direct, with docker stats")
+    parser.add_argument("--replicas", type=int, help="N of the scenarios (default: ready nodes)")
+    parser.add_argument("--model", help="the model of the scenarios (default: the first served)")
+    parser.add_argument("--max-seconds", type=float, default=300.0,
+                        help="no new request after this many seconds (per run or scenario)")
+    parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-stream", action="store_true", help="plain (non-streamed) requests")
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="seconds to wait after scaling, once healthy (scenarios)")
+    parser.add_argument("--sample-interval", type=float, default=1.0)
+    parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    for name in ("requests", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not 0 < args.max_seconds <= 3600:
+        parser.error("--max-seconds must be in (0, 3600]")
+    return args
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    try:
+        fleet = load_fleet(args.inventory, parse_data(args.data))
+        settings = fleet.settings()
+    except config.ConfigError as error:
+        config.refuse(error.lines)
+    if not sm.served_models(settings):
+        print("no model is served: nothing to load", file=sys.stderr)
+        return 1
+    try:
+        key = sm.read_api_key(settings.stack_api_key_file)
+    except OSError as error:
+        print(f"loadtest: cannot read stack_api_key_file: {error.strerror}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    meta = {"requests": args.requests, "concurrency": args.concurrency,
+            "stream": not args.no_stream, "max_tokens": args.max_tokens,
+            "max_seconds": args.max_seconds, "started": ls.iso(time.time())}
+    records: list[ls.Record] = []
+    scenarios: list[dict] | None = None
+    failure = None
+    try:
+        if args.scenarios:
+            manager, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
+            meta["target"] = "scenarios"
+            scenarios = []
+            run_scenarios(fleet, settings, manager, stack, key, args, records, scenarios)
+        else:
+            stack = None
+            if args.target in ("gateway", "engines"):
+                _, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
+            endpoints = endpoints_for(args.target, settings, stack)
+            if not endpoints:
+                print(f"loadtest: no {args.target} endpoint in the stack", file=sys.stderr)
+                return 1
+            meta["target"] = args.target
+            meta["endpoints"] = ", ".join(e.url for e in endpoints)
+            records = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
+                                           args.max_seconds, not args.no_stream, args.max_tokens,
+                                           args.request_timeout))
+    except RuntimeError as error:
+        failure = str(error)
+        meta["stopped"] = failure
+    if failure and not records:
+        print(f"loadtest: {failure}", file=sys.stderr)
+        return 1
+    written = ls.write_reports(out, records, meta, scenarios)
+    print((out / "summary.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    failed = [r for r in records if not r.ok]
+    if failed:
+        print(f"loadtest: {len(failed)} of {len(records)} request(s) failed", file=sys.stderr)
+    if failure:  # the scenarios that ran are in the reports
+        print(f"loadtest: stopped: {failure}", file=sys.stderr)
+    return 1 if failed or failure or not records else 0
+
+
+def _exit_on_sigterm(signum, frame):
+    # A killed load test still restores the replica count it changed (run_scenarios' finally).
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.exit(run(sys.argv[1:]))

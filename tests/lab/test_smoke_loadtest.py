@@ -1,0 +1,150 @@
+"""Smoke tests and the load test against the lab's deployed stack: the smoke script passes on a
+converged lab, fails naming the endpoint and the check when an engine task is stopped or the
+API key is wrong, and the load test writes its CSV, Markdown, JSON and PNGs (and its scenario
+comparison, restoring the replica count it changed).
+
+The module deploys first (alone, that is every phase; after test_run*.py a converged fleet
+gets its stack). Tests run in file order: the stopped engine is back before the load tests.
+"""
+
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+STACK = "gpufleet"
+ENGINE_SERVICE = f"{STACK}_tiny-llama"
+
+
+def script(lab, name, *args, timeout=900):
+    return subprocess.run([PYTHON, str(REPO / "scripts" / name), "inventories/lab.py", *args],
+                          cwd=REPO, env=lab.env, capture_output=True, text=True, timeout=timeout)
+
+
+def api_key(lab):
+    return Path(lab.state["settings"]["stack_api_key_file"]).read_text().strip()
+
+
+def manager_lines(lab, command):
+    result = lab.ssh(lab.hosts[0]["name"], command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def smoke_until_it_passes(lab, attempts=4):
+    """Bounded: the stack converging again after a fault (restart delay, model load)."""
+    for _ in range(attempts):
+        result = script(lab, "smoke.py", "--deadline", "120")
+        if result.returncode == 0:
+            return result
+        time.sleep(5)
+    return result
+
+
+@pytest.fixture(scope="module")
+def deployed(lab):
+    result = lab.pyinfra("-y", "inventories/lab.py", "deploy.py")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert smoke_until_it_passes(lab).returncode == 0
+    return lab
+
+
+def test_smoke_passes_on_the_deployed_lab(deployed, tmp_path):
+    out = tmp_path / "smoke.json"
+    result = script(deployed, "smoke.py", "--json", str(out))
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and report["failures"] == []
+    kinds = sorted(e["kind"] for e in report["endpoints"])
+    assert "gateway" in kinds and "engine" in kinds, kinds
+    for endpoint in report["endpoints"]:
+        checks = {c["check"]: c["result"] for c in endpoint["checks"]}
+        assert checks == {"health": "pass", "models": "pass", "completion tiny-llama": "pass",
+                          "auth": "pass"}, endpoint
+        assert all(c["latency_ms"] is not None for c in endpoint["checks"])
+    assert api_key(deployed) not in printed + out.read_text()
+
+
+def test_a_wrong_api_key_fails_naming_endpoint_and_check(deployed, tmp_path):
+    wrong = tmp_path / "wrong-key"
+    wrong.touch(mode=0o600)
+    wrong.write_text("sk-not-the-lab-key\n")
+    result = script(deployed, "smoke.py", "--data", f"stack_api_key_file={wrong}",
+                    "--deadline", "60")
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = [line for line in result.stderr.splitlines() if line.startswith("smoke failed:")]
+    assert any("gateway@" in line and "models failed: HTTP 401" in line for line in failures)
+    assert any("engine tiny-llama@" in line and "completion tiny-llama failed: HTTP 401" in line
+               for line in failures), failures
+    assert "sk-not-the-lab-key" not in result.stdout + result.stderr
+
+
+def test_a_stopped_engine_task_fails_naming_it(deployed):
+    nodes = manager_lines(deployed, f"sudo docker service ps {ENGINE_SERVICE} "
+                                    "--filter desired-state=running --format '{{.Node}}'")
+    assert nodes, "no engine task runs"
+    stopped = nodes[0]
+    stop = deployed.ssh(stopped, f"sudo docker ps -q --filter "
+                                 f"label=com.docker.swarm.service.name={ENGINE_SERVICE} "
+                                 "| xargs -r sudo docker stop -t 5")
+    assert stop.returncode == 0 and stop.stdout.strip(), stop.stdout + stop.stderr
+    try:
+        # Swarm restarts it after the restart policy's delay: check before that.
+        result = script(deployed, "smoke.py", "--deadline", "3")
+        assert result.returncode == 1, result.stdout + result.stderr
+        failures = [line for line in result.stderr.splitlines() if line.startswith("smoke failed:")]
+        # The engine task itself: its health (the stopped task still listed) or the service's
+        # tasks (its replacement not yet scheduled), named either way.
+        assert any((f"engine tiny-llama@{stopped}" in line and "health failed" in line)
+                   or (ENGINE_SERVICE in line and "tasks failed" in line)
+                   for line in failures), failures
+    finally:
+        assert smoke_until_it_passes(deployed).returncode == 0, "the engine did not come back"
+
+
+def test_the_load_test_writes_csv_markdown_json_and_pngs(deployed, tmp_path):
+    out = tmp_path / "load"
+    result = script(deployed, "loadtest.py", "--requests", "24", "--concurrency", "4",
+                    "--max-tokens", "8", "--out", str(out), timeout=600)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"200"}
+    assert all(float(r["ttft_s"]) <= float(r["latency_s"]) and int(r["tokens"]) >= 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())["summaries"]["load"]
+    assert summary["requests"] == 24 and summary["errors"] == 0
+    assert summary["latency_s"]["p95"] > 0 and summary["tokens_per_s"] > 0
+    markdown = (out / "summary.md").read_text()
+    assert "p95 ms" in markdown and "| load | 24 | 0 |" in markdown
+    for png in ("latency_hist.png", "latency_over_time.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert api_key(deployed) not in printed + (out / "requests.csv").read_text()
+
+
+def test_the_scenarios_compare_replicas_and_paths_and_restore_the_count(deployed, tmp_path):
+    before = manager_lines(deployed, f"sudo docker service inspect {ENGINE_SERVICE} "
+                                     "--format '{{.Spec.Mode.Replicated.Replicas}}'")
+    out = tmp_path / "scenarios"
+    result = script(deployed, "loadtest.py", "--scenarios", "--replicas", "2", "--requests", "8",
+                    "--concurrency", "2", "--max-tokens", "8", "--settle", "6",
+                    "--out", str(out), timeout=900)
+    printed = result.stdout + result.stderr
+    after = manager_lines(deployed, f"sudo docker service inspect {ENGINE_SERVICE} "
+                                    "--format '{{.Spec.Mode.Replicated.Replicas}}'")
+    assert after == before, "the replica count was not restored"
+    assert result.returncode == 0, printed
+    scenarios = json.loads((out / "summary.json").read_text())["scenarios"]
+    assert [(s["replicas"], s["path"]) for s in scenarios] == [
+        (1, "gateway"), (1, "engines"), (2, "gateway"), (2, "engines")]
+    assert len(scenarios[3]["endpoints"]) == 2 and len(scenarios[1]["endpoints"]) == 1
+    assert all(s["usage_totals"]["samples"] > 0 for s in scenarios), scenarios
+    assert "## Scenarios" in (out / "summary.md").read_text()
+    assert smoke_until_it_passes(deployed).returncode == 0

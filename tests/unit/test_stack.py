@@ -1,0 +1,215 @@
+"""Rendering and planning of the inference stack (operations/stack.py), without a Swarm."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from operations import stack
+from operations.config import load_group_data, validate_host_data
+from operations.sizing import GIB, Node
+
+REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"
+NODES = [Node(f"gpu-{i:02d}", 8, "NVIDIA H100 80GB HBM3", 81559, 2048 * GIB, addr=f"10.20.0.{10 + i}")
+         for i in (1, 2, 3)]
+SECRETS = {"api_key": "gpufleet_api_key_111111111111",
+           "gateway_auth": "gpufleet_gateway_auth_222222222222"}
+
+
+def settings(models, **overrides):
+    data = {**load_group_data()["all"], "models": models, "stack_api_key_file": "/etc/k", **overrides}
+    return validate_host_data("gpu-01", data)
+
+
+def model(name, **fields):
+    return {"name": name, "repo_id": f"org/{name}", "revision": REVISION, **fields}
+
+
+def render(models, secrets=SECRETS, **overrides):
+    s = settings(models, **overrides)
+    served = [m for m in s.models if m.serve]
+    gateway = stack.render_gateway(served, NODES, stack.gateway_listen_port(s))
+    text = stack.render_stack(s, NODES, secrets, gateway)
+    return yaml.safe_load(text), text, gateway
+
+
+def test_vllm_service_has_the_engine_arguments_weights_shm_gpus_and_secrets():
+    doc, text, _ = render([model("Llama-3.1-8B", tensor_parallel_size=2, max_model_len=8192,
+                                 port=8001, engine_args=["--enable-prefix-caching"])])
+    assert stack.stack_problems(text) == []
+    svc = doc["services"]["llama-3-1-8b"]
+    assert svc["image"] == "vllm/vllm-openai:v0.11.0"
+    assert svc["command"] == ["/models/Llama-3.1-8B", "--served-model-name", "Llama-3.1-8B",
+                              "--host", "0.0.0.0", "--port", "8001", "--tensor-parallel-size", "2",
+                              "--gpu-memory-utilization", "0.9", "--max-model-len", "8192",
+                              "--enable-prefix-caching"]
+    # On the node's own network (no overlay: see operations/stack.py), listening on its port.
+    assert svc["networks"] == ["hostnet"] and "ports" not in svc
+    assert doc["networks"]["hostnet"] == {"external": True, "name": "host"}
+    assert "8001/health" in svc["healthcheck"]["test"][-1]
+    assert {"type": "bind", "source": "/opt/models/Llama-3.1-8B", "target": "/models/Llama-3.1-8B",
+            "read_only": True} in svc["volumes"]
+    assert {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": 3 * GIB}} in svc["volumes"]
+    reservations = svc["deploy"]["resources"]["reservations"]["generic_resources"]
+    assert reservations == [{"discrete_resource_spec": {"kind": "NVIDIA-GPU", "value": 2}}]
+    assert svc["secrets"] == [{"source": "api_key", "target": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
+    assert svc["healthcheck"]["start_period"] == "1200s"
+    assert svc["deploy"]["update_config"]["failure_action"] == "rollback"
+    # The key is read from the secret file inside the container, never from the stack file.
+    assert "cat /run/secrets/api_key" in svc["entrypoint"][2]
+    assert "VLLM_API_KEY=" not in json.dumps(svc["environment"])
+
+
+def test_dollars_are_escaped_for_the_stack_deploy_interpolation():
+    doc, _, _ = render([model("m", engine_args=["--chat-template=$HOME/x"])])
+    svc = doc["services"]["m"]
+    assert '"$$(cat /run/secrets/api_key)"' in svc["entrypoint"][2]
+    assert svc["command"][-1] == "--chat-template=$$HOME/x"
+
+
+@pytest.mark.parametrize(
+    ("engine", "first_args", "health"),
+    [
+        ("tgi", ["--model-id", "/models/m"], "CMD-SHELL"),
+        ("ollama", [], "CMD"),
+    ],
+)
+def test_other_engines_render_with_their_own_cli_and_health(engine, first_args, health):
+    doc, text, _ = render([model("m", engine=engine)])
+    assert stack.stack_problems(text) == []
+    svc = doc["services"]["m"]
+    assert svc["command"][:len(first_args)] == first_args
+    assert svc["healthcheck"]["test"][0] == health
+    assert svc["image"] == load_group_data()["all"]["stack_engine_images"][engine]
+    if engine == "ollama":
+        assert svc["environment"]["OLLAMA_MODELS"] == "/models/m"
+        assert "api_key" not in svc["entrypoint"][2]  # the gateway enforces the key
+    else:
+        assert 'API_KEY="$$(cat /run/secrets/api_key)"' in svc["entrypoint"][2]
+
+
+def test_several_models_each_get_a_service_and_a_gateway_route():
+    doc, text, gateway = render([model("a", port=8001), model("b", port=8002, served_model_name="org/b-chat"),
+                                 model("c", port=8003, serve=False)])
+    assert set(doc["services"]) == {"a", "b", "gateway"}
+    assert 'acl model_b req.body -m reg "\\"model\\"[[:space:]]*:[[:space:]]*\\"org\\\\/b-chat\\""' in gateway
+    assert "    server gpu-01 10.20.0.11:8001 check\n    server gpu-02 10.20.0.12:8001 check" in gateway
+    assert "server gpu-03 10.20.0.13:8002 check" in gateway
+    # An unknown model gets a 404 from a backend (http-request rules would run before routing).
+    assert "default_backend unknown_model" in gateway and "backend unknown_model" in gateway
+    assert '\\"id\\":\\"org/b-chat\\"' in gateway
+
+
+def test_gpu_model_becomes_a_placement_constraint():
+    doc, _, _ = render([model("m", gpu_model="NVIDIA H100 80GB HBM3")])
+    assert "node.labels.gpufleet.gpu.model == NVIDIA H100 80GB HBM3" in \
+        doc["services"]["m"]["deploy"]["placement"]["constraints"]
+
+
+def test_publish_modes():
+    doc, _, gateway = render([model("m")], stack_publish_mode="host")
+    gw = doc["services"]["gateway"]
+    assert gw["networks"] == ["hostnet"] and "ports" not in gw and "bind :8080" in gateway
+    assert gw["deploy"]["endpoint_mode"] == "dnsrr" and gw["deploy"]["update_config"]["order"] == "stop-first"
+    doc, _, gateway = render([model("m")], stack_publish_mode="ingress", stack_gateway_port=443)
+    gw = doc["services"]["gateway"]
+    assert gw["ports"] == [{"target": 8080, "published": 443, "protocol": "tcp", "mode": "ingress"}]
+    assert gw["deploy"]["endpoint_mode"] == "vip" and "bind :8080" in gateway
+    assert doc["networks"]["gateway"] == {"driver": "overlay"}
+
+
+def test_secrets_are_named_by_content_and_rotation_changes_every_spec():
+    assert stack.secret_name("gpufleet", "api_key", "k1") == stack.secret_name("gpufleet", "api_key", "k1")
+    assert stack.secret_name("gpufleet", "api_key", "k1") != stack.secret_name("gpufleet", "api_key", "k2")
+    assert "k1" not in stack.secret_name("gpufleet", "api_key", "k1")
+    doc1, _, _ = render([model("m")])
+    doc2, _, _ = render([model("m")], secrets={**SECRETS, "api_key": "gpufleet_api_key_333333333333"})
+    assert doc2["secrets"]["api_key"]["name"] == "gpufleet_api_key_333333333333"
+    for key in ("m", "gateway"):
+        assert doc1["services"][key]["deploy"]["labels"]["gpufleet.spec"] != \
+            doc2["services"][key]["deploy"]["labels"]["gpufleet.spec"]
+
+
+def test_rendering_is_stable():
+    assert render([model("m")])[1] == render([model("m")])[1]
+
+
+def test_stack_problems_catch_what_a_deploy_would_trip_over():
+    _, text, _ = render([model("m")])
+    doc = yaml.safe_load(text)
+    doc["services"]["m"]["shm_size"] = "8g"
+    doc["services"]["m"]["secrets"].append({"source": "nope", "target": "x"})
+    doc["services"]["m"]["volumes"][1]["tmpfs"]["size"] = 0
+    doc["services"]["gateway"]["ports"] = [{"target": 1, "published": 9000, "mode": "ingress"}]
+    doc["services"]["m"]["ports"] = [{"target": 1, "published": 9000, "mode": "host"}]
+    problems = stack.stack_problems(yaml.safe_dump(doc))
+    assert any("shm_size" in p for p in problems)
+    assert any("secret nope is not declared" in p for p in problems)
+    assert any("tmpfs /dev/shm has no size" in p for p in problems)
+    assert any("also published" in p for p in problems)
+
+
+def test_service_drift_names_what_changed():
+    want = {"spec": "s1", "replicas": 3, "image": "reg/vllm:1", "secrets": ["k_1"]}
+    running = {"labels": {"gpufleet.spec": "s1"}, "replicas": 3, "image": "reg/vllm:1@sha256:ab",
+               "secrets": ["k_1"]}
+    assert stack.service_drift("svc", running, want) is None
+    assert stack.service_drift("svc", None, want) == "svc is not running"
+    assert "scaled to 0" in stack.service_drift("svc", {**running, "replicas": 0}, want)
+    assert "runs image reg/vllm:2" in stack.service_drift("svc", {**running, "image": "reg/vllm:2"}, want)
+    assert "secrets" in stack.service_drift("svc", {**running, "secrets": ["k_0"]}, want)
+    assert "another spec" in stack.service_drift("svc", {**running, "labels": {"gpufleet.spec": "s0"}}, want)
+
+
+def test_convergence_reports_progress_and_rollbacks():
+    ok = {"name": "s", "running": 3, "desired": 3, "update_state": "completed", "update_message": None}
+    assert stack.convergence([ok]) == (True, ["s 3/3 (completed)"], [])
+    done, _, failures = stack.convergence([{**ok, "running": 2}])
+    assert not done and failures == []
+    rolled = {**ok, "update_state": "rollback_completed", "update_message": "update rolled back due to failure"}
+    done, _, failures = stack.convergence([rolled])
+    assert not done and failures == ["s: update rollback_completed: update rolled back due to failure"]
+    # A rollback an earlier run saw is not this run's failure (its service was not updated now).
+    assert stack.convergence([rolled], watched=set())[0] is True
+    # A paused rollback is never converged: the next run forces the service's update.
+    paused = {**ok, "update_state": "rollback_paused", "update_message": "update paused"}
+    done, _, failures = stack.convergence([paused], watched=set())
+    assert not done and failures == []
+
+
+def test_parse_stack_state():
+    inspect = [{"Spec": {"Name": "gpufleet_m", "Labels": {"gpufleet.spec": "x"},
+                         "Mode": {"Replicated": {"Replicas": 3}},
+                         "TaskTemplate": {"ContainerSpec": {"Image": "i@sha256:1",
+                                                            "Secrets": [{"SecretName": "k_1"}]}}},
+                "UpdateStatus": {"State": "updating", "Message": "update in progress"}}]
+    lines = ["@@ls", json.dumps({"Name": "gpufleet_m", "Replicas": "2/3"}), "@@inspect",
+             *json.dumps(inspect, indent=1).splitlines(), "@@secrets", "k_1", "k_0", "@@configs", "c_1"]
+    state = stack.parse_stack_state(lines)
+    assert state["secrets"] == ["k_0", "k_1"] and state["configs"] == ["c_1"]
+    assert state["services"] == [{"name": "gpufleet_m", "labels": {"gpufleet.spec": "x"}, "replicas": 3,
+                                  "image": "i@sha256:1", "secrets": ["k_1"], "running": 2, "desired": 3,
+                                  "update_state": "updating", "update_message": "update in progress"}]
+    assert stack.parse_stack_state(["@@error", "This node is not a swarm manager."])["error"] == \
+        "This node is not a swarm manager."
+
+
+def test_control_secrets_must_be_private_files(tmp_path):
+    from pyinfra.api.exceptions import OperationError
+
+    key = tmp_path / "api-key"
+    key.write_text("sk-test\n")
+    key.chmod(0o644)
+    with pytest.raises(OperationError, match="mode 0644 lets others read it"):
+        stack.read_control_secret(str(key), "stack_api_key_file")
+    key.chmod(0o600)
+    assert stack.read_control_secret(str(key), "stack_api_key_file") == "sk-test"
+
+
+def test_secret_request_carries_the_value_only_in_the_body():
+    request = stack.secret_request("gpufleet_api_key_1", "api_key", "gpufleet", "sk-secret")
+    head, body = request.split("\r\n\r\n", 1)
+    assert "sk-secret" not in head and "sk-secret" not in body  # base64 in the body
+    assert json.loads(body)["Labels"] == {"gpufleet.stack": "gpufleet", "gpufleet.secret": "api_key"}
+    assert f"Content-Length: {len(body.encode())}" in head
