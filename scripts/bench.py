@@ -295,11 +295,12 @@ def render_markdown(report: dict) -> str:
     if m.get("note"):
         lines.append(f"- {m['note']}")
     lines += ["", "## Plan", "",
-              f"Fleet sizes {', '.join(map(str, plan.get('sizes', [])))}, "
-              f"{plan.get('repeats', '?')} repeats each; largest fleet measured: "
+              f"Fleet sizes {', '.join(map(str, plan.get('sizes', [])))}; repeats per size: "
+              f"{plan.get('repeats', '?')}; largest fleet measured: "
               f"{report.get('largest_fleet_measured') or 'none'} hosts. "
-              f"Code measured: commit {plan.get('commit', 'not recorded')}.", ""]
-    lines += [f"- {note}" for note in plan.get("notes", [])]
+              f"Code measured: commit {plan.get('commit') or 'not recorded'}.", ""]
+    notes = [f"- {note}" for note in plan.get("notes", [])]
+    lines += notes + ([""] if notes else [])
     if plan.get("skipped"):
         lines += [f"- {s}" for s in plan["skipped"]] + [""]
 
