@@ -217,3 +217,10 @@ def test_a_failed_deploy_says_which_operation_failed_on_which_host():
     assert summary.startswith("Docker Swarm | Join the Swarm as a worker: node-7; [node-7] Error")
     assert "SWMTKN-1-abc" not in summary
     assert bench.failure_summary("", "a\nb\nlast line") == "a / b / last line"
+
+
+def test_replicas_are_capped_at_the_fleet_size_only_when_they_do_not_fit():
+    models = [{"name": "tiny-llama", "replicas": 2}, {"name": "other"}]
+    assert bench.capped_models(models, 3) is None
+    assert bench.capped_models(models, 1) == [{"name": "tiny-llama", "replicas": 1},
+                                              {"name": "other", "replicas": 1}]

@@ -241,3 +241,29 @@ def test_join_fails_cleanly_when_the_manager_has_no_swarm():
     assert sw.join_with_token(state, joining, "worker", "gpu-01", None) is False
     assert joining.commands == []
     assert "manages no Swarm" in joining.logged[0]
+
+
+def test_reads_on_another_host_take_turns_so_sshd_never_sees_too_many_sessions():
+    """Ten joining hosts reading the same manager at once: one session at a time on it."""
+    import gevent
+
+    class Manager:
+        name, connected, data = "gpu-01", True, {"_sudo": True}
+        open_now = most = 0
+
+        def get_fact(self, fact, **kwargs):
+            Manager.open_now += 1
+            Manager.most = max(Manager.most, Manager.open_now)
+            gevent.sleep(0.01)  # the SSH round trip: other greenlets run meanwhile
+            Manager.open_now -= 1
+            return info(state="active", is_manager=True)
+
+        def run_shell_command(self, command, **kwargs):
+            return self.get_fact(None), None
+
+    manager = Manager()
+    jobs = [gevent.spawn(sw._info, manager) for _ in range(10)]
+    jobs += [gevent.spawn(sw._run_on, manager, sw.StringCommand("true")) for _ in range(10)]
+    gevent.joinall(jobs, timeout=10)
+    assert all(job.successful() for job in jobs)
+    assert Manager.most == 1
