@@ -855,13 +855,18 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_description()
         plan = {"sizes": sizes, "repeats": args.repeats, "commit": git_commit(),
                 "command": "scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        if not plan_file.exists():  # so an interrupted pass can still be rendered (--render-only)
+            plan_file.write_text(json.dumps({"machine": machine, "plan": plan, "reasons": {}}, indent=2) + "\n")
+            first_pass = True
+        else:
+            first_pass = False
         outcome = measure(sizes, args.repeats, args.out, args.keep, drift_cmd, stack_cmd)
         machine["load_end"] = load_average()
         machine["note"] = ("Shared development machine: other labs may have run at the same time "
                            "(load averages above).")
         plan["skipped"] = outcome["skipped"]
         reasons = outcome["reasons"]
-        if plan_file.exists():  # another pass into the same DIR: its runs are in runs.jsonl too
+        if not first_pass:  # another pass into the same DIR: its runs are in runs.jsonl too
             machine, plan = merge_passes(json.loads(plan_file.read_text()), machine, plan)
         plan_file.write_text(json.dumps({"machine": machine, "plan": plan, "reasons": reasons},
                                         indent=2) + "\n")
