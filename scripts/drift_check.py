@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a data key for every host, as pyinfra's --data (e.g. the path of a key "
         "file a scheduler wrote: --data ssh_key=/run/keys/id_ed25519)",
     )
+    parser.add_argument(
+        "--limit", action="append", default=[], metavar="HOSTS",
+        help="check only these hosts (names, groups or globs, comma-separated), as pyinfra's "
+        "--limit: e.g. the fleet outside a node being onboarded",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="pyinfra's progress on stderr")
     return parser.parse_args(argv)
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.drift.plan import check
 
     try:
-        result = check(args.inventory, verbose=args.verbose, data=args.data)
+        result = check(args.inventory, verbose=args.verbose, data=args.data, limit=args.limit)
     except Exception as error:  # a bug of the check itself: still one line, still exit 1
         if args.verbose:
             raise

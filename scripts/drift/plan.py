@@ -242,11 +242,27 @@ def _results(state: State, planning_errors: dict[str, str], log: _HostErrors) ->
     return [g.value for g in greenlets]
 
 
+def _limit(inventory, patterns: list[str] | None):
+    """The hosts of `--limit` (names, groups or globs, comma-separated), matched as pyinfra's
+    own --limit does; None: every host. Hosts outside are neither checked nor changed, but a
+    host in the limit still reads facts from them (a manager's view of the Swarm)."""
+    if not patterns:
+        return None
+    from pyinfra_cli.cli import _apply_inventory_limit
+
+    names = [name for pattern in patterns for name in pattern.split(",") if name]
+    hosts = _apply_inventory_limit(inventory, names)
+    if not hosts:
+        raise CheckFailed(f"--limit {','.join(names)} matches no host of the inventory")
+    return hosts
+
+
 def check(
     inventory_path: str,
     deploy_file: str = DEPLOY_FILE,
     verbose: bool = False,
     data: list[str] | None = None,
+    limit: list[str] | None = None,
 ) -> Report:
     """Plan the deploy for every host of the inventory and report what would change. `data`:
     `key=value` overrides for every host, as pyinfra's `--data` (checked with the host's other
@@ -278,7 +294,7 @@ def check(
                 raise CheckFailed(f"no inventory file {report.inventory}")
             inventory = _load_inventory(inventory_path, state, override_data(data or []))
             ctx_inventory.set(inventory)
-            state.init(inventory, config)
+            state.init(inventory, config, initial_limit=_limit(inventory, limit))
             state.set_stage(StateStage.Connect)
             try:
                 connect_all(state)

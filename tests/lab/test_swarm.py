@@ -13,11 +13,16 @@ deploys); alone, the first deploy does every phase.
 """
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
 
 GPU_MODEL = "NVIDIA H100 80GB HBM3"
 
@@ -88,6 +93,13 @@ def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(result.stdout)["results"]
     assert hosts_changed(results) == {new}, "a host outside --limit was changed"
+    # The nightly check of the rest of the fleet is still quiet: nothing moved on it.
+    old_hosts = ",".join(h["name"] for h in lab.hosts[:-1])
+    drift = subprocess.run([sys.executable, "scripts/drift_check.py", "inventories/lab.py",
+                            "--limit", old_hosts], cwd=REPO, env=lab.env,
+                           capture_output=True, text=True, timeout=600)
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert f"no drift on {len(lab.hosts) - 1} hosts" in drift.stdout
     nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
     assert {n["Hostname"]: n["Status"] for n in nodes}.get(new) == "Ready"
 
