@@ -250,10 +250,12 @@ def plan_roles(nodes: list[dict[str, Any]], hosts: dict[str, dict[str, Any]]):
 
 
 def unknown_nodes(nodes: list[dict[str, Any]], known_ids: set[str], names: set[str]):
-    """Nodes no inventory host accounts for (neither its NodeID nor its gpufleet.host label)."""
+    """Nodes no inventory host accounts for: not its NodeID, nor its gpufleet.host label, nor
+    (a host that joined in a --limit run and is not labelled yet) its hostname."""
     return [
         node for node in nodes
         if node["id"] not in known_ids and node["labels"].get(LABEL_HOST) not in names
+        and node.get("hostname") not in names
     ]
 
 

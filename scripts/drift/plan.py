@@ -236,7 +236,8 @@ def override_data(pairs: list[str]) -> dict[str, Any]:
 def _results(state: State, planning_errors: dict[str, str], log: _HostErrors) -> list[HostResult]:
     """Every inventory host's result, in inventory order. Hosts are finished concurrently: an
     operation that would change something is planned to its end, which reads its facts again."""
-    hosts = list(state.inventory)
+    limit = state.limit_hosts  # --limit: hosts outside it are not checked (nor reported)
+    hosts = [h for h in state.inventory if limit is None or h in limit]
     greenlets = [state.pool.spawn(_host_result, state, h, planning_errors, log) for h in hosts]
     gevent.joinall(greenlets, raise_error=True)
     return [g.value for g in greenlets]

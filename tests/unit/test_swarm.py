@@ -149,6 +149,8 @@ def test_strangers_are_nodes_no_inventory_host_accounts_for():
     nodes = [node("n1", "a"), node("n2", "b", labels={"gpufleet.host": "gpu-02"}), node("n3", "c")]
     strangers = sw.unknown_nodes(nodes, {"n1"}, {"gpu-01", "gpu-02"})
     assert [n["id"] for n in strangers] == ["n3"]
+    # A host that joined in a --limit run has no gpufleet.host label yet: its hostname counts.
+    assert sw.unknown_nodes([node("n4", "gpu-04")], set(), {"gpu-04"}) == []
 
 
 # --- Facts -------------------------------------------------------------------------------
