@@ -14,6 +14,7 @@ import functools
 import weakref
 from typing import Any, Callable, Iterator
 
+from gevent.lock import RLock
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, OperationError
 
@@ -95,3 +96,17 @@ def notes_of(state) -> list[tuple[str, str | None, str, str, str | None]]:
     """(host name, operation hash, EXPLAIN or FINDING, text, about) recorded while planning
     `state`."""
     return list(_NOTES.get(state, []))
+
+
+# pyinfra keeps one SSH connection per host, and sshd refuses more sessions at once on one
+# connection than its MaxSessions (10 by default): when many hosts read the same manager in
+# parallel (the Swarm join's token and SwarmInfo, the smoke tests' SmokeStack), the reads
+# beyond that fail with ChannelException(2, 'Connect failed') (seen with 10 lab hosts). So
+# reads and commands on *another* host take turns, one at a time per host. pyinfra runs hosts
+# as gevent greenlets: the lock is gevent's (reentrant, owned by a greenlet).
+_TURNS: dict[str, RLock] = {}
+
+
+def other_host_turn(other) -> RLock:
+    """The lock to hold while using another host's connection."""
+    return _TURNS.setdefault(other.name, RLock())  # no yield in between: no race

@@ -36,12 +36,11 @@ import ipaddress
 import json
 from typing import Any, Callable
 
-from gevent.lock import RLock
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
 from operations.nvidia import NvidiaHost
-from operations.phase import PhaseResult, explain, fail_host, finding
+from operations.phase import PhaseResult, explain, fail_host, finding, other_host_turn
 
 LABEL_PREFIX = "gpufleet."
 LABEL_HOST = "gpufleet.host"  # the inventory name: finds a node whose host has left
@@ -396,7 +395,7 @@ def swarm_init(advertise: str | None, fleet: dict | Callable | None = None, take
 
 
 def _run_on(other, command: StringCommand):
-    with _turn(other):
+    with other_host_turn(other):
         if not other.connected:
             other.connect(raise_exceptions=True)
         return other.run_shell_command(
@@ -745,19 +744,6 @@ def _inventory_hosts(inventory) -> tuple[list, list]:
             sorted(managers, key=lambda h: order[h.name]))
 
 
-# pyinfra keeps one SSH connection per host, and sshd refuses more sessions at once on one
-# connection than its MaxSessions (10 by default): when many hosts join in parallel, each reading
-# the join token and SwarmInfo on the same manager, the reads beyond that fail with
-# ChannelException(2, 'Connect failed') (seen with 10 lab hosts). So reads and commands on
-# *another* host take turns, one at a time per host. pyinfra runs hosts as gevent greenlets:
-# the lock is gevent's (reentrant, owned by a greenlet).
-_TURNS: dict[str, RLock] = {}
-
-
-def _turn(other) -> RLock:
-    return _TURNS.setdefault(other.name, RLock())  # no yield in between: no race
-
-
 def _sudo(other) -> bool:
     return bool(other.data.get("_sudo"))
 
@@ -765,7 +751,7 @@ def _sudo(other) -> bool:
 def _fact(other, fact):
     """A fact of another inventory host, with that host's own sudo (pyinfra would apply the
     current host's operation arguments); connects a host outside the run (read only)."""
-    with _turn(other):
+    with other_host_turn(other):
         if not other.connected:
             other.connect(raise_exceptions=True)
         return other.get_fact(fact, _sudo=_sudo(other))
