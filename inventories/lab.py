@@ -24,6 +24,19 @@ if not _state_file.exists():
 _state = json.loads(_state_file.read_text())
 
 
+def _lab_settings(hosts):
+    """The stand-ins' settings, with each model's replicas capped at the lab's host count (one
+    replica per node: a 1-host lab serves one)."""
+    settings = dict(_state.get("settings", {}))
+    if "models" in settings:
+        settings["models"] = [{**m, "replicas": min(m.get("replicas", 1), max(1, len(hosts)))}
+                              for m in settings["models"]]
+    return settings
+
+
+_settings = _lab_settings([e for e in _state["hosts"] if not e.get("forgotten")])
+
+
 def _host(entry):
     return (
         entry["name"],
@@ -36,7 +49,7 @@ def _host(entry):
             "lab_container": entry["container"],
             # The stand-ins `lab.py up` started (NVIDIA's repositories, ...): production keys
             # pointed at them. This is the only way a stand-in enters a run.
-            **_state.get("settings", {}),
+            **_settings,
             # The operator's own per-host data (`lab.py set NODE key=value`): host data wins.
             **entry.get("data", {}),
         },
