@@ -156,3 +156,14 @@ def load_fleet(inventory_file: str, overrides: dict[str, Any] | None = None) -> 
     if problems:
         raise config.ConfigError(problems)
     return fleet
+
+
+def fleet_or_refuse(inventory_file: str, data: list[str]) -> tuple[Fleet, Any]:
+    """The fleet and its first host's settings, or the configuration's one-line refusals and
+    exit 2 (operations.config.refuse), as a deploy would refuse them: the scripts' entry."""
+    try:
+        fleet = load_fleet(inventory_file, parse_data(data))
+        return fleet, fleet.settings()
+    except config.ConfigError as error:
+        config.refuse(error.lines)
+        raise  # unreachable: refuse() exits

@@ -42,10 +42,9 @@ reexec_in_venv()
 
 import httpx  # noqa: E402
 
-from operations import config  # noqa: E402
 from operations import smoke as sm  # noqa: E402
 from scripts import loadstats as ls  # noqa: E402
-from scripts.fleet_access import Fleet, load_fleet, parse_data  # noqa: E402
+from scripts.fleet_access import Fleet, fleet_or_refuse  # noqa: E402
 
 PROMPT = "Write one sentence about GPUs."
 STATS_COMMAND = "docker stats --no-stream --format '{{json .}}'"
@@ -367,11 +366,7 @@ def parse_args(argv):
 
 def run(argv) -> int:
     args = parse_args(argv)
-    try:
-        fleet = load_fleet(args.inventory, parse_data(args.data))
-        settings = fleet.settings()
-    except config.ConfigError as error:
-        config.refuse(error.lines)
+    fleet, settings = fleet_or_refuse(args.inventory, args.data)
     if not sm.served_models(settings):
         print("no model is served: nothing to load", file=sys.stderr)
         return 1

@@ -25,9 +25,8 @@ from scripts.fleet_access import reexec_in_venv  # noqa: E402
 
 reexec_in_venv()
 
-from operations import config  # noqa: E402
 from operations import smoke as sm  # noqa: E402
-from scripts.fleet_access import load_fleet, parse_data  # noqa: E402
+from scripts.fleet_access import fleet_or_refuse  # noqa: E402
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -45,11 +44,7 @@ def parse_args(argv):
 
 def run(argv) -> int:
     args = parse_args(argv)
-    try:
-        fleet = load_fleet(args.inventory, parse_data(args.data))
-        settings = fleet.settings()
-    except config.ConfigError as error:
-        config.refuse(error.lines)
+    fleet, settings = fleet_or_refuse(args.inventory, args.data)
     deadline = settings.smoke_deadline_s if args.deadline is None else args.deadline
 
     if not sm.served_models(settings):
