@@ -286,6 +286,16 @@ def markdown_report(summaries: dict[str, dict[str, Any]], meta: dict[str, Any],
     return "\n".join(lines) + "\n"
 
 
+def _finish(plt, fig, ax, path: Path, legend: bool) -> Path:
+    """Legend, layout, write the PNG, free the figure: how every chart here ends."""
+    if legend:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_charts(records: list[Record], out: Path) -> list[Path]:
     """latency_hist.png (distribution of successful requests' latency, per scenario) and
     latency_over_time.png (each request's latency at its start time; errors marked x)."""
@@ -308,12 +318,7 @@ def write_charts(records: list[Record], out: Path) -> list[Path]:
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("requests")
     ax.set_title("Latency distribution (successful requests)")
-    if groups:
-        ax.legend(fontsize="small")
-    paths.append(out / "latency_hist.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, out / "latency_hist.png", legend=bool(groups)))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, rows in groups.items():
@@ -326,12 +331,7 @@ def write_charts(records: list[Record], out: Path) -> list[Path]:
     ax.set_xlabel("seconds since the first request")
     ax.set_ylabel("latency (ms)")
     ax.set_title("Latency over time")
-    if groups:
-        ax.legend(fontsize="small")
-    paths.append(out / "latency_over_time.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, out / "latency_over_time.png", legend=bool(groups)))
     return paths
 
 
