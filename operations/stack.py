@@ -261,12 +261,6 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
     )
 
 
-def service_specs(text: str) -> dict[str, str]:
-    """service key -> spec hash, from a rendered stack file."""
-    doc = yaml.safe_load(text)
-    return {key: svc["deploy"]["labels"][LABEL_SPEC] for key, svc in doc["services"].items()}
-
-
 _VALID_SERVICE_KEYS = {
     "image", "entrypoint", "command", "environment", "hostname", "networks", "ports", "volumes",
     "secrets", "configs", "healthcheck", "stop_grace_period", "labels", "deploy",
@@ -737,8 +731,9 @@ def stack_deploy(settings, manager: str | None = None):
 
     running = {svc["name"]: svc for svc in current["services"]}
     wanted = wanted_services(stack, text)
-    drift = [why for name, want in sorted(wanted.items())
-             if (why := service_drift(name, running.get(name), want))]
+    differs = {name: why for name, want in sorted(wanted.items())
+               if (why := service_drift(name, running.get(name), want))}
+    drift = list(differs.values())
     extra = sorted(set(running) - set(wanted))
     if drift or extra:
         for why in drift + [f"{name} is not in the stack file (removed by --prune)" for name in extra]:
@@ -746,13 +741,12 @@ def stack_deploy(settings, manager: str | None = None):
             explain(f"stack: {why}")
         yield StringCommand("docker stack deploy --prune --with-registry-auth -c",
                             QuoteString(stack_path), QuoteString(stack))
-        updated = [name for name in sorted(wanted) if service_drift(name, running.get(name), wanted[name])]
-        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, updated), {})
+        yield FunctionCommand(wait_converged, (stack, settings.stack_converge_timeout_s, sorted(differs)), {})
         changed = True
-    elif not convergence(current["services"], watched=set())[0]:
+    elif not (steady := convergence(current["services"], watched=set()))[0]:
         # Running the rendered spec but not converged: an update still in progress, or one Swarm
         # paused (a rollback that itself failed): a forced update restarts its tasks.
-        explain("stack: not converged: " + "; ".join(convergence(current["services"], set())[1]))
+        explain("stack: not converged: " + "; ".join(steady[1]))
         paused = [svc["name"] for svc in current["services"] if svc["update_state"] in PAUSED]
         for name in paused:
             yield StringCommand("docker service update --detach --force", QuoteString(name))
