@@ -63,8 +63,10 @@ class Endpoint:
 
 
 def _body(model: str, stream: bool, max_tokens: int, usage_in_stream: bool) -> dict:
+    # ignore_eos (vLLM's sampling parameter, as its own benchmarks use it): every request
+    # generates max_tokens, so runs compare like with like and none ends empty on an early EOS.
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens, "stream": stream}
+            "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}
     if stream and usage_in_stream:
         body["stream_options"] = {"include_usage": True}
     return body
