@@ -18,7 +18,7 @@ Every one is installed at the apt version whose upstream part is `nvidia_driver_
 (the revision, "-1" or "-0ubuntu1", is read from the repository) and held.
 
 Everything the phase reads about a host comes from one fact, `NvidiaHost`, one command per
-read. Later phases read the GPUs from it: `host.get_fact(NvidiaHost)["gpus"]`.
+read. Later phases read the GPUs from it: `read_fact(host, NvidiaHost)["gpus"]`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, systemd
 
-from operations.phase import PhaseResult, explain, fails_only_this_host
+from operations.phase import PhaseResult, explain, fails_only_this_host, read_fact
 
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
 CUDA_SOURCES_NAME = "nvidia-cuda"  # -> /etc/apt/sources.list.d/nvidia-cuda.sources
@@ -542,7 +542,7 @@ def cuda_repository(repo_url: str, key_fingerprint: str):
             key_fingerprint="EB693B3035CD5710E231E123A4B469963BF863CC",
         )
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     distro = state["distro"]
     try:
         uri = cuda_repo_uri(repo_url, distro["id"], distro["version_id"], state["arch"])
@@ -593,7 +593,7 @@ def driver_packages(
             fabricmanager="auto",
         )
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     installed = state["packages"]
     try:
         wanted = driver_package_names(
@@ -687,7 +687,7 @@ def nouveau_blacklist():
 
         nouveau_blacklist(name="Blacklist nouveau")
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     if state["nouveau_blacklist"] == NOUVEAU_BLACKLIST_TEXT:
         host.noop(f"{NOUVEAU_BLACKLIST} already blacklists nouveau")
         return
@@ -720,7 +720,7 @@ def driver_services(fabricmanager: Any = "auto", running: bool = True):
 
         driver_services(name="NVIDIA services", fabricmanager="auto")
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     services = [PERSISTENCED_SERVICE]
     if wants_fabricmanager(fabricmanager, state):
         services.append(FABRICMANAGER_SERVICE)
@@ -804,7 +804,7 @@ def reboot_for_driver(version: str, allow_reboot: bool = False, reboot_timeout: 
             reboot_timeout=900,
         )
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     reason = reboot_reason(state)
     if reason is None:
         host.noop(
@@ -837,7 +837,7 @@ def verify_driver(version: str):
 
         verify_driver(name="NVIDIA driver 580.95.05 loaded", version="580.95.05")
     """
-    state = host.get_fact(NvidiaHost)
+    state = read_fact(host, NvidiaHost)
     gpus = state["gpus"]
     if gpus and all(gpu["driver_version"] == version for gpu in gpus):
         host.noop(

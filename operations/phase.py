@@ -10,6 +10,7 @@ OperationError as usual, and `@fails_only_this_host` turns it into a failing com
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from typing import Any, Callable, Iterator
@@ -110,3 +111,51 @@ _TURNS: dict[str, RLock] = {}
 def other_host_turn(other) -> RLock:
     """The lock to hold while using another host's connection."""
     return _TURNS.setdefault(other.name, RLock())  # no yield in between: no race
+
+
+# --- Reading a fact once while nothing changes ----------------------------------------------
+
+# pyinfra 3 caches no fact: every `get_fact` is a remote command. A phase reads the same state
+# from several operations (each NvidiaHost operation, the manager's Swarm operations reading
+# every node), so a run that changes nothing sent ~30 commands per host and, on the acting
+# manager, a few more for every host of the fleet (issue 9). `read_fact` reads a fact again
+# only when some operation, on any host, has run commands since the last read: whatever one
+# host does can change what another reports (a manager promoting a node changes the node's
+# SwarmInfo). A run that changes nothing therefore reads each fact once.
+#
+# Use it where an operation reads the state it starts from, before it yields its first
+# command. Never for a poll (a loop waiting for a state to change within one operation: no
+# operation completes in between, so it would read the same answer forever).
+_READS: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple[int, Any]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def changes_so_far(state) -> int:
+    """Operations, over every host, that have run commands so far in this run."""
+    return sum(
+        1
+        for host_ops in state.ops.values()
+        for data in host_ops.values()
+        if data.operation_meta.executed  # False until the operation completes
+    )
+
+
+def read_fact(target, fact_cls, **kwargs) -> Any:
+    """`target.get_fact(fact_cls, **kwargs)`, read again only if an operation has run commands
+    since this fact of this host was last read in this run. Returns a copy: a caller that edits
+    the answer does not edit the next caller's."""
+    state = getattr(target, "state", None)
+    if not isinstance(getattr(state, "ops", None), dict):  # a test harness's fake state
+        return target.get_fact(fact_cls, **kwargs)
+    # Executor arguments (`_sudo`) stay out of the key: the project reads every fact with the
+    # host's own settings, whether an operation passes them or pyinfra applies the host's data.
+    key = (target.name, fact_cls,
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not k.startswith("_"))))
+    reads = _READS.setdefault(state, {})
+    generation = changes_so_far(state)
+    cached = reads.get(key)
+    if cached is None or cached[0] != generation:
+        cached = (generation, target.get_fact(fact_cls, **kwargs))
+        reads[key] = cached
+    return copy.deepcopy(cached[1])

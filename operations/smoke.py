@@ -40,7 +40,7 @@ import httpx
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 
-from operations.phase import PhaseResult, fail_host, other_host_turn
+from operations.phase import PhaseResult, fail_host, other_host_turn, read_fact
 from operations.stack import service_key  # the stack's own naming: <stack>_<key>
 
 HEALTH_REQUEST_TIMEOUT_S = 10.0
@@ -628,7 +628,7 @@ def read_stack(managers: list, stack_name: str) -> dict[str, Any]:
             with other_host_turn(other):  # every host reads this manager: one session at a time
                 if not other.connected:
                     other.connect(raise_exceptions=True)
-                stack = other.get_fact(SmokeStack, stack_name=stack_name,
+                stack = read_fact(other, SmokeStack, stack_name=stack_name,
                                        _sudo=bool(other.data.get("_sudo")))
         except Exception as error:  # an unreachable manager: the next may answer
             last = f"{other.name}: {error!r}"

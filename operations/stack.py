@@ -57,7 +57,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
 from operations import sizing
-from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host
+from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host, read_fact
 from operations.swarm import SwarmNodes, _inventory_hosts, _sudo
 from operations.weights import MANIFEST_NAME, read_token
 
@@ -670,7 +670,7 @@ def stack_deploy(settings, manager: str | None = None):
         return
     stack = settings.stack_name
     served = [spec for spec in settings.models if spec.serve]
-    listed = host.get_fact(SwarmNodes)
+    listed = read_fact(host, SwarmNodes)
     if listed["error"]:
         if not host.state.is_executing:
             host.noop("the Swarm is formed earlier in this run: the stack is planned when it exists")
@@ -679,7 +679,7 @@ def stack_deploy(settings, manager: str | None = None):
     if host.state.is_executing:
         listed = wait_for_nodes(listed)
     nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
-    manifests = host.get_fact(ModelManifests, models_dir=settings.models_dir,
+    manifests = read_fact(host, ModelManifests, models_dir=settings.models_dir,
                               names=[spec.name for spec in served]) if served else {}
     problems = []
     for spec in served:

@@ -40,7 +40,9 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
 from operations.nvidia import NvidiaHost
-from operations.phase import PhaseResult, explain, fail_host, finding, other_host_turn
+from operations.phase import (
+    PhaseResult, explain, fail_host, finding, other_host_turn, read_fact,
+)
 
 LABEL_PREFIX = "gpufleet."
 LABEL_HOST = "gpufleet.host"  # the inventory name: finds a node whose host has left
@@ -374,7 +376,7 @@ def swarm_init(advertise: str | None, fleet: dict | Callable | None = None, take
 
         swarm_init(name="Initialise the Swarm", advertise="10.20.0.11", fleet=None)
     """
-    info = host.get_fact(SwarmInfo)
+    info = read_fact(host, SwarmInfo)
     fleet = _value(fleet)
     if fleet is not None:
         if membership(info, fleet) == "member":
@@ -459,7 +461,7 @@ def swarm_join(
 
         swarm_join(name="Join the Swarm", role="worker", manager="gpu-01", advertise="10.20.0.14")
     """
-    info = host.get_fact(SwarmInfo)
+    info = read_fact(host, SwarmInfo)
     fleet = _value(fleet)
     state = membership(info, fleet)
     if state == "member":
@@ -493,7 +495,7 @@ def swarm_roles(hosts: dict | Callable, manager: str | None = None):
     if manager:
         host.noop(f"done from the acting manager {manager}")
         return
-    nodes = host.get_fact(SwarmNodes)
+    nodes = read_fact(host, SwarmNodes)
     if nodes["error"]:
         yield _fail(f"cannot list the Swarm's nodes here: {nodes['error']}")
         return
@@ -528,7 +530,7 @@ def swarm_labels(nodes: dict | Callable, manager: str | None = None):
     if manager:
         host.noop(f"done from the acting manager {manager}")
         return
-    listed = host.get_fact(SwarmNodes)
+    listed = read_fact(host, SwarmNodes)
     if listed["error"]:
         yield _fail(f"cannot list the Swarm's nodes here: {listed['error']}")
         return
@@ -582,7 +584,7 @@ def swarm_drain(
     if manager:
         host.noop(f"done from the acting manager {manager}")
         return
-    listed = host.get_fact(SwarmNodes)
+    listed = read_fact(host, SwarmNodes)
     found = []
     for name, wanted in sorted(_value(nodes).items()):
         node = None if listed["error"] else find_node(listed["nodes"], name, wanted.get("node_id"))
@@ -618,7 +620,7 @@ def swarm_leave(manager_in_run: bool = True):
 
         swarm_leave(name="Leave the Swarm (retiring)")
     """
-    info = host.get_fact(SwarmInfo)
+    info = read_fact(host, SwarmInfo)
     if info["available"] and info["state"] == "inactive":
         host.noop("retired: not in a Swarm")
         return
@@ -652,7 +654,7 @@ def swarm_remove(nodes: dict | Callable, manager: str | None = None):
     if manager:
         host.noop(f"done from the acting manager {manager}")
         return
-    listed = host.get_fact(SwarmNodes)
+    listed = read_fact(host, SwarmNodes)
     removed = False
     for name, wanted in sorted(_value(nodes).items()):
         node = None if listed["error"] else find_node(listed["nodes"], name, wanted.get("node_id"))
@@ -690,7 +692,7 @@ def swarm_report(known_ids: list | Callable, names: list, manager: str | None = 
     if manager:
         host.noop(f"done from the acting manager {manager}")
         return
-    listed = host.get_fact(SwarmNodes)
+    listed = read_fact(host, SwarmNodes)
     strangers = unknown_nodes(listed["nodes"], set(_value(known_ids)), set(names))
     if not strangers:
         host.noop(f"{len(listed['nodes'])} node(s), all from the inventory")
@@ -754,7 +756,7 @@ def _fact(other, fact):
     with other_host_turn(other):
         if not other.connected:
             other.connect(raise_exceptions=True)
-        return other.get_fact(fact, _sudo=_sudo(other))
+        return read_fact(other, fact, _sudo=_sudo(other))
 
 
 def _info(other) -> dict[str, Any]:
@@ -799,7 +801,7 @@ def swarm(settings) -> PhaseResult:
     first = managers[0]
     retire = settings.swarm_retire
     takeover = settings.swarm_takeover
-    info = host.get_fact(SwarmInfo)
+    info = read_fact(host, SwarmInfo)
     address = advertise_address(
         settings.swarm_advertise_address, host.data.get("ssh_hostname"),
         info["primary_address"],

@@ -38,7 +38,7 @@ from operations.nvidia import (
     _apt_install,
     signed_flat_repository,
 )
-from operations.phase import PhaseResult, fails_only_this_host
+from operations.phase import PhaseResult, fails_only_this_host, read_fact
 
 TOOLKIT_KEYRING = "/etc/apt/keyrings/nvidia-container-toolkit.gpg"
 TOOLKIT_SOURCES_NAME = "nvidia-container-toolkit"  # -> .../sources.list.d/<name>.sources
@@ -232,7 +232,7 @@ def toolkit_repository(repo_url: str, key_url: str, key_fingerprint: str):
             key_fingerprint="C95B321B61E88C1809C4F759DDCAE044F796ECB0",
         )
     """
-    state = host.get_fact(ToolkitHost)
+    state = read_fact(host, ToolkitHost)
     try:
         uri = toolkit_repo_uri(repo_url, state["arch"])
     except ValueError as error:
@@ -269,7 +269,7 @@ def toolkit_packages(version: str):
             "or later (1.18 dropped them from the default runtime mode)"
         )
 
-    installed = host.get_fact(ToolkitHost)["packages"]
+    installed = read_fact(host, ToolkitHost)["packages"]
     missing = [
         name for name in TOOLKIT_PACKAGES
         if installed.get(name, {}).get("version") != version
@@ -314,7 +314,7 @@ def runtime_config(swarm_resource: str = SWARM_RESOURCE, path: str = RUNTIME_CON
             swarm_resource="DOCKER_RESOURCE_NVIDIA-GPU",
         )
     """
-    current = host.get_fact(ToolkitHost)["config"]
+    current = read_fact(host, ToolkitHost)["config"]
     if swarm_resource_value(current) == swarm_resource:
         host.noop(f'{path} already has swarm-resource = "{swarm_resource}"')
         return
@@ -364,7 +364,7 @@ def verify_gpu_container(image: str, expected_gpus: int | None = None):
     """
     if expected_gpus is None:
         # The GPUs the driver phase found (read when the check runs, after any reboot).
-        expected_gpus = host.get_fact(NvidiaHost)["gpu_count"] or None
+        expected_gpus = read_fact(host, NvidiaHost)["gpu_count"] or None
     want = f"-eq {int(expected_gpus)}" if expected_gpus else "-ge 1"
     wanted = f"{int(expected_gpus)}" if expected_gpus else "at least 1"
     yield StringCommand(
@@ -384,7 +384,7 @@ def current_gpu_daemon_config() -> dict[str, Any]:
     """gpu_daemon_config for the current host, read now: call it where the GPUs are known
     (inside an operation at execution time, after the driver phase), not while planning a
     fresh host, whose GPUs are invisible until the driver is loaded."""
-    return gpu_daemon_config(host.get_fact(NvidiaHost)["gpus"])
+    return gpu_daemon_config(read_fact(host, NvidiaHost)["gpus"])
 
 
 @deploy("NVIDIA Container Toolkit")

@@ -11,8 +11,10 @@ same output, same exit status). When it ends, COUNTS.json holds, per inventory h
   (the Swarm join, reads on another host), and the helper commands the connector adds for a
   sudo upload (so nothing an operation does on a host is missed);
 - `uploads` / `downloads`: files sent / fetched over SFTP;
-- `facts`: facts gathered (pyinfra 3 caches none: each get_fact runs its command), with the
-  count by fact name;
+- `facts`: facts gathered (pyinfra 3 caches none: each get_fact runs its command; the
+  project's `read_fact` reads once while nothing changes), with the count by fact name;
+- `changed_operations`: operations that ran commands on the host (what pyinfra reports as
+  changes);
 - each split by stage (`prepare`: planning, `execute`: running the operations);
 
 and for the run: wall time, the time spent planning (until the first operation starts) and the
@@ -65,8 +67,16 @@ class Counts:
             if fact:
                 self.fact_names[host][fact] += 1
 
+    def changed_operations(self) -> dict[str, int]:
+        """Per host, the operations that ran commands (pyinfra counts them as changes)."""
+        if self.state is None:
+            return {}
+        return {host.name: sum(1 for data in ops.values() if data.operation_meta.executed)
+                for host, ops in self.state.ops.items()}
+
     def as_json(self, exit_code) -> dict:
         ended = time.monotonic()
+        changed = self.changed_operations()
         hosts = {}
         for name, kinds in sorted(self.hosts.items()):
             entry = {}
@@ -75,6 +85,7 @@ class Counts:
                 entry[kind] = sum(stages.values())
                 entry[f"{kind}_by_stage"] = stages
             entry["fact_names"] = dict(sorted(self.fact_names[name].items()))
+            entry["changed_operations"] = changed.get(name, 0)
             hosts[name] = entry
         first = self.first_op_at
         return {
