@@ -296,9 +296,11 @@ def _finish(plt, fig, ax, path: Path, legend: bool) -> Path:
     return path
 
 
-def write_charts(records: list[Record], out: Path) -> list[Path]:
+def write_charts(records: list[Record], out: Path,
+                 window: tuple[float, float] | None = None) -> list[Path]:
     """latency_hist.png (distribution of successful requests' latency, per scenario) and
-    latency_over_time.png (each request's latency at its start time; errors marked x)."""
+    latency_over_time.png (each request's latency at its start time; errors marked x; the
+    `window` (epoch start, end) of a command run under the load shaded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,6 +330,9 @@ def write_charts(records: list[Record], out: Path) -> list[Path]:
             ax.scatter(*zip(*good), s=10, label=name)
         if bad:
             ax.scatter(*zip(*bad), s=30, marker="x", color="red", label=f"{name} errors")
+    if window and all(window):
+        ax.axvspan(window[0] - start, window[1] - start, color="orange", alpha=0.15,
+                   label="--during command")
     ax.set_xlabel("seconds since the first request")
     ax.set_ylabel("latency (ms)")
     ax.set_title("Latency over time")
@@ -336,14 +341,15 @@ def write_charts(records: list[Record], out: Path) -> list[Path]:
 
 
 def write_reports(out: Path, records: list[Record], meta: dict[str, Any],
-                  scenarios: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+                  scenarios: list[dict[str, Any]] | None = None,
+                  window: tuple[float, float] | None = None) -> dict[str, Path]:
     """Everything into `out`: requests.csv (appended), summary.md, summary.json and the PNGs.
     Summaries are per scenario when there are several, else one for the run."""
     out.mkdir(parents=True, exist_ok=True)
     append_csv(out / "requests.csv", records)
     names = list(dict.fromkeys(r.scenario for r in records)) or ["load"]
     summaries = {name: summarize([r for r in records if r.scenario == name]) for name in names}
-    charts = write_charts(records, out)
+    charts = write_charts(records, out, window)
     (out / "summary.md").write_text(markdown_report(summaries, meta, scenarios,
                                                     [str(c) for c in charts]))
     payload = {"meta": meta, "summaries": summaries, "scenarios": scenarios or [],

@@ -5,6 +5,8 @@
     python scripts/loadtest.py inventories/lab.py --target engines --out load/
     python scripts/loadtest.py inventories/lab.py --target http://10.20.0.11:8080 --out load/
     python scripts/loadtest.py inventories/lab.py --scenarios --replicas 3 --out load/
+    python scripts/loadtest.py inventories/prod.py --concurrency 4 --requests 100000 \
+        --during "pyinfra -y inventories/prod.py deploy.py" --out rollout/
 
 Sends `--requests` chat completions (default 160), `--concurrency` at a time, streamed (SSE)
 unless `--no-stream`, and stops by itself: no new request after `--max-seconds`, and no request
@@ -20,6 +22,13 @@ afterwards, whatever happens), each through the gateway and directly to the engi
 while `docker stats` samples every node's stack containers; the comparison table (CPU %,
 memory, network I/O, average and p95 latency, throughput) goes into the same reports.
 
+--during COMMAND runs a command (a deploy that rolls the stack, a node drain) under a steady
+load of --concurrency requests at a time, and keeps the load on until --settle seconds after it
+exits: every failed request is one a user would have seen during the change. The report adds
+the command's exit code and duration, whether the load covered it, and the failures during it;
+latency_over_time.png shades the command's window; its output goes to during.log. A streamed
+request counts as failed unless its stream ends with `data: [DONE]`.
+
 The API key comes from stack_api_key_file and is sent only as the Authorization header.
 """
 
@@ -28,11 +37,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -72,15 +83,19 @@ def _body(model: str, stream: bool, max_tokens: int, usage_in_stream: bool) -> d
     return body
 
 
-async def _read_stream(response: httpx.Response, started: float) -> tuple[float | None, int]:
-    """(TTFT, tokens) from an SSE stream: TTFT at the first chunk carrying content, tokens from
-    the usage of the last chunk, else the number of content chunks."""
-    ttft, chunks, usage = None, 0, None
+async def _read_stream(response: httpx.Response,
+                       started: float) -> tuple[float | None, int, bool]:
+    """(TTFT, tokens, complete) from an SSE stream: TTFT at the first chunk carrying content,
+    tokens from the usage of the last chunk, else the number of content chunks; complete when
+    the stream ended with `data: [DONE]` (a stream cut short by an engine going away may still
+    end cleanly at the HTTP level)."""
+    ttft, chunks, usage, complete = None, 0, None, False
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()
         if payload == "[DONE]":
+            complete = True
             break
         try:
             event = json.loads(payload)
@@ -94,7 +109,7 @@ async def _read_stream(response: httpx.Response, started: float) -> tuple[float 
                     ttft = time.perf_counter() - started
         if isinstance((event.get("usage") or {}).get("completion_tokens"), int):
             usage = event["usage"]["completion_tokens"]
-    return ttft, usage if usage is not None else chunks
+    return ttft, usage if usage is not None else chunks, complete
 
 
 async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str, key: str | None,
@@ -111,7 +126,9 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
                                      headers=headers) as response:
                 status = response.status_code
                 if status == 200:
-                    ttft, tokens = await _read_stream(response, started)
+                    ttft, tokens, complete = await _read_stream(response, started)
+                    if not complete:
+                        error = "IncompleteStream: the stream ended before data: [DONE]"
                 else:
                     await response.aread()
         else:
@@ -131,10 +148,11 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
 
 async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, concurrency: int,
                    max_seconds: float, stream: bool = True, max_tokens: int = 32,
-                   request_timeout: float = 60.0, scenario: str = "load") -> list[ls.Record]:
+                   request_timeout: float = 60.0, scenario: str = "load",
+                   until: Callable[[], bool] | None = None) -> list[ls.Record]:
     """Send at most `requests` requests, `concurrency` at a time, round-robin over endpoints
-    and their models; no new request after `max_seconds`. Bounded: at most max_seconds +
-    request_timeout of wall time."""
+    and their models; no new request after `max_seconds`, nor once `until()` is true. Bounded:
+    at most max_seconds + request_timeout of wall time."""
     if not endpoints:
         return []
     records: list[ls.Record] = []
@@ -146,7 +164,8 @@ async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, co
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def worker():
             nonlocal issued
-            while issued < requests and time.monotonic() < stop_at:
+            while (issued < requests and time.monotonic() < stop_at
+                   and not (until and until())):
                 index = issued
                 issued += 1
                 endpoint = endpoints[index % len(endpoints)]
@@ -334,6 +353,66 @@ def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | 
     return records, scenarios
 
 
+# --- A command under load -------------------------------------------------------------------
+
+
+class During:
+    """COMMAND (through the shell, its output into `log`) run in a thread while the load runs:
+    the load stops `settle_s` after the command exits, so requests sent just after a rolling
+    update count too. Bounded: the command is killed after `timeout_s`."""
+
+    def __init__(self, command: str, log: Path, settle_s: float, timeout_s: float):
+        self.command, self.log, self.settle_s, self.timeout_s = command, log, settle_s, timeout_s
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.exit_code: int | None = None
+        self.problem = ""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.started = time.time()
+        try:
+            with self.log.open("w") as log:
+                done = subprocess.run(self.command, shell=True, stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=self.timeout_s)
+            self.exit_code = done.returncode
+        except subprocess.TimeoutExpired:
+            self.problem = f"killed after {self.timeout_s:g}s"
+        except OSError as error:
+            self.problem = f"could not run: {error.strerror}"
+        finally:
+            self.ended = time.time()
+
+    def start(self) -> "During":
+        self._thread.start()
+        return self
+
+    def settled(self) -> bool:
+        """The command has exited and the settle time after it has passed."""
+        return self.ended is not None and time.time() >= self.ended + self.settle_s
+
+    def join(self) -> None:
+        self._thread.join()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.problem
+
+    def meta(self, records: list[ls.Record]) -> dict:
+        """What the reports say of the command: its result, and whether the load covered it
+        (a load that stopped first, at --max-seconds or --requests, measured only part)."""
+        last_start = max((r.timestamp for r in records), default=0.0)
+        covered = self.ended is not None and last_start >= self.ended
+        return {
+            "during": self.command,
+            "during_exit_code": self.exit_code if not self.problem else self.problem,
+            "during_s": round((self.ended or time.time()) - (self.started or time.time()), 1),
+            "during_log": str(self.log),
+            "during_covered": covered,
+            "failed_during": sum(1 for r in records if not r.ok),
+        }
+
+
 # --- CLI ------------------------------------------------------------------------------------
 
 
@@ -356,6 +435,12 @@ def parse_args(argv):
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds to wait after scaling, once healthy (scenarios)")
     parser.add_argument("--sample-interval", type=float, default=1.0)
+    parser.add_argument("--during", metavar="COMMAND",
+                        help="run COMMAND (a shell command line, e.g. a deploy that rolls the "
+                             "stack) under the load; the load stops --settle seconds after it "
+                             "exits (or at --max-seconds / --requests, which the report flags)")
+    parser.add_argument("--during-timeout", type=float, default=3600.0,
+                        help="seconds after which COMMAND is killed (default 3600)")
     parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     for name in ("requests", "concurrency"):
@@ -363,6 +448,8 @@ def parse_args(argv):
             parser.error(f"--{name} must be at least 1")
     if not 0 < args.max_seconds <= 3600:
         parser.error("--max-seconds must be in (0, 3600]")
+    if args.during and args.scenarios:
+        parser.error("--during and --scenarios measure different things: choose one")
     return args
 
 
@@ -384,6 +471,8 @@ def run(argv) -> int:
     records: list[ls.Record] = []
     scenarios: list[dict] | None = None
     failure = None
+    during: During | None = None
+    window = None
     try:
         if args.scenarios:
             manager, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
@@ -400,16 +489,25 @@ def run(argv) -> int:
                 return 1
             meta["target"] = args.target
             meta["endpoints"] = ", ".join(e.url for e in endpoints)
+            if args.during:
+                out.mkdir(parents=True, exist_ok=True)
+                during = During(args.during, out / "during.log", args.settle,
+                                args.during_timeout).start()
             records = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
                                            args.max_seconds, not args.no_stream, args.max_tokens,
-                                           args.request_timeout))
+                                           args.request_timeout,
+                                           until=during.settled if during else None))
+            if during:
+                during.join()
+                meta.update(during.meta(records))
+                window = (during.started, during.ended)
     except RuntimeError as error:
         failure = str(error)
         meta["stopped"] = failure
     if failure and not records:
         print(f"loadtest: {failure}", file=sys.stderr)
         return 1
-    written = ls.write_reports(out, records, meta, scenarios)
+    written = ls.write_reports(out, records, meta, scenarios, window=window)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written.values()))
     failed = [r for r in records if not r.ok]
@@ -417,7 +515,14 @@ def run(argv) -> int:
         print(f"loadtest: {len(failed)} of {len(records)} request(s) failed", file=sys.stderr)
     if failure:  # the scenarios that ran are in the reports
         print(f"loadtest: stopped: {failure}", file=sys.stderr)
-    return 1 if failed or failure or not records else 0
+    if during and not during.ok:
+        print(f"loadtest: --during exited {meta.get('during_exit_code')} (its output: "
+              f"{during.log})", file=sys.stderr)
+    if during and not meta.get("during_covered"):
+        print("loadtest: the load stopped before --during's command ended: raise --max-seconds "
+              "or --requests", file=sys.stderr)
+    during_bad = during is not None and not (during.ok and meta.get("during_covered"))
+    return 1 if failed or failure or not records or during_bad else 0
 
 
 def _exit_on_sigterm(signum, frame):

@@ -15,9 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     def __init__(self, models=("tiny-llama",), key="sk-test", tokens=4, token_delay_s=0.0,
-                 fail_every=0):
+                 fail_every=0, cut_streams=False):
         self.models, self.key, self.tokens = list(models), key, tokens
         self.token_delay_s, self.fail_every = token_delay_s, fail_every
+        self.cut_streams = cut_streams  # streams end cleanly but before `data: [DONE]`
         self.requests = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -92,6 +93,9 @@ class FakeOpenAI:
                     chunk = {"choices": [{"delta": {"content": "hi "}}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                if fake.cut_streams:  # an engine that went away mid-stream
+                    self.close_connection = True
+                    return
                 usage = {"choices": [], "usage": {"completion_tokens": fake.tokens}}
                 self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
                 self.wfile.flush()

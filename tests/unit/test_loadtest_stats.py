@@ -200,3 +200,76 @@ def test_the_cli_writes_every_report_against_a_url(tmp_path, capsys):
     everything = printed.out + printed.err + "".join(p.read_text(errors="ignore")
                                                      for p in out.iterdir() if p.suffix != ".png")
     assert KEY not in everything
+
+
+def test_a_stream_cut_before_done_is_a_failed_request():
+    with FakeOpenAI(key=KEY, tokens=3, cut_streams=True) as server:
+        records = asyncio.run(lt.run_load([lt.Endpoint(server.url, ("tiny-llama",))], KEY,
+                                          requests=3, concurrency=1, max_seconds=30))
+    assert [r.status for r in records] == [200, 200, 200]
+    assert not any(r.ok for r in records)
+    assert ls.summarize(records)["error_kinds"] == {"IncompleteStream": 3}
+
+
+# --- A command under load (--during) --------------------------------------------------------
+
+
+def _inventory(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "c" * 40}
+    inventory = tmp_path / "inv.py"
+    inventory.write_text(f"gpu_nodes = [('node-1', {{'models': [{model!r}], "
+                         f"'stack_api_key_file': {str(key_file)!r}}})]\n"
+                         "swarm_managers = ['node-1']\n")
+    return inventory
+
+
+def _during(tmp_path, server, command, *extra):
+    out = tmp_path / "out"
+    code = lt.run([str(_inventory(tmp_path)), "--requests", "100000", "--concurrency", "2",
+                   "--out", str(out), "--target", server.url, "--during", command, *extra])
+    return code, json.loads((out / "summary.json").read_text())["meta"], out
+
+
+def test_the_load_runs_until_the_command_has_exited_and_settled(tmp_path, capsys):
+    with FakeOpenAI(key=KEY, tokens=2, token_delay_s=0.01) as server:
+        code, meta, out = _during(tmp_path, server, "sleep 1; echo rolled", "--settle", "0.5",
+                                  "--max-seconds", "30")
+    assert code == 0, capsys.readouterr().err
+    assert meta["during_exit_code"] == 0 and meta["during_covered"] is True
+    assert meta["failed_during"] == 0 and 1.0 <= meta["during_s"] < 10
+    assert (out / "during.log").read_text().strip() == "rolled"
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    assert len(rows) > 10  # a steady load, not a single request
+    load = json.loads((out / "summary.json").read_text())["summaries"]["load"]
+    assert load["wall_s"] >= 1.3  # the command's second, and most of the settle time after it
+
+
+def test_failed_requests_during_the_command_fail_the_run(tmp_path, capsys):
+    with FakeOpenAI(key=KEY, tokens=2, token_delay_s=0.01, fail_every=4) as server:
+        code, meta, _ = _during(tmp_path, server, "sleep 0.5", "--settle", "0.2")
+    assert code == 1
+    assert meta["failed_during"] > 0
+    assert "request(s) failed" in capsys.readouterr().err
+
+
+def test_a_command_that_fails_fails_the_run(tmp_path, capsys):
+    with FakeOpenAI(key=KEY, tokens=2) as server:
+        code, meta, _ = _during(tmp_path, server, "exit 3", "--settle", "0.2")
+    assert code == 1 and meta["during_exit_code"] == 3
+    assert "--during exited 3" in capsys.readouterr().err
+
+
+def test_a_load_that_stops_before_the_command_ends_says_so(tmp_path, capsys):
+    with FakeOpenAI(key=KEY, tokens=2, token_delay_s=0.01) as server:
+        code, meta, _ = _during(tmp_path, server, "sleep 3", "--max-seconds", "1")
+    assert code == 1 and meta["during_covered"] is False
+    assert "raise --max-seconds" in capsys.readouterr().err
+
+
+def test_during_and_scenarios_are_refused_together(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        lt.parse_args([str(_inventory(tmp_path)), "--out", str(tmp_path), "--scenarios",
+                       "--during", "true"])
+    assert refused.value.code == 2
