@@ -28,6 +28,8 @@ import json
 import os
 import platform
 import re
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,14 @@ TARGET_NOCHANGE_RATIO_SIZE = 10
 TARGET_COMMANDS_PER_HOST = 60  # remote commands per host in a no-change run: fewer than
 TARGET_HUB_COPIES = 1.1  # hub bytes for N hosts: within 1.1 copies
 TARGET_FAILED_REQUESTS = 0  # during a rolling update under load
+
+# The rolling update's load: requests in flight at once through the gateway, and seconds it
+# goes on after the deploy has returned (a failure just after convergence counts too).
+STACK_LOAD_CONCURRENCY = 4
+STACK_SETTLE_S = 5
+# A rolling update of a one-replica service stops its only engine (stop-first: a GPU holds one
+# copy of the model), so it is measured from this fleet size up (the lab serves 2 replicas).
+STACK_MIN_SIZE = 2
 
 WEIGHTS_LINE = re.compile(r"Model weights: hub bytes (\d+) .*?; LAN bytes (\d+)")
 
@@ -235,7 +245,16 @@ def build_report(runs: list[dict], machine: dict, plan: dict, reasons: dict[str,
     drift = summarize_simple(runs, "drift", ("wall_s",))
     for size, entry in drift.items():
         entry["drift_found"] = spread([sum(1 for r in _runs(runs, "drift", size) if r.get("drift_found"))])
-    stack = summarize_simple(runs, "stack", ("converge_s", "requests", "failed_requests"))
+    stack = summarize_simple(runs, "stack", ("converge_s", "deploy_s", "requests",
+                                             "failed_requests", "latency_p95_s"))
+    for size, entry in stack.items():
+        kinds: dict[str, int] = {}
+        for r in _runs(runs, "stack", size):
+            for kind, n in (r.get("error_kinds") or {}).items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        entry["error_kinds"] = kinds
+        entry["failures"] = [r["error"] for r in runs  # failed runs: kept out of the figures
+                             if r["kind"] == "stack" and r["size"] == size and r.get("error")]
     reasons = dict(reasons)
     if not drift and "drift" not in reasons:
         reasons["drift"] = "no drift check run was recorded"
@@ -366,10 +385,28 @@ def render_markdown(report: dict) -> str:
 
     lines += ["", "## Stack update under load", ""]
     if report["stack"]:
-        lines += _table(["hosts", "runs", "deploy to convergence s", "requests", "failed requests"], [
-            [str(s), str(e["runs"]), fmt(e["converge_s"]), fmt(e["requests"], 0),
-             fmt(e["failed_requests"], 0)]
-            for s, e in sorted(report["stack"].items(), key=lambda kv: int(kv[0]))])
+        lines += [f"The first served model's `gpu_memory_utilization` moves by 0.01 (`lab.py set` on "
+                  f"every host), and the deploy runs under `loadtest.py --during` with "
+                  f"{STACK_LOAD_CONCURRENCY} streamed requests in flight through the gateway, from "
+                  f"before the deploy starts until {STACK_SETTLE_S} s after it returns. Deploy to "
+                  "convergence: the inference stack phase (render, `docker stack deploy`, poll until "
+                  "every task of the new spec runs and is healthy); deploy: the whole run. A "
+                  "request fails on any non-2xx status, a transport error, or a stream that ends "
+                  "before `data: [DONE]`.", ""]
+        ordered = sorted(report["stack"].items(), key=lambda kv: int(kv[0]))
+        lines += _table(["hosts", "runs", "deploy to convergence s", "deploy s", "requests",
+                         "failed requests", "latency p95 s", "failures by kind"], [
+            [str(s), str(e["runs"]), fmt(e["converge_s"]), fmt(e.get("deploy_s")),
+             fmt(e["requests"], 0), fmt(e["failed_requests"], 0), fmt(e.get("latency_p95_s"), 2),
+             ", ".join(f"{k} x{n}" for k, n in (e.get("error_kinds") or {}).items()) or "-"]
+            for s, e in ordered])
+        for s, e in ordered:
+            for failure in e.get("failures") or []:
+                lines.append(f"- {hosts(int(s))}: a run failed: {failure}")
+        lines += ["", "Latency over time during the last rolling update (the deploy's window "
+                  "shaded; errors marked x): " + ", ".join(
+                      f"[{hosts(int(s))}](stack-update-{s}/latency_over_time.png)"
+                      for s, _ in ordered) + "."]
     else:
         lines.append(f"Not measured: {report['not_measured'].get('stack', 'no run recorded')}.")
 
@@ -668,17 +705,12 @@ def capped_models(models: list[dict], size: int) -> list[dict] | None:
 
 
 def fit_replicas(lab: str, size: int) -> bool:
-    """A fleet smaller than the lab's replica count gets fewer replicas, set as an operator
-    would (`lab.py set` on every host: the key must agree fleet-wide); said in the run record."""
-    state = lab_state(lab)
-    models = capped_models(state.get("settings", {}).get("models", []), size)
+    """A fleet smaller than the lab's replica count gets fewer replicas (set_models); said in
+    the run record."""
+    models = capped_models(lab_state(lab).get("settings", {}).get("models", []), size)
     if models is None:
         return False
-    for host in state["hosts"]:
-        code, _, out, err = run([*LAB, "set", host["name"], f"models={json.dumps(models)}"], lab,
-                                timeout=60)
-        if code != 0:
-            raise RuntimeError(f"lab.py set {host['name']} models failed: {_tail(err or out)}")
+    set_models(lab, models)
     print(f"bench: {lab}: replicas capped at {size} (one per node)", flush=True)
     return True
 
@@ -694,19 +726,80 @@ def drift_check(size: int, repeat: int, command: list[str]) -> dict:
     return record
 
 
-def stack_update(size: int, repeat: int, command: list[str]) -> dict:
-    """The stack measurement command's last stdout line: JSON with converge_s, requests and
-    failed_requests (the contract with the load test; see --stack-cmd)."""
+def toggled_models(models: list[dict]) -> list[dict]:
+    """The lab's models with the first served model's gpu_memory_utilization moved by 0.01
+    (0.90 -> 0.89 -> 0.90 ...): the engine's command line changes, so Swarm rolls every task of
+    its service, as a real tuning change would."""
+    changed, done = [], False
+    for model in models:
+        if not done and model.get("serve", True):
+            current = float(model.get("gpu_memory_utilization", 0.9))
+            model = {**model, "gpu_memory_utilization": round(
+                current - 0.01 if current >= 0.9 else current + 0.01, 2)}
+            done = True
+        changed.append(model)
+    return changed
+
+
+def set_models(lab: str, models: list[dict]) -> None:
+    """`lab.py set HOST models=...` on every host, as an operator would change the inventory
+    (the key must agree fleet-wide)."""
+    for host in lab_state(lab)["hosts"]:
+        code, _, out, err = run([*LAB, "set", host["name"], f"models={json.dumps(models)}"], lab,
+                                timeout=60)
+        if code != 0:
+            raise RuntimeError(f"lab.py set {host['name']} models failed: {_tail(err or out)}")
+
+
+def stack_update(size: int, repeat: int, work: Path, out: Path) -> dict:
+    """A rolling update of the stack under a steady load: the model's engine setting changes
+    (toggled_models), and the deploy runs through the probe as `loadtest.py --during`, with
+    STACK_LOAD_CONCURRENCY requests in flight through the gateway from before the deploy starts
+    until STACK_SETTLE_S after it ends. The load test's reports of the last repeat are kept in
+    DIR/stack-update-N/."""
     lab = lab_name(size)
-    code, seconds, out, err = run(command, lab)
-    record = {"kind": "stack", "size": size, "repeat": repeat, "lab": lab, "ok": False,
-              "wall_s": round(seconds, 3), "exit_code": code}
+    record = {"kind": "stack", "size": size, "repeat": repeat, "lab": lab, "ok": False}
+    set_models(lab, toggled_models(lab_state(lab).get("settings", {}).get("models", [])))
+    counts_file = work / f"{lab}-stack-{repeat}.counts.json"
+    report_dir = out / f"stack-update-{size}"
+    shutil.rmtree(report_dir, ignore_errors=True)
+    deploy = shlex.join([str(VENV_PYTHON), str(PROBE), str(counts_file), "--", "-y",
+                         "inventories/lab.py", "deploy.py"])
+    code, seconds, stdout, stderr = run(
+        [str(VENV_PYTHON), str(LOADTEST_SCRIPT), "inventories/lab.py", "--out", str(report_dir),
+         "--concurrency", str(STACK_LOAD_CONCURRENCY), "--requests", "1000000",
+         "--max-seconds", "1800", "--settle", str(STACK_SETTLE_S), "--during", deploy], lab)
+    record.update({"wall_s": round(seconds, 3), "exit_code": code, "load": load_average()})
+    (report_dir / "requests.csv").unlink(missing_ok=True)  # one row per request: not committed
     try:
-        result = json.loads(out.strip().splitlines()[-1])
-        record.update({k: result[k] for k in ("converge_s", "requests", "failed_requests")})
-        record["ok"] = code == 0
-    except (ValueError, IndexError, KeyError, TypeError):
-        record["error"] = f"no result line (exit {code}): {_tail(err or out)}"
+        summary = json.loads((report_dir / "summary.json").read_text())
+        counts = json.loads(counts_file.read_text())
+    except (OSError, ValueError) as error:
+        record["error"] = f"no load test or deploy result ({error}): {_tail(stderr or stdout)}"
+        return record
+    meta, load = summary["meta"], summary["summaries"]["load"]
+    hosts = counts.get("hosts", {}).values()
+    record.update({
+        "requests": load["requests"], "failed_requests": load["errors"],
+        "error_kinds": load["error_kinds"],
+        "latency_p95_s": (load.get("latency_s") or {}).get("p95"),
+        "deploy_s": meta.get("during_s"), "deploy_exit_code": meta.get("during_exit_code"),
+        "covered": meta.get("during_covered"),
+        # Deploy to convergence: the stack phase (render, deploy, poll until every task of the
+        # new spec runs and is healthy), not the phases before it.
+        "converge_s": counts.get("phase_s", {}).get("Inference stack"),
+        "changed_operations": sum(h.get("changed_operations", 0) for h in hosts),
+    })
+    problems = []
+    if meta.get("during_exit_code") != 0:
+        problems.append(f"the deploy exited {meta.get('during_exit_code')}")
+    if not meta.get("during_covered"):
+        problems.append("the load stopped before the deploy ended")
+    if not record["changed_operations"]:
+        problems.append("the deploy changed nothing: no rolling update was measured")
+    if problems:
+        record["error"] = "; ".join(problems)
+    record["ok"] = not problems
     return record
 
 
@@ -736,24 +829,23 @@ def fits(size: int, per_host_mib: float | None) -> str | None:
     return None
 
 
-def measure(sizes: list[int], repeats: int, out: Path, keep: bool, drift_cmd, stack_cmd) -> dict:
+def measure(sizes: list[int], repeats: int, out: Path, keep: bool, drift_cmd,
+            stack_updates: bool) -> dict:
     """The plan: each size, each repeat; raw records appended as they are taken."""
     # The probe's counts files are scratch: each lands whole in its run record.
     with tempfile.TemporaryDirectory(prefix="bench-probe-") as scratch:
-        return _measure(sizes, repeats, out, keep, drift_cmd, stack_cmd, Path(scratch))
+        return _measure(sizes, repeats, out, keep, drift_cmd, stack_updates, Path(scratch))
 
 
-def _measure(sizes, repeats, out, keep, drift_cmd, stack_cmd, work: Path) -> dict:
+def _measure(sizes, repeats, out, keep, drift_cmd, stack_updates, work: Path) -> dict:
     reasons, skipped = {}, []
     if drift_cmd is None:
         reasons["drift"] = f"{DRIFT_SCRIPT.relative_to(REPO_ROOT)} is not in this checkout"
-    if stack_cmd is None:
-        reasons["stack"] = (f"{LOADTEST_SCRIPT.relative_to(REPO_ROOT)} is not in this checkout"
-                            if not LOADTEST_SCRIPT.exists() else
-                            "not wired in this version: scripts/loadtest.py exists, but the "
-                            "driver that deploys a stack change while it runs (deploy to "
-                            "convergence, failed requests) is not built; --stack-cmd takes one "
-                            "that prints converge_s, requests, failed_requests as JSON")
+    if not stack_updates:
+        reasons["stack"] = "not asked for (--no-stack-update)"
+    elif max(sizes) < STACK_MIN_SIZE:
+        reasons["stack"] = (f"measured from {STACK_MIN_SIZE} hosts: a one-replica service has no "
+                            "other engine to serve while its only one restarts")
     per_host_mib = None
     for size in sizes:
         reason = fits(size, per_host_mib)
@@ -776,8 +868,12 @@ def _measure(sizes, repeats, out, keep, drift_cmd, stack_cmd, work: Path) -> dic
                 _say(record)
                 if drift_cmd:
                     append_run(out, drift_check(size, repeat, drift_cmd))
-                if stack_cmd:
-                    append_run(out, stack_update(size, repeat, stack_cmd))
+                if stack_updates and size >= STACK_MIN_SIZE:
+                    print(f"bench: {size} hosts, repeat {repeat}/{repeats}: rolling update under "
+                          "load", flush=True)
+                    record = stack_update(size, repeat, work, out)
+                    append_run(out, record)
+                    _say_stack(record)
         finally:
             if not keep:
                 run([*LAB, "down"], lab, timeout=600)
@@ -790,6 +886,14 @@ def _say(record: dict) -> None:
     print(f"bench:   {record['kind']}: {'ok' if record['ok'] else 'FAILED'} "
           f"{record.get('wall_s') or 0:.0f}s, {commands} commands over {len(hosts)} hosts, "
           f"{record.get('changed_operations')} operations changed"
+          + (f"; {record['error']}" if record.get("error") else ""), flush=True)
+
+
+def _say_stack(record: dict) -> None:
+    print(f"bench:   stack: {'ok' if record['ok'] else 'FAILED'} converged in "
+          f"{record.get('converge_s') or 0:.0f}s, {record.get('failed_requests')} of "
+          f"{record.get('requests')} requests failed"
+          + (f" {record['error_kinds']}" if record.get("error_kinds") else "")
           + (f"; {record['error']}" if record.get("error") else ""), flush=True)
 
 
@@ -834,8 +938,8 @@ def main(argv: list[str] | None = None) -> int:
                         "plan section carries from now on (repeatable)")
     parser.add_argument("--drift-cmd", help="drift check command (default: scripts/drift_check.py "
                         "inventories/lab.py under .venv, when that script exists)")
-    parser.add_argument("--stack-cmd", help="stack update measurement: must print, as its last "
-                        "line, JSON with converge_s, requests, failed_requests")
+    parser.add_argument("--no-stack-update", action="store_true",
+                        help="skip the rolling update under load")
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     if not sizes or sizes[0] < 1 or not 1 <= args.repeats <= 20:
@@ -851,7 +955,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         drift_cmd = args.drift_cmd.split() if args.drift_cmd else (
             [str(VENV_PYTHON), str(DRIFT_SCRIPT), "inventories/lab.py"] if DRIFT_SCRIPT.exists() else None)
-        stack_cmd = args.stack_cmd.split() if args.stack_cmd else None
         machine = machine_description()
         plan = {"sizes": sizes, "repeats": args.repeats, "commit": git_commit(),
                 "command": "scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -860,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
             first_pass = True
         else:
             first_pass = False
-        outcome = measure(sizes, args.repeats, args.out, args.keep, drift_cmd, stack_cmd)
+        outcome = measure(sizes, args.repeats, args.out, args.keep, drift_cmd,
+                          not args.no_stack_update)
         machine["load_end"] = load_average()
         machine["note"] = ("Shared development machine: other labs may have run at the same time "
                            "(load averages above).")

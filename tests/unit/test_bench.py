@@ -224,3 +224,25 @@ def test_replicas_are_capped_at_the_fleet_size_only_when_they_do_not_fit():
     assert bench.capped_models(models, 3) is None
     assert bench.capped_models(models, 1) == [{"name": "tiny-llama", "replicas": 1},
                                               {"name": "other", "replicas": 1}]
+
+
+def test_the_rolling_update_moves_the_first_served_models_setting_back_and_forth():
+    models = [{"name": "off", "serve": False}, {"name": "a"}, {"name": "b"}]
+    once = bench.toggled_models(models)
+    twice = bench.toggled_models(once)
+    assert [m.get("gpu_memory_utilization") for m in once] == [None, 0.89, None]
+    assert twice[1]["gpu_memory_utilization"] == 0.9 and models[1] == {"name": "a"}
+
+
+def test_the_stack_section_gives_failures_by_kind_and_failed_runs():
+    runs = recorded() + [
+        {"kind": "stack", "size": 3, "repeat": 1, "ok": True, "converge_s": 40.0, "deploy_s": 48.0,
+         "requests": 500, "failed_requests": 2, "error_kinds": {"HTTP 503": 2},
+         "latency_p95_s": 0.8},
+        {"kind": "stack", "size": 3, "repeat": 2, "ok": False, "converge_s": None,
+         "requests": 300, "failed_requests": 0, "error": "the deploy exited 1"}]
+    report = bench.build_report(runs, {}, {}, {})
+    markdown = bench.render_markdown(report)
+    assert "| 3 | 1 | 40.0 | 48.0 | 500 | 2 | 0.80 | HTTP 503 x2 |" in markdown  # ok runs only
+    assert "- 3 hosts: a run failed: the deploy exited 1" in markdown
+    assert "(stack-update-3/latency_over_time.png)" in markdown
