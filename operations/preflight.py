@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
-from operations.phase import fail_host
+from operations.phase import fail_host, read_fact
 
 # Distributions the deploy is built and tested for: NVIDIA's CUDA repository and Docker's both
 # publish for exactly these.
@@ -257,8 +257,8 @@ def verify(
 
 
 def _readiness(models_dir: str, docker_data_root: str) -> dict[str, str]:
-    return host.get_fact(
-        HostReadiness, models_dir=models_dir, docker_data_root=docker_data_root, _sudo=False
+    return read_fact(
+        host, HostReadiness, models_dir=models_dir, docker_data_root=docker_data_root, _sudo=False
     )
 
 
@@ -271,8 +271,8 @@ def preflight(settings) -> bool:
     time, because when pyinfra detects changes (--dry, or no -y) it runs every later phase's
     operations at plan time: on a host refused for its sudo, their sudo fact reads prompt for a
     password and abort the whole run (seen against the lab), and an unsupported OS would make
-    them raise. pyinfra 3.10 keeps no fact cache, so the script runs twice per host (here and in
-    `verify`); it is read-only and quick. In those change-detecting runs the reasons are also
+    them raise. `read_fact` runs the script once: `verify` is the first operation, so nothing
+    has changed in between. In those change-detecting runs the reasons are also
     printed now, since --dry never reaches `verify`'s execution.
     """
     verify(
