@@ -127,6 +127,10 @@ class ModelSpec(BaseModel):
     gpu_model: str | None = None
     # Seconds a replica may take to load before failing health checks count (large models: minutes).
     health_start_period_s: Annotated[int, Field(ge=10, le=7200)] = 1200
+    # Seconds Swarm waits, after SIGTERM, for a replica to finish its in-flight requests before
+    # killing it (rolling updates, drains): a longer generation is cut. The gateway's own
+    # timeout server (15 min) bounds a request anyway.
+    stop_grace_period_s: Annotated[int, Field(ge=10, le=3600)] = 300
     # Image for this model's engine; None: stack_engine_images[engine].
     image: ImageRef | None = None
 

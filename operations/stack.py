@@ -222,6 +222,7 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
             "secrets": engine_secrets,
             "healthcheck": engine_healthcheck(spec.engine, spec.port),
             "start_period_s": spec.health_start_period_s,
+            "stop_grace_period_s": spec.stop_grace_period_s,
             "replicas": spec.replicas,
             "gpus": spec.tensor_parallel_size,
             "constraints": constraints,

@@ -55,10 +55,18 @@ def test_vllm_service_has_the_engine_arguments_weights_shm_gpus_and_secrets():
     assert reservations == [{"discrete_resource_spec": {"kind": "NVIDIA-GPU", "value": 2}}]
     assert svc["secrets"] == [{"source": "api_key", "target": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
     assert svc["healthcheck"]["start_period"] == "1200s"
+    assert svc["stop_grace_period"] == "300s"  # time to finish in-flight requests after SIGTERM
     assert svc["deploy"]["update_config"]["failure_action"] == "rollback"
     # The key is read from the secret file inside the container, never from the stack file.
     assert "cat /run/secrets/api_key" in svc["entrypoint"][2]
     assert "VLLM_API_KEY=" not in json.dumps(svc["environment"])
+
+
+def test_a_model_sets_how_long_its_replicas_may_drain():
+    doc, _, _ = render([model("m", stop_grace_period_s=900)])
+    assert doc["services"]["m"]["stop_grace_period"] == "900s"
+    with pytest.raises(Exception, match="stop_grace_period_s"):
+        render([model("m", stop_grace_period_s=5)])
 
 
 def test_dollars_are_escaped_for_the_stack_deploy_interpolation():
