@@ -178,7 +178,7 @@ def test_errors_are_recorded_not_raised():
     assert {r.status for r in wrong_key} == {401}
 
 
-def test_the_cli_writes_every_report_against_a_url(tmp_path, capsys):
+def _inventory(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
     model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "c" * 40}
@@ -186,6 +186,11 @@ def test_the_cli_writes_every_report_against_a_url(tmp_path, capsys):
     inventory.write_text(f"gpu_nodes = [('node-1', {{'models': [{model!r}], "
                          f"'stack_api_key_file': {str(key_file)!r}}})]\n"
                          "swarm_managers = ['node-1']\n")
+    return inventory
+
+
+def test_the_cli_writes_every_report_against_a_url(tmp_path, capsys):
+    inventory = _inventory(tmp_path)
     out = tmp_path / "out"
     with FakeOpenAI(key=KEY, tokens=3) as server:
         code = lt.run([str(inventory), "--requests", "24", "--concurrency", "4", "--out", str(out),
@@ -212,17 +217,6 @@ def test_a_stream_cut_before_done_is_a_failed_request():
 
 
 # --- A command under load (--during) --------------------------------------------------------
-
-
-def _inventory(tmp_path):
-    key_file = tmp_path / "key"
-    key_file.write_text(KEY)
-    model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "c" * 40}
-    inventory = tmp_path / "inv.py"
-    inventory.write_text(f"gpu_nodes = [('node-1', {{'models': [{model!r}], "
-                         f"'stack_api_key_file': {str(key_file)!r}}})]\n"
-                         "swarm_managers = ['node-1']\n")
-    return inventory
 
 
 def _during(tmp_path, server, command, *extra):
