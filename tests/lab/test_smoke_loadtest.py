@@ -1,7 +1,8 @@
 """Smoke tests and the load test against the lab's deployed stack: the smoke script passes on a
 converged lab, fails naming the endpoint and the check when an engine task is stopped or the
-API key is wrong, and the load test writes its CSV, Markdown, JSON and PNGs (and its scenario
-comparison, restoring the replica count it changed).
+API key is wrong, the load test writes its CSV, Markdown, JSON and PNGs (and its scenario
+comparison, restoring the replica count it changed), and a rolling update of the engines under
+load fails no request.
 
 The module deploys first (alone, that is every phase; after test_run*.py a converged fleet
 gets its stack). Tests run in file order: the stopped engine is back before the load tests.
@@ -147,4 +148,45 @@ def test_the_scenarios_compare_replicas_and_paths_and_restore_the_count(deployed
     assert len(scenarios[3]["endpoints"]) == 2 and len(scenarios[1]["endpoints"]) == 1
     assert all(s["usage_totals"]["samples"] > 0 for s in scenarios), scenarios
     assert "## Scenarios" in (out / "summary.md").read_text()
+    assert smoke_until_it_passes(deployed).returncode == 0
+
+
+def engine_args(lab):
+    return manager_lines(lab, f"sudo docker service inspect {ENGINE_SERVICE} "
+                              "--format '{{json .Spec.TaskTemplate.ContainerSpec.Args}}'")[0]
+
+
+def set_models(lab, models):
+    for host in lab.hosts:
+        done = lab.cli("set", host["name"], f"models={json.dumps(models)}")
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_rolling_update_under_load_fails_no_request(deployed, tmp_path):
+    """The engine's setting changes and the deploy rolls every replica (stop-first, one at a
+    time) while four streamed requests are always in flight through the gateway: the gateway
+    retries new requests away from the replica being replaced, which finishes the ones it has."""
+    models = deployed.state["settings"]["models"]
+    changed = [{**models[0], "gpu_memory_utilization": 0.85}, *models[1:]]
+    before = engine_args(deployed)
+    out = tmp_path / "rollout"
+    try:
+        set_models(deployed, changed)
+        deploy = f"{REPO / '.venv' / 'bin' / 'pyinfra'} -y inventories/lab.py deploy.py"
+        result = script(deployed, "loadtest.py", "--concurrency", "4", "--max-tokens", "8",
+                        "--requests", "100000", "--max-seconds", "600", "--settle", "3",
+                        "--during", deploy, "--out", str(out), timeout=900)
+        printed = result.stdout + result.stderr
+        meta = json.loads((out / "summary.json").read_text())["meta"]
+        rolled = engine_args(deployed)
+    finally:  # the lab's own models again, deployed, for the tests after this one
+        for host in deployed.hosts:
+            deployed.cli("unset", host["name"], "models")
+        restored = deployed.pyinfra("-y", "inventories/lab.py", "deploy.py")
+    assert meta["during_exit_code"] == 0, (out / "during.log").read_text()[-3000:]
+    assert '"0.85"' in rolled and rolled != before, "the deploy did not roll the engine"
+    assert meta["during_covered"] is True
+    assert result.returncode == 0 and meta["failed_during"] == 0, printed
+    assert json.loads((out / "summary.json").read_text())["summaries"]["load"]["requests"] > 40
+    assert restored.returncode == 0, restored.stderr[-3000:]
     assert smoke_until_it_passes(deployed).returncode == 0
