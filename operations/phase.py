@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import weakref
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from gevent.lock import RLock
@@ -111,6 +112,30 @@ _TURNS: dict[str, RLock] = {}
 def other_host_turn(other) -> RLock:
     """The lock to hold while using another host's connection."""
     return _TURNS.setdefault(other.name, RLock())  # no yield in between: no race
+
+
+def host_sudo(target) -> bool:
+    """Whether commands on `target` run with sudo: its own `_sudo` data. Said explicitly when
+    one host uses another's connection: pyinfra would apply the current host's operation
+    arguments."""
+    return bool(target.data.get("_sudo"))
+
+
+@contextmanager
+def on_other_host(other):
+    """Another inventory host, connected (a host outside this run too: then only read), while
+    holding its turn."""
+    with other_host_turn(other):
+        if not other.connected:
+            other.connect(raise_exceptions=True)
+        yield other
+
+
+def other_host_fact(other, fact_cls, **kwargs) -> Any:
+    """A fact of another inventory host, with that host's own sudo, read once while nothing
+    changes (read_fact)."""
+    with on_other_host(other):
+        return read_fact(other, fact_cls, _sudo=host_sudo(other), **kwargs)
 
 
 # --- Reading a fact once while nothing changes ----------------------------------------------

@@ -42,7 +42,7 @@ import httpx
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 
-from operations.phase import PhaseResult, fail_host, other_host_turn, read_fact
+from operations.phase import PhaseResult, fail_host, other_host_fact
 from operations.stack import service_key  # the stack's own naming: <stack>_<key>
 
 HEALTH_REQUEST_TIMEOUT_S = 10.0
@@ -637,11 +637,8 @@ def read_stack(managers: list, stack_name: str) -> dict[str, Any]:
     last = "no manager in the inventory"
     for other in managers:
         try:
-            with other_host_turn(other):  # every host reads this manager: one session at a time
-                if not other.connected:
-                    other.connect(raise_exceptions=True)
-                stack = read_fact(other, SmokeStack, stack_name=stack_name,
-                                       _sudo=bool(other.data.get("_sudo")))
+            # Every host reads this manager: one session at a time, one read while nothing changes.
+            stack = other_host_fact(other, SmokeStack, stack_name=stack_name)
         except Exception as error:  # an unreachable manager: the next may answer
             last = f"{other.name}: {error!r}"
             continue

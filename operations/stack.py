@@ -57,8 +57,10 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
 from operations import sizing
-from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host, read_fact
-from operations.swarm import SwarmNodes, _inventory_hosts, _sudo
+from operations.phase import (
+    PhaseResult, explain, fail_host, fails_only_this_host, host_sudo, read_fact,
+)
+from operations.swarm import SwarmNodes, _inventory_hosts
 from operations.weights import MANIFEST_NAME, read_token
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -557,7 +559,7 @@ def create_secret(state, host, stack: str, kind: str, name: str, value_of: Calla
     request = secret_request(name, kind, stack, value_of())
     ok, output = host.run_shell_command(
         StringCommand("sh", "-c", QuoteString(_ENGINE_API_SCRIPT), "api", "201"),
-        print_output=False, print_input=False, _stdin=[request], _sudo=_sudo(host),
+        print_output=False, print_input=False, _stdin=[request], _sudo=host_sudo(host),
     )
     del request
     if not ok:
@@ -575,7 +577,7 @@ def wait_converged(state, host, stack: str, timeout_s: int, watched: list[str] |
     started = time.monotonic()
     while True:
         ok, output = host.run_shell_command(StackState().command(stack), print_output=False,
-                                            print_input=False, _sudo=_sudo(host))
+                                            print_input=False, _sudo=host_sudo(host))
         current = parse_stack_state(output.stdout_lines if ok else [])
         done, progress, failures = convergence(current["services"],
                                                set(watched) if watched is not None else None)
@@ -606,7 +608,7 @@ def failed_tasks(host, services: list[str], limit: int = 6) -> list[str]:
         StringCommand("docker service ps --no-trunc --format",
                       QuoteString("{{.Name}} on {{.Node}}: {{.CurrentState}}: {{.Error}}"),
                       *[QuoteString(name) for name in services]),
-        print_output=False, print_input=False, _sudo=_sudo(host))
+        print_output=False, print_input=False, _sudo=host_sudo(host))
     if not ok:
         return []
     return [line for line in output.stdout_lines if line.rstrip().endswith(":") is False
@@ -617,7 +619,7 @@ def remove_stale(state, host, kind: str, names: list[str]) -> bool:
     """Remove secrets/configs no service uses any more (after the services rolled off them)."""
     for name in names:
         ok, output = host.run_shell_command(StringCommand("docker", kind, "rm", QuoteString(name)),
-                                            print_output=False, _sudo=_sudo(host))
+                                            print_output=False, _sudo=host_sudo(host))
         if ok:
             host.log_styled(f"removed {kind} {name} (no longer used)")
         else:

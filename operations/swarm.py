@@ -41,7 +41,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, d
 
 from operations.nvidia import NvidiaHost
 from operations.phase import (
-    PhaseResult, explain, fail_host, finding, other_host_turn, read_fact,
+    PhaseResult, explain, fail_host, finding, host_sudo, on_other_host, other_host_fact, read_fact,
 )
 
 LABEL_PREFIX = "gpufleet."
@@ -397,11 +397,9 @@ def swarm_init(advertise: str | None, fleet: dict | Callable | None = None, take
 
 
 def _run_on(other, command: StringCommand):
-    with other_host_turn(other):
-        if not other.connected:
-            other.connect(raise_exceptions=True)
+    with on_other_host(other):
         return other.run_shell_command(
-            command, print_output=False, print_input=False, _sudo=_sudo(other)
+            command, print_output=False, print_input=False, _sudo=host_sudo(other)
         )
 
 
@@ -426,7 +424,7 @@ def join_with_token(state, host, role: str, manager: str, advertise: str | None)
     ok, output = host.run_shell_command(
         StringCommand("sh -c", QuoteString(JOIN_SCRIPT)),
         print_output=False, print_input=False, _stdin=[request],
-        _sudo=_sudo(host),
+        _sudo=host_sudo(host),
     )
     del request
     if not ok:
@@ -746,21 +744,8 @@ def _inventory_hosts(inventory) -> tuple[list, list]:
             sorted(managers, key=lambda h: order[h.name]))
 
 
-def _sudo(other) -> bool:
-    return bool(other.data.get("_sudo"))
-
-
-def _fact(other, fact):
-    """A fact of another inventory host, with that host's own sudo (pyinfra would apply the
-    current host's operation arguments); connects a host outside the run (read only)."""
-    with other_host_turn(other):
-        if not other.connected:
-            other.connect(raise_exceptions=True)
-        return read_fact(other, fact, _sudo=_sudo(other))
-
-
 def _info(other) -> dict[str, Any]:
-    return _fact(other, SwarmInfo)
+    return other_host_fact(other, SwarmInfo)
 
 
 def fleet_swarm(managers) -> dict[str, Any] | None:
@@ -847,7 +832,7 @@ def swarm(settings) -> PhaseResult:
         for other in in_run():
             if other.name in wanted:
                 wanted[other.name]["labels"] = wanted_labels(
-                    other.name, _fact(other, NvidiaHost),
+                    other.name, other_host_fact(other, NvidiaHost),
                     dict(other.data.get("swarm_node_labels", {}) or {}),
                 )
         return wanted
