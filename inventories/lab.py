@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from operations.config import validate_inventory
+from scripts.lab.fleet import capped_replicas
 
 _lab = os.environ.get("LAB_NAME") or "gpulab"
 _state_file = Path(__file__).resolve().parent.parent / ".lab" / _lab / "hosts.json"
@@ -25,12 +26,10 @@ _state = json.loads(_state_file.read_text())
 
 
 def _lab_settings(hosts):
-    """The stand-ins' settings, with each model's replicas capped at the lab's host count (one
-    replica per node: a 1-host lab serves one)."""
+    """The stand-ins' settings, with each model's replicas capped at the lab's host count."""
     settings = dict(_state.get("settings", {}))
     if "models" in settings:
-        settings["models"] = [{**m, "replicas": min(m.get("replicas", 1), max(1, len(hosts)))}
-                              for m in settings["models"]]
+        settings["models"] = capped_replicas(settings["models"], len(hosts))
     return settings
 
 

@@ -40,6 +40,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.lab.fleet import capped_replicas  # noqa: E402  the lab inventory's own rule
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 LAB = [sys.executable, str(REPO_ROOT / "scripts" / "lab.py")]
 PROBE = REPO_ROOT / "scripts" / "bench_probe.py"
@@ -679,7 +682,10 @@ def fresh_provisioning(size: int, repeat: int, work: Path) -> dict:
     if code != 0:
         return {"kind": "fresh", "size": size, "repeat": repeat, "lab": lab, "ok": False,
                 "wall_s": None, "error": f"lab up failed: {_tail(err or out)}", "counts": {}}
-    capped = fit_replicas(lab, size)
+    models = lab_state(lab).get("settings", {}).get("models", [])
+    capped = capped_replicas(models, size) != models  # inventories/lab.py caps them
+    if capped:
+        print(f"bench: {lab}: replicas capped at {size} (one per node)", flush=True)
     try:
         hub_request(lab, "POST", "/_lab/stats/reset")
     except OSError as error:
@@ -694,25 +700,6 @@ def fresh_provisioning(size: int, repeat: int, work: Path) -> dict:
     record["one_copy_bytes"] = one_copy_bytes(lab)
     record["host_memory_mib"] = host_memory_mib(lab)
     return record
-
-
-def capped_models(models: list[dict], size: int) -> list[dict] | None:
-    """The lab's models with `replicas` capped at the fleet size (host-mode ports place one
-    replica per node: the deploy refuses more replicas than nodes), or None when all fit."""
-    if all(int(m.get("replicas", 1)) <= size for m in models):
-        return None
-    return [{**m, "replicas": min(int(m.get("replicas", 1)), size)} for m in models]
-
-
-def fit_replicas(lab: str, size: int) -> bool:
-    """A fleet smaller than the lab's replica count gets fewer replicas (set_models); said in
-    the run record."""
-    models = capped_models(lab_state(lab).get("settings", {}).get("models", []), size)
-    if models is None:
-        return False
-    set_models(lab, models)
-    print(f"bench: {lab}: replicas capped at {size} (one per node)", flush=True)
-    return True
 
 
 def drift_check(size: int, repeat: int, command: list[str]) -> dict:
@@ -759,7 +746,8 @@ def stack_update(size: int, repeat: int, work: Path, out: Path) -> dict:
     DIR/stack-update-N/."""
     lab = lab_name(size)
     record = {"kind": "stack", "size": size, "repeat": repeat, "lab": lab, "ok": False}
-    set_models(lab, toggled_models(lab_state(lab).get("settings", {}).get("models", [])))
+    models = capped_replicas(lab_state(lab).get("settings", {}).get("models", []), size)
+    set_models(lab, toggled_models(models))
     counts_file = work / f"{lab}-stack-{repeat}.counts.json"
     report_dir = out / f"stack-update-{size}"
     shutil.rmtree(report_dir, ignore_errors=True)

@@ -137,6 +137,14 @@ def planned_hosts(lab: str, subnet: ipaddress.IPv4Network, count: int) -> list[H
     ]
 
 
+def capped_replicas(models: list[dict], host_count: int) -> list[dict]:
+    """The lab's models with each `replicas` capped at the lab's host count: engines listen on
+    their node's port, one replica per node, and the deploy refuses more replicas than nodes
+    (a 1-host lab serves one)."""
+    most = max(1, host_count)
+    return [{**m, "replicas": min(int(m.get("replicas", 1)), most)} for m in models]
+
+
 def host_count_from_names(lab: str, names: list[str]) -> int:
     """How many hosts a lab has, from its host containers' names: the highest node number (a
     gap left by a removed container is filled again by `up`, not renumbered)."""

@@ -219,13 +219,6 @@ def test_a_failed_deploy_says_which_operation_failed_on_which_host():
     assert bench.failure_summary("", "a\nb\nlast line") == "a / b / last line"
 
 
-def test_replicas_are_capped_at_the_fleet_size_only_when_they_do_not_fit():
-    models = [{"name": "tiny-llama", "replicas": 2}, {"name": "other"}]
-    assert bench.capped_models(models, 3) is None
-    assert bench.capped_models(models, 1) == [{"name": "tiny-llama", "replicas": 1},
-                                              {"name": "other", "replicas": 1}]
-
-
 def test_the_rolling_update_moves_the_first_served_models_setting_back_and_forth():
     models = [{"name": "off", "serve": False}, {"name": "a"}, {"name": "b"}]
     once = bench.toggled_models(models)

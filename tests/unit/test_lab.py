@@ -10,6 +10,15 @@ import pytest
 from scripts.lab import fleet, images
 
 
+def test_replicas_are_capped_at_the_lab_host_count_only_when_they_do_not_fit():
+    models = [{"name": "tiny-llama", "replicas": 2}, {"name": "other"}]
+    assert fleet.capped_replicas(models, 3) == [{"name": "tiny-llama", "replicas": 2},
+                                                {"name": "other", "replicas": 1}]
+    assert fleet.capped_replicas(models, 1) == [{"name": "tiny-llama", "replicas": 1},
+                                                {"name": "other", "replicas": 1}]
+    assert fleet.capped_replicas(models, 0)[0]["replicas"] == 1  # every host forgotten
+
+
 def test_subnets_are_stable_per_lab_and_inside_the_lab_range():
     assert fleet.subnet_for("gpulab") == fleet.subnet_for("gpulab")
     for name in ("gpulab", "gpulab-test", "gpulab-ci", "x"):
