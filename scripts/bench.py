@@ -779,9 +779,9 @@ def stack_update(size: int, repeat: int, work: Path, out: Path) -> dict:
         "changed_operations": sum(h.get("changed_operations", 0) for h in hosts),
     })
     problems = []
-    if meta.get("during_exit_code") != 0:
-        problems.append(f"the deploy exited {meta.get('during_exit_code')}")
-    if not meta.get("during_covered"):
+    if record["deploy_exit_code"] != 0:
+        problems.append(f"the deploy exited {record['deploy_exit_code']}")
+    if not record["covered"]:
         problems.append("the load stopped before the deploy ended")
     if not record["changed_operations"]:
         problems.append("the deploy changed nothing: no rolling update was measured")

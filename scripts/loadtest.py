@@ -433,7 +433,8 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-stream", action="store_true", help="plain (non-streamed) requests")
     parser.add_argument("--settle", type=float, default=10.0,
-                        help="seconds to wait after scaling, once healthy (scenarios)")
+                        help="seconds to wait after scaling, once healthy (scenarios); seconds "
+                             "the load goes on after --during's command exits")
     parser.add_argument("--sample-interval", type=float, default=1.0)
     parser.add_argument("--during", metavar="COMMAND",
                         help="run COMMAND (a shell command line, e.g. a deploy that rolls the "
@@ -472,7 +473,6 @@ def run(argv) -> int:
     scenarios: list[dict] | None = None
     failure = None
     during: During | None = None
-    window = None
     try:
         if args.scenarios:
             manager, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
@@ -500,14 +500,14 @@ def run(argv) -> int:
             if during:
                 during.join()
                 meta.update(during.meta(records))
-                window = (during.started, during.ended)
     except RuntimeError as error:
         failure = str(error)
         meta["stopped"] = failure
     if failure and not records:
         print(f"loadtest: {failure}", file=sys.stderr)
         return 1
-    written = ls.write_reports(out, records, meta, scenarios, window=window)
+    written = ls.write_reports(out, records, meta, scenarios,
+                               window=(during.started, during.ended) if during else None)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written.values()))
     failed = [r for r in records if not r.ok]
