@@ -14,6 +14,7 @@ from pyinfra import host
 from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.nvidia import nvidia_driver
+from operations.phase import PhaseResult, note_docker_restarts
 from operations.preflight import preflight
 from operations.smoke import smoke
 from operations.stack import stack
@@ -37,10 +38,13 @@ if preflight(settings):
     #    restarted only when it changed.
     engine = docker_engine(settings, extra_daemon_config=current_gpu_daemon_config)
 
+    # What phases 2-4 changed can restart Docker (a reboot, a changed daemon.json): the stack
+    # phase waits for the Swarm nodes of those hosts, and for no node that was down anyway.
+    engine_touched = PhaseResult(driver.ops + toolkit.ops + engine.ops)
+    note_docker_restarts(host, engine_touched)
+
     # 5. Proof that GPUs reach containers, run only when one of the above changed something.
-    gpu_container_check(
-        settings, changed=lambda: driver.changed() or toolkit.changed() or engine.changed()
-    )
+    gpu_container_check(settings, changed=engine_touched.changed)
 
     # 6. Model weights: each model read from the Hub once per fleet (on the control machine),
     #    verified against the Hub's hashes, staged on each host, checked, moved into place.

@@ -121,13 +121,47 @@ def host_sudo(target) -> bool:
     return bool(target.data.get("_sudo"))
 
 
+class HostUnreachable(Exception):
+    """Another host this run cannot reach: it did not answer pyinfra's connection at the start
+    (or a read of this run already failed to connect to it). Raised at once, not after another
+    SSH connect timeout: every later read of that host would wait out the same timeout again,
+    one turn at a time (issue 20: 10 s per read on a 3-manager fleet with its leader down)."""
+
+
+# Hosts a read in this run failed to connect to, per State: never tried again in that run.
+_UNREACHABLE: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def unreachable(other) -> bool:
+    """Whether this run could not connect to `other`: failed at pyinfra's own connection (in
+    failed_hosts, never connected), or at an earlier read of this run's."""
+    state = getattr(other, "state", None)
+    if state is None:
+        return False
+    if other in getattr(state, "failed_hosts", ()) and not other.connected:
+        return True
+    try:
+        return other.name in _UNREACHABLE.get(state, ())
+    except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
+        return False
+
+
 @contextmanager
 def on_other_host(other):
     """Another inventory host, connected (a host outside this run too: then only read), while
-    holding its turn."""
+    holding its turn. HostUnreachable at once for a host this run could not connect to."""
     with other_host_turn(other):
+        if unreachable(other):
+            raise HostUnreachable(f"{other.name} could not be reached in this run")
         if not other.connected:
-            other.connect(raise_exceptions=True)
+            try:
+                other.connect(raise_exceptions=True)
+            except Exception:
+                try:
+                    _UNREACHABLE.setdefault(other.state, set()).add(other.name)
+                except TypeError:
+                    pass
+                raise
         yield other
 
 
@@ -136,6 +170,37 @@ def other_host_fact(other, fact_cls, **kwargs) -> Any:
     changes (read_fact)."""
     with on_other_host(other):
         return read_fact(other, fact_cls, _sudo=host_sudo(other), **kwargs)
+
+
+# --- Hosts whose Docker Engine this run restarted ------------------------------------------
+#
+# A node whose Docker (or whole host) this run restarted is "down" to the Swarm's managers for
+# a few seconds; the stack phase waits for those nodes, and only those (issue 20): a node that
+# was already down, or whose host this run could not reach or failed, will not come back by
+# waiting. Each host's deploy says which of its operations may restart Docker (the driver's
+# reboot, a changed daemon.json, an engine installed or started); asked once they have run.
+_DOCKER_RESTARTS: "weakref.WeakKeyDictionary[Any, dict[str, PhaseResult]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def note_docker_restarts(target, result: PhaseResult) -> None:
+    """Remember the operations of `target` that restart its Docker Engine when they change."""
+    try:
+        _DOCKER_RESTARTS.setdefault(target.state, {})[target.name] = result
+    except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
+        pass
+
+
+def docker_restarted(state) -> set[str]:
+    """Names of the hosts whose Docker this run (so far) restarted, or may have."""
+    try:
+        noted = _DOCKER_RESTARTS.get(state, {})
+    except TypeError:
+        return set()
+    # An operation that never ran (its host failed before it) restarted nothing.
+    return {name for name, result in noted.items()
+            if any(op.is_complete() and op.did_change() for op in result.ops)}
 
 
 # --- Reading a fact once while nothing changes ----------------------------------------------

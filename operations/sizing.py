@@ -42,6 +42,10 @@ class Node:
     memory_bytes: int
     available: bool = True  # availability active and state ready
     addr: str = ""  # the address the node advertises to the Swarm (where its engines listen)
+    # availability active, whatever its state: a node the operator has not drained or paused.
+    # A node that is down (its host unreachable, say) is still active: it serves again when it
+    # comes back, so what is rendered for it (gateway servers, shm) does not change meanwhile.
+    active: bool = True
 
     @classmethod
     def from_swarm(cls, node: dict[str, Any]) -> "Node":
@@ -62,14 +66,20 @@ class Node:
             memory_bytes=int(node.get("memory_bytes") or 0),
             available=node.get("availability") == "active" and node.get("state") == "ready",
             addr=node.get("addr", ""),
+            active=node.get("availability") == "active",
         )
 
 
-def eligible_nodes(nodes: Iterable[Node], tensor_parallel_size: int, gpu_model: str | None) -> list[Node]:
-    """Nodes a replica could be placed on: active, enough GPUs, the wanted GPU model."""
+def eligible_nodes(nodes: Iterable[Node], tensor_parallel_size: int, gpu_model: str | None,
+                   include_down: bool = False) -> list[Node]:
+    """Nodes a replica could be placed on now: active and ready, enough GPUs, the wanted GPU
+    model. `include_down`: also the active nodes that are down now, the ones a replica may be
+    placed on once they are back (what the stack file is rendered for: a node going down and
+    coming back does not change it, and rolls no service)."""
     return [
         node for node in nodes
-        if node.available and node.gpu_count >= tensor_parallel_size
+        if (node.active if include_down else node.available)
+        and node.gpu_count >= tensor_parallel_size
         and (gpu_model is None or node.gpu_model == gpu_model)
     ]
 

@@ -58,7 +58,8 @@ from pyinfra.operations import files
 
 from operations import sizing
 from operations.phase import (
-    PhaseResult, explain, fail_host, fails_only_this_host, host_sudo, read_fact,
+    PhaseResult, docker_restarted, explain, fail_host, fails_only_this_host, host_sudo,
+    read_fact, unreachable,
 )
 from operations.swarm import SwarmNodes, _inventory_hosts
 from operations.weights import MANIFEST_NAME, read_token
@@ -170,11 +171,13 @@ def _env(path: Path) -> jinja2.Environment:
 
 
 def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int) -> str:
-    """The HAProxy configuration: routes by model to every node that may run it (a node without
-    a healthy task fails the health check), enforces the API key, lists the models."""
+    """The HAProxy configuration: routes by model to every node that may run it, down ones too
+    (a node without a healthy task fails the health check), enforces the API key, lists the
+    models."""
     backends = []
     for spec in served:
-        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model)
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
+                                         include_down=True)
         backends.append({
             "id": service_key(spec.name).replace("-", "_"),
             "port": spec.port,
@@ -199,7 +202,8 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
     for spec in settings.models:
         if not spec.serve:
             continue
-        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model)
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
+                                         include_down=True)
         model_path = posixpath.join(MODEL_MOUNT, spec.name)
         constraints = ["node.labels.gpufleet.gpu.count != 0"]
         if spec.gpu_model:
@@ -628,22 +632,57 @@ def remove_stale(state, host, kind: str, names: list[str]) -> bool:
     return True
 
 
-# A node whose Docker was just restarted by this run (a daemon.json change) is "down" to the
-# managers for a few seconds: planning placement then would see too few GPU nodes.
+# A node whose Docker was just restarted by this run (a reboot, a daemon.json change) is "down"
+# to the managers for a few seconds: planning placement then would see too few GPU nodes. Only
+# those nodes are waited for (issue 20); a node down for any other reason (its host unreachable,
+# failed earlier in this run, or down before the run) will not come back by waiting: it is
+# reported once and the stack is placed on the ready nodes.
 NODE_READY_WAIT_S = 90
 
 
-def wait_for_nodes(listed: dict[str, Any], wait_s: float = NODE_READY_WAIT_S,
-                   poll_s: float = 3.0) -> dict[str, Any]:
-    """Re-read the Swarm's nodes until every active one is ready, or `wait_s` has passed (a node
-    that stays down is then planned without; the fit check says so with the numbers)."""
+def node_host(node: dict[str, Any]) -> str:
+    """The inventory host of a Swarm node: its gpufleet.host label (the swarm phase sets it),
+    else its hostname."""
+    return (node.get("labels") or {}).get("gpufleet.host") or node.get("hostname", "?")
+
+
+def down_nodes(listed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Active nodes that are not ready (drained or paused nodes are not expected to serve)."""
+    return [n for n in listed["nodes"]
+            if n.get("availability") == "active" and n.get("state") != "ready"]
+
+
+def why_node_down(state, name: str) -> str:
+    """Why a down node's host will not bring it back during this run."""
+    other = state.inventory.get_host(name, None)
+    if other is None:
+        return "not an inventory host"
+    if unreachable(other):
+        return "its host could not be reached in this run"
+    if other in state.failed_hosts:
+        return "its host failed earlier in this run"
+    if not state.is_host_in_limit(other):
+        return "its host is not in this run (--limit)"
+    return "it was down before this run, which did not restart its Docker"
+
+
+def wait_for_nodes(listed: dict[str, Any], restarted: set[str], why_down: Callable[[str], str],
+                   wait_s: float = NODE_READY_WAIT_S, poll_s: float = 3.0) -> dict[str, Any]:
+    """Re-read the Swarm's nodes until every down node whose host this run restarted
+    (`restarted`: inventory names) is ready, or `wait_s` has passed (a node that stays down is
+    then planned without; the fit check says so with the numbers). Other down nodes are
+    reported once, with `why_down(host name)`, and not waited for."""
+    for node in down_nodes(listed):
+        if node_host(node) not in restarted:
+            host.log_styled(f"Swarm node {node.get('hostname', '?')} is down "
+                            f"({why_down(node_host(node))}): not waited for; the stack is placed "
+                            "on the ready nodes", fg="yellow", log_func=logger.warning)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        waiting = [n["hostname"] for n in listed["nodes"]
-                   if n.get("availability") == "active" and n.get("state") != "ready"]
+        waiting = [n["hostname"] for n in down_nodes(listed) if node_host(n) in restarted]
         if not waiting:
             break
-        host.log_styled(f"waiting for Swarm nodes to be ready: {', '.join(waiting)}")
+        host.log_styled(f"waiting for Swarm nodes this run restarted: {', '.join(waiting)}")
         time.sleep(poll_s)
         listed = host.get_fact(SwarmNodes)
     return listed
@@ -680,7 +719,9 @@ def stack_deploy(settings, manager: str | None = None):
             return
         raise OperationError(f"cannot list the Swarm's nodes here: {listed['error']}")
     if host.state.is_executing:
-        listed = wait_for_nodes(listed)
+        state = host.state
+        listed = wait_for_nodes(listed, docker_restarted(state),
+                                lambda name: why_node_down(state, name))
     nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
     manifests = read_fact(host, ModelManifests, models_dir=settings.models_dir,
                               names=[spec.name for spec in served]) if served else {}

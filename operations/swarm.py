@@ -42,6 +42,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, d
 from operations.nvidia import NvidiaHost
 from operations.phase import (
     PhaseResult, explain, fail_host, finding, host_sudo, on_other_host, other_host_fact, read_fact,
+    unreachable,
 )
 
 LABEL_PREFIX = "gpufleet."
@@ -751,6 +752,8 @@ def _info(other) -> dict[str, Any]:
 def fleet_swarm(managers) -> dict[str, Any] | None:
     """The fleet's Swarm: that of the first manager (inventory order) that is a Swarm manager."""
     for other in managers:
+        if unreachable(other):  # pyinfra said so when it could not connect: not again per read
+            continue
         try:
             info = _info(other)
         except Exception as error:  # unreachable: the next manager may answer

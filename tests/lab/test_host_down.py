@@ -1,0 +1,169 @@
+"""A run with a host down does not wait for it (issue 20).
+
+With a lab host's container killed (a server that lost power), a deploy and the drift check take
+no longer than twice a run that changes nothing, measured here on the same lab a moment before:
+the host is named once, the others converge and change nothing, and no Swarm wait runs out. The
+host started again, the next run converges and the one after changes nothing. The same with
+three managers and the Swarm leader's host killed.
+
+Runs after test_drift.py (the fleet serves the stack, one manager) and before test_swarm.py,
+which changes the Swarm's membership; it leaves the fleet with one manager again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def deploy(lab):
+    """(exit code, seconds, results, output) of one real deploy."""
+    started = time.monotonic()
+    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
+    elapsed = time.monotonic() - started
+    try:
+        results = json.loads(result.stdout)["results"]
+    except json.JSONDecodeError:
+        pytest.fail(f"pyinfra did not print JSON (rc={result.returncode}):\n{result.stdout}\n"
+                    f"{result.stderr}")
+    return result.returncode, elapsed, results, result.stdout + result.stderr
+
+
+def changed(results):
+    return {name for op in results["operations"] for name in op["success"]}
+
+
+def failed(results):
+    return {name for op in results["operations"] for name in op["error"]}
+
+
+def container(lab, node):
+    return next(h["container"] for h in lab.hosts if h["name"] == node)
+
+
+def wait_until(check, timeout_s=120, what="the lab"):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout_s}s")
+        time.sleep(2)
+
+
+def swarm_nodes(lab, via):
+    listed = lab.ssh(via, "sudo docker node ls --format '{{json .}}'")
+    if listed.returncode != 0:
+        return []
+    return [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+
+
+def services_converged(lab, via) -> bool:
+    listed = lab.ssh(via, "sudo docker service ls --format '{{.Replicas}}'")
+    counts = [line.split()[0].split("/") for line in listed.stdout.split("\n") if line.strip()]
+    # A global service still counts its task on a down node as running (3/2): at least wanted.
+    return listed.returncode == 0 and bool(counts) and all(int(a) >= int(b) for a, b in counts)
+
+
+def kill(lab, node, via):
+    """Kill a host's container and wait until the Swarm (seen from `via`) has a leader, reports
+    the node down and has moved its tasks: the outage a run meets, settled, not the seconds of
+    an election or a rescheduling (which a run rightly waits for)."""
+    subprocess.run(["docker", "kill", container(lab, node)], check=True, capture_output=True)
+
+    def noticed():
+        nodes = swarm_nodes(lab, via)
+        status = {n["Hostname"]: n["Status"] for n in nodes}
+        return (status.get(node) == "Down" and any(n["ManagerStatus"] == "Leader" for n in nodes)
+                and services_converged(lab, via))
+
+    wait_until(noticed, what=f"{node} down in the Swarm seen from {via}")
+
+
+def start(lab, node, via):
+    subprocess.run(["docker", "start", container(lab, node)], check=True, capture_output=True)
+
+    def back():
+        status = {n["Hostname"]: n["Status"] for n in swarm_nodes(lab, via)}
+        return status.get(node) == "Ready"
+
+    wait_until(back, what=f"{node} Ready again")
+
+
+def no_change_seconds(lab) -> float:
+    code, elapsed, results, output = deploy(lab)
+    assert code == 0 and changed(results) == set(), output
+    return elapsed
+
+
+def assert_outage_run(lab, down: str, baseline: float):
+    code, elapsed, results, output = deploy(lab)
+    assert code == 1, output  # a host failed: pyinfra's own exit status
+    assert elapsed <= 2 * baseline, (
+        f"the run with {down} down took {elapsed:.1f}s, a no-change run {baseline:.1f}s:\n{output}")
+    assert output.count(f"[{down}] Could not connect") == 1, output
+    reported = [line for line in output.splitlines() if f"Swarm node {down} is down" in line]
+    assert len(reported) == 1 and "could not be reached in this run" in reported[0], output
+    assert "waiting for Swarm nodes" not in output, output
+    # The others converge, and nothing about them changes because one node is gone (the stack
+    # is rendered for every active node, so the gateway is not rolled).
+    assert failed(results) == set(), output
+    assert changed(results) == set(), output
+    assert "smoke passed" in output, output
+
+    drift_started = time.monotonic()
+    drift = subprocess.run([sys.executable, "scripts/drift_check.py", "inventories/lab.py"],
+                           cwd=REPO, env=lab.env, capture_output=True, text=True, timeout=600)
+    drift_s = time.monotonic() - drift_started
+    assert drift.returncode == 1, drift.stdout + drift.stderr
+    assert f"check failed: {down} (unreachable)" in drift.stdout, drift.stdout
+    assert drift_s <= 2 * baseline + 2, f"drift check {drift_s:.1f}s vs {baseline:.1f}s"
+
+
+def assert_recovers(lab):
+    code, _, results, output = deploy(lab)
+    assert code == 0 and failed(results) == set(), output
+    code, _, results, output = deploy(lab)
+    assert code == 0 and changed(results) == set(), output
+
+
+def test_a_worker_host_down_costs_a_run_no_wait(lab):
+    manager, down = lab.hosts[0]["name"], lab.hosts[-1]["name"]
+    code, _, _, output = deploy(lab)  # converged (alone, this is the fleet's first deploy)
+    assert code == 0, output
+    baseline = no_change_seconds(lab)
+    kill(lab, down, via=manager)
+    try:
+        assert_outage_run(lab, down, baseline)
+    finally:
+        start(lab, down, via=manager)
+    assert_recovers(lab)
+
+
+def test_the_leaders_host_down_with_three_managers_costs_a_run_no_wait(lab):
+    names = [h["name"] for h in lab.hosts]
+    leader, other = names[0], names[1]
+    assert lab.cli("managers", "3").returncode == 0
+    try:
+        code, _, results, output = deploy(lab)  # promotes node-2 and node-3
+        assert code == 0, output
+        baseline = no_change_seconds(lab)
+        kill(lab, leader, via=other)
+        try:
+            assert_outage_run(lab, leader, baseline)
+        finally:
+            start(lab, leader, via=other)
+        assert_recovers(lab)
+    finally:
+        assert lab.cli("managers", "1").returncode == 0
+    code, _, _, output = deploy(lab)
+    assert code == 0, output
+    managers = [n["Hostname"] for n in swarm_nodes(lab, leader) if n["ManagerStatus"]]
+    assert managers == [leader]
