@@ -14,7 +14,7 @@ from pyinfra import host
 from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.nvidia import nvidia_driver
-from operations.phase import PhaseResult, note_docker_restarts
+from operations.phase import DOCKER, SWARM, PhaseResult, note_node_changes
 from operations.preflight import preflight
 from operations.smoke import smoke
 from operations.stack import stack
@@ -41,7 +41,7 @@ if preflight(settings):
     # What phases 2-4 changed can restart Docker (a reboot, a changed daemon.json): the stack
     # phase waits for the Swarm nodes of those hosts, and for no node that was down anyway.
     engine_touched = PhaseResult(driver.ops + toolkit.ops + engine.ops)
-    note_docker_restarts(host, engine_touched)
+    note_node_changes(host, DOCKER, engine_touched)
 
     # 5. Proof that GPUs reach containers, run only when one of the above changed something.
     gpu_container_check(settings, changed=engine_touched.changed)
@@ -52,7 +52,8 @@ if preflight(settings):
 
     # 7. Docker Swarm: init on the first of swarm_managers, joins with tokens read from a manager
     #    when the join runs (never logged or on a command line), nodes labelled from their GPUs.
-    swarm(settings)
+    # (A changed membership leaves every node not ready for a few seconds: waited for too.)
+    note_node_changes(host, SWARM, swarm(settings))
 
     # 8. Inference stack: engines (one service per served model) behind the HAProxy gateway,
     #    secrets versioned by content, deployed from a manager when it differs, then waited on.

@@ -46,9 +46,9 @@ def _host(entry):
             "ssh_known_hosts_file": _state["known_hosts"],
             "ssh_strict_host_key_checking": "yes",
             # A lab host is on a local bridge: a live one answers a TCP connect in well under a
-            # millisecond, so a stopped one costs a run 2 s, not pyinfra's default 10 s (or the
+            # millisecond, so a stopped one costs a run 1 s, not pyinfra's default 10 s (or the
             # 3 s the kernel's ARP takes to give up). pyinfra's own key, as any inventory's.
-            "ssh_paramiko_connect_kwargs": {"timeout": 2},
+            "ssh_paramiko_connect_kwargs": {"timeout": 1},
             "lab_container": entry["container"],
             # The stand-ins `lab.py up` started (NVIDIA's repositories, ...): production keys
             # pointed at them. This is the only way a stand-in enters a run.

@@ -172,35 +172,50 @@ def other_host_fact(other, fact_cls, **kwargs) -> Any:
         return read_fact(other, fact_cls, _sudo=host_sudo(other), **kwargs)
 
 
-# --- Hosts whose Docker Engine this run restarted ------------------------------------------
+# --- Swarm nodes this run may have made not ready for a while ---------------------------------
 #
-# A node whose Docker (or whole host) this run restarted is "down" to the Swarm's managers for
-# a few seconds; the stack phase waits for those nodes, and only those (issue 20): a node that
-# was already down, or whose host this run could not reach or failed, will not come back by
-# waiting. Each host's deploy says which of its operations may restart Docker (the driver's
-# reboot, a changed daemon.json, an engine installed or started); asked once they have run.
-_DOCKER_RESTARTS: "weakref.WeakKeyDictionary[Any, dict[str, PhaseResult]]" = (
+# A node whose Docker (or whole host) this run restarted is "down" to the Swarm's managers for a
+# few seconds, and so is every node for a few seconds after the Swarm's membership changed (a
+# promotion or demotion: seen on the lab, the demoting manager listed all three nodes down). The
+# stack phase waits for those nodes, and only those (issue 20): a node that was already down, or
+# whose host this run could not reach or failed, will not come back by waiting. Each host's
+# deploy says which of its operations restart its Docker (DOCKER: the driver's reboot, a changed
+# daemon.json, an engine installed or started) and which change the Swarm (SWARM); asked once
+# they have run.
+DOCKER = "docker"
+SWARM = "swarm"
+_DISTURBANCES: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], PhaseResult]]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def note_docker_restarts(target, result: PhaseResult) -> None:
-    """Remember the operations of `target` that restart its Docker Engine when they change."""
+def note_node_changes(target, kind: str, result: PhaseResult) -> None:
+    """Remember `result`: operations of `target` that, when they change something, leave Swarm
+    nodes not ready for a while (kind DOCKER: this host's node; SWARM: every node)."""
     try:
-        _DOCKER_RESTARTS.setdefault(target.state, {})[target.name] = result
+        _DISTURBANCES.setdefault(target.state, {})[(kind, target.name)] = result
     except TypeError:  # a test harness's stand-in state that cannot be weakly referenced
         pass
 
 
-def docker_restarted(state) -> set[str]:
-    """Names of the hosts whose Docker this run (so far) restarted, or may have."""
+def _changed(result: PhaseResult) -> bool:
+    # An operation that never ran (its host failed before it) changed nothing.
+    return any(op.is_complete() and op.did_change() for op in result.ops)
+
+
+def disturbed_nodes(state) -> set[str]:
+    """Names of the hosts whose Swarm node this run (so far) may have left not ready: those
+    whose Docker it restarted, and every host still in the run once the Swarm's membership
+    changed."""
     try:
-        noted = _DOCKER_RESTARTS.get(state, {})
+        noted = _DISTURBANCES.get(state, {})
     except TypeError:
         return set()
-    # An operation that never ran (its host failed before it) restarted nothing.
-    return {name for name, result in noted.items()
-            if any(op.is_complete() and op.did_change() for op in result.ops)}
+    changed = {(kind, name) for (kind, name), result in noted.items() if _changed(result)}
+    hosts = {name for kind, name in changed if kind == DOCKER}
+    if any(kind == SWARM for kind, _ in changed):
+        hosts |= {h.name for h in state.active_hosts}
+    return hosts
 
 
 # --- Reading a fact once while nothing changes ----------------------------------------------

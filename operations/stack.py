@@ -58,9 +58,10 @@ from pyinfra.operations import files
 
 from operations import sizing
 from operations.phase import (
-    PhaseResult, docker_restarted, explain, fail_host, fails_only_this_host, host_sudo,
-    read_fact, unreachable,
+    PhaseResult, disturbed_nodes, explain, fail_host, fails_only_this_host, host_sudo,
+    read_fact,
 )
+from operations.node_wait import wait_for_nodes, why_node_down
 from operations.swarm import SwarmNodes, _inventory_hosts
 from operations.weights import MANIFEST_NAME, read_token
 
@@ -632,62 +633,6 @@ def remove_stale(state, host, kind: str, names: list[str]) -> bool:
     return True
 
 
-# A node whose Docker was just restarted by this run (a reboot, a daemon.json change) is "down"
-# to the managers for a few seconds: planning placement then would see too few GPU nodes. Only
-# those nodes are waited for (issue 20); a node down for any other reason (its host unreachable,
-# failed earlier in this run, or down before the run) will not come back by waiting: it is
-# reported once and the stack is placed on the ready nodes.
-NODE_READY_WAIT_S = 90
-
-
-def node_host(node: dict[str, Any]) -> str:
-    """The inventory host of a Swarm node: its gpufleet.host label (the swarm phase sets it),
-    else its hostname."""
-    return (node.get("labels") or {}).get("gpufleet.host") or node.get("hostname", "?")
-
-
-def down_nodes(listed: dict[str, Any]) -> list[dict[str, Any]]:
-    """Active nodes that are not ready (drained or paused nodes are not expected to serve)."""
-    return [n for n in listed["nodes"]
-            if n.get("availability") == "active" and n.get("state") != "ready"]
-
-
-def why_node_down(state, name: str) -> str:
-    """Why a down node's host will not bring it back during this run."""
-    other = state.inventory.get_host(name, None)
-    if other is None:
-        return "not an inventory host"
-    if unreachable(other):
-        return "its host could not be reached in this run"
-    if other in state.failed_hosts:
-        return "its host failed earlier in this run"
-    if not state.is_host_in_limit(other):
-        return "its host is not in this run (--limit)"
-    return "it was down before this run, which did not restart its Docker"
-
-
-def wait_for_nodes(listed: dict[str, Any], restarted: set[str], why_down: Callable[[str], str],
-                   wait_s: float = NODE_READY_WAIT_S, poll_s: float = 3.0) -> dict[str, Any]:
-    """Re-read the Swarm's nodes until every down node whose host this run restarted
-    (`restarted`: inventory names) is ready, or `wait_s` has passed (a node that stays down is
-    then planned without; the fit check says so with the numbers). Other down nodes are
-    reported once, with `why_down(host name)`, and not waited for."""
-    for node in down_nodes(listed):
-        if node_host(node) not in restarted:
-            host.log_styled(f"Swarm node {node.get('hostname', '?')} is down "
-                            f"({why_down(node_host(node))}): not waited for; the stack is placed "
-                            "on the ready nodes", fg="yellow", log_func=logger.warning)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        waiting = [n["hostname"] for n in down_nodes(listed) if node_host(n) in restarted]
-        if not waiting:
-            break
-        host.log_styled(f"waiting for Swarm nodes this run restarted: {', '.join(waiting)}")
-        time.sleep(poll_s)
-        listed = host.get_fact(SwarmNodes)
-    return listed
-
-
 # --- Operations -----------------------------------------------------------------------------
 
 
@@ -720,7 +665,7 @@ def stack_deploy(settings, manager: str | None = None):
         raise OperationError(f"cannot list the Swarm's nodes here: {listed['error']}")
     if host.state.is_executing:
         state = host.state
-        listed = wait_for_nodes(listed, docker_restarted(state),
+        listed = wait_for_nodes(listed, disturbed_nodes(state),
                                 lambda name: why_node_down(state, name))
     nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
     manifests = read_fact(host, ModelManifests, models_dir=settings.models_dir,

@@ -8,7 +8,7 @@ import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.operation import OperationMeta
 
-from operations import phase, sizing, stack
+from operations import node_wait, phase, sizing, stack
 from tests.unit.test_stack import NODES, SECRETS, model, settings as stack_settings
 
 
@@ -27,11 +27,24 @@ def ran(changed: bool) -> OperationMeta:
 
 def test_only_hosts_whose_engine_phases_changed_count_as_restarted(fleet):
     state, hosts = fleet
-    phase.note_docker_restarts(hosts["node-1"], phase.PhaseResult([ran(False), ran(True)]))
-    phase.note_docker_restarts(hosts["node-2"], phase.PhaseResult([ran(False)]))
+    phase.note_node_changes(hosts["node-1"], phase.DOCKER, phase.PhaseResult([ran(False), ran(True)]))
+    phase.note_node_changes(hosts["node-2"], phase.DOCKER, phase.PhaseResult([ran(False)]))
     # node-3 failed before its Docker operations ran: they never completed.
-    phase.note_docker_restarts(hosts["node-3"], phase.PhaseResult([OperationMeta("op", None)]))
-    assert phase.docker_restarted(state) == {"node-1"}
+    phase.note_node_changes(hosts["node-3"], phase.DOCKER, phase.PhaseResult([OperationMeta("op", None)]))
+    for name in hosts:
+        phase.note_node_changes(hosts[name], phase.SWARM, phase.PhaseResult([ran(False)]))
+    assert phase.disturbed_nodes(state) == {"node-1"}
+
+
+def test_a_changed_membership_disturbs_every_node_still_in_the_run(fleet):
+    """After a demotion the demoting manager lists every node down for a few seconds (lab)."""
+    state, hosts = fleet
+    for name in ("node-1", "node-2"):
+        state.activate_host(hosts[name])
+    state.failed_hosts.add(hosts["node-3"])  # unreachable: never waited for
+    phase.note_node_changes(hosts["node-1"], phase.SWARM, phase.PhaseResult([ran(True)]))
+    phase.note_node_changes(hosts["node-2"], phase.SWARM, phase.PhaseResult([ran(False)]))
+    assert phase.disturbed_nodes(state) == {"node-1", "node-2"}
 
 
 def test_a_host_pyinfra_could_not_connect_to_is_unreachable_without_a_new_attempt(fleet, monkeypatch):
@@ -79,13 +92,13 @@ def test_why_a_down_node_is_not_waited_for(fleet):
     state.failed_hosts.add(hosts["node-3"])  # never connected
     hosts["node-2"].connected = True
     state.failed_hosts.add(hosts["node-2"])
-    assert stack.why_node_down(state, "node-3") == "its host could not be reached in this run"
-    assert stack.why_node_down(state, "node-2") == "its host failed earlier in this run"
-    assert stack.why_node_down(state, "node-1") == (
+    assert node_wait.why_node_down(state, "node-3") == "its host could not be reached in this run"
+    assert node_wait.why_node_down(state, "node-2") == "its host failed earlier in this run"
+    assert node_wait.why_node_down(state, "node-1") == (
         "it was down before this run, which did not restart its Docker")
-    assert stack.why_node_down(state, "gpu-99") == "not an inventory host"
+    assert node_wait.why_node_down(state, "gpu-99") == "not an inventory host"
     state.limit_hosts = [hosts["node-2"], hosts["node-3"]]
-    assert stack.why_node_down(state, "node-1") == "its host is not in this run (--limit)"
+    assert node_wait.why_node_down(state, "node-1") == "its host is not in this run (--limit)"
 
 
 def node(hostname, state="ready", availability="active", host=None):
@@ -94,13 +107,13 @@ def node(hostname, state="ready", availability="active", host=None):
 
 
 def test_node_host_is_the_label_the_swarm_phase_sets():
-    assert stack.node_host(node("ip-10-0-0-3", host="gpu-03")) == "gpu-03"
-    assert stack.node_host(node("gpu-03")) == "gpu-03"
+    assert node_wait.node_host(node("ip-10-0-0-3", host="gpu-03")) == "gpu-03"
+    assert node_wait.node_host(node("gpu-03")) == "gpu-03"
 
 
 def test_down_nodes_are_active_nodes_not_ready():
     listed = {"nodes": [node("a"), node("b", state="down"), node("c", "down", "drain")]}
-    assert [n["hostname"] for n in stack.down_nodes(listed)] == ["b"]
+    assert [n["hostname"] for n in node_wait.down_nodes(listed)] == ["b"]
 
 
 class Polls:
@@ -131,8 +144,8 @@ def test_a_node_down_for_another_reason_is_reported_once_and_not_polled(polls, m
     host, logged = polls
     reader = Polls([{"nodes": [node("node-1"), node("node-3", "down")]}])
     monkeypatch.setattr(host, "get_fact", reader)
-    monkeypatch.setattr(stack.time, "sleep", lambda s: pytest.fail("waited for a dead node"))
-    stack.wait_for_nodes({"nodes": [node("node-1"), node("node-3", "down")]}, set(),
+    monkeypatch.setattr(node_wait.time, "sleep", lambda s: pytest.fail("waited for a dead node"))
+    node_wait.wait_for_nodes({"nodes": [node("node-1"), node("node-3", "down")]}, set(),
                          lambda name: "its host could not be reached in this run")
     assert reader.count == 0
     assert logged == ["Swarm node node-3 is down (its host could not be reached in this run): "
@@ -144,11 +157,11 @@ def test_a_node_this_run_restarted_is_waited_for_until_ready(polls, monkeypatch)
     down = {"nodes": [node("node-1"), node("node-2", "down")]}
     reader = Polls([down, {"nodes": [node("node-1"), node("node-2")]}])
     monkeypatch.setattr(host, "get_fact", reader)
-    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
-    listed = stack.wait_for_nodes(down, {"node-2"}, lambda name: "?")
+    monkeypatch.setattr(node_wait.time, "sleep", lambda s: None)
+    listed = node_wait.wait_for_nodes(down, {"node-2"}, lambda name: "?")
     assert [n["state"] for n in listed["nodes"]] == ["ready", "ready"]
     assert reader.count == 2
-    assert logged == ["waiting for Swarm nodes this run restarted: node-2"] * 2
+    assert logged == ["waiting for Swarm nodes this run restarted or re-formed: node-2"] * 2
 
 
 def with_down(nodes, index):
