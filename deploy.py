@@ -13,6 +13,7 @@ from pyinfra import host
 
 from operations.config import settings_for
 from operations.docker_engine import docker_engine
+from operations.fleet_fit import fleet_fits
 from operations.nvidia import nvidia_driver
 from operations.phase import DOCKER, SWARM, PhaseResult, note_node_changes
 from operations.preflight import preflight
@@ -23,6 +24,10 @@ from operations.toolkit import container_toolkit, current_gpu_daemon_config, gpu
 from operations.weights import model_weights
 
 settings = settings_for(host)
+
+# 0. What the configuration asks of the GPUs, against what the hosts report (tensor-parallel
+#    size, replicas): refused here, while planning, before anything is changed on any host.
+fleet_fits(settings)
 
 # 1. Preflight: OS, architecture, disk, kernel headers, time sync, sudo. Changes nothing.
 if preflight(settings):

@@ -1,30 +1,30 @@
-"""The typed model of every configuration key, and the check that runs before any host is touched.
+"""The typed model of every configuration key: one host's merged data in, `Settings` or one line
+per problem out (naming the key, the value and what would be accepted).
 
-Data reaches a host from group_data/all.py, group_data/<group>.py and the inventory's host data.
-Everything a phase reads goes through `Settings`: unknown keys, wrong types and impossible values
-are refused with one line that names the host, the key, the value and what would be accepted.
+Data reaches a host from group_data/all.py, group_data/<group>.py, the inventory's host data and
+`--data` (operations/inventory_data.py merges them). What values mean beyond their type
+(addresses, ports, images, engine flags) is in operations/rules.py.
 
 Two entry points:
 - `validate_inventory(globals())` at the end of an inventory file: pyinfra executes inventory files
-  before it connects to anything, so a bad value stops the run before the first SSH connection.
-- `settings_for(host)` in deploy.py: the same model over pyinfra's final view of the host's data
-  (which also includes `--data` overrides), giving the phases a typed object.
+  before it connects to anything, so a bad value, `--data` included, stops the run before the
+  first SSH connection (operations/inventory_check.py does the work).
+- `settings_for(host)` in deploy.py: the same model over pyinfra's final view of the host's data,
+  giving the phases a typed object (the backstop: the inventory refused bad data already).
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GROUP_DATA_DIR = REPO_ROOT / "group_data"
+from operations import rules
 
 # Exit status for a configuration refused before any host was contacted (as a scheduler sees it).
 EXIT_BAD_CONFIG = 2
@@ -57,7 +57,27 @@ DockerSize = Annotated[str, Field(pattern=r"^[1-9][0-9]*[kmg]$")]
 SemVer = Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")]
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{40}$")]
-ImageRef = Annotated[str, Field(pattern=r"^[^\s]+$")]
+
+
+def _checked(rule):
+    """An AfterValidator from a rules.* function returning what is expected, or None."""
+    def validate(value):
+        problem = rule(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(validate)
+
+
+def _raise_rule(key: str, problem: str | None) -> None:
+    """In a model validator: refuse `key` with a rules.* problem (what is expected), if any."""
+    if problem:
+        raise PydanticCustomError("rule", "expected {rule}", {"key": key, "rule": problem})
+
+
+ImageRef = Annotated[str, _checked(rules.image_problem)]
+ServicePort = Annotated[int, Field(ge=1, le=65535), _checked(rules.reserved_port_problem)]
+AdvertiseAddress = Annotated[str, _checked(rules.advertise_address_problem)]
 
 
 def _toolkit_at_least_1_19(value: str) -> str:
@@ -118,7 +138,7 @@ class ModelSpec(BaseModel):
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     # Host port of each replica, published in host mode (one replica per node): the direct
     # address of an engine task, which the smoke tests check beside the gateway.
-    port: Annotated[int, Field(ge=1024, le=65535)] = 8000
+    port: Annotated[int, Field(ge=1024, le=65535), _checked(rules.reserved_port_problem)] = 8000
     # Further engine flags, verbatim (e.g. ["--enable-prefix-caching"]).
     engine_args: list[Annotated[str, Field(pattern=r"^[^\n]+$")]] = []
     # /dev/shm of each replica in GiB; None: operations.sizing.shm_bytes decides.
@@ -137,6 +157,11 @@ class ModelSpec(BaseModel):
     @property
     def served_name(self) -> str:
         return self.served_model_name or self.name
+
+    @model_validator(mode="after")
+    def _engine_args_unmanaged(self) -> "ModelSpec":
+        _raise_rule("engine_args", rules.engine_args_problem(self.engine, self.engine_args))
+        return self
 
 
 class Settings(BaseModel):
@@ -180,7 +205,7 @@ class Settings(BaseModel):
     weights_free_margin_gb: GiB
 
     # Docker Swarm
-    swarm_advertise_address: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$")] | None
+    swarm_advertise_address: AdvertiseAddress | None
     swarm_node_labels: Annotated[dict[str, str], AfterValidator(_node_labels)]
     swarm_retire: bool
     swarm_takeover: bool
@@ -191,7 +216,7 @@ class Settings(BaseModel):
     stack_engine_images: dict[Literal["vllm", "tgi", "ollama"], ImageRef]
     stack_gateway_image: ImageRef
     stack_secret_uids: dict[Literal["vllm", "tgi", "ollama", "gateway"], Annotated[int, Field(ge=0, le=2**31)]]
-    stack_gateway_port: Annotated[int, Field(ge=1, le=65535)]
+    stack_gateway_port: ServicePort
     stack_publish_mode: Literal["ingress", "host"]
     stack_api_key_file: ControlPath | None
     stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
@@ -253,6 +278,24 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _waits_outlast_model_loading(self) -> "Settings":
+        slowest = max((spec.health_start_period_s for spec in self.models if spec.serve), default=0)
+        if self.stack_converge_timeout_s < slowest:
+            raise PydanticCustomError(
+                "rule",
+                "expected at least the longest models[].health_start_period_s ({slowest} s): "
+                "the deploy would give up on replicas Swarm still lets load",
+                {"key": "stack_converge_timeout_s", "slowest": slowest},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _daemon_config_keeps_managed_keys(self) -> "Settings":
+        _raise_rule("docker_daemon_config",
+                    rules.daemon_config_problem(self.docker_daemon_config, self.docker_data_root))
+        return self
+
+    @model_validator(mode="after")
     def _driver_version_on_branch(self) -> "Settings":
         if not self.nvidia_driver_version.startswith(self.nvidia_driver_branch + "."):
             raise PydanticCustomError(
@@ -291,7 +334,7 @@ def _describe_expectation(error: dict[str, Any]) -> str:
     message = error["msg"]
     if kind == "missing":
         return "this key is required (group_data/all.py sets a default: was it removed?)"
-    if kind in ("driver_not_on_branch", "duplicate_model_name", "serving_clash"):
+    if kind in ("driver_not_on_branch", "duplicate_model_name", "serving_clash", "rule"):
         return message
     if kind == "value_error":
         # Our own validators raise ValueError("<what is accepted>").
@@ -323,11 +366,9 @@ _PATTERN_WORDS = {
     r"^[0-9]{3}$": "a driver branch such as '580'",
     r"^[0-9]{3}\.[0-9]+(\.[0-9]+)?$": "a driver version such as '580.95.05'",
     r"^[0-9]+\.[0-9]+\.[0-9]+(~rc\.[0-9]+)?-[0-9]+$": "an apt version such as '1.19.1-1'",
-    r"^[^\s]+$": "an image reference without spaces, such as 'ubuntu:24.04'",
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$": "a directory name of letters, digits, '.', '_' or '-'",
     r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$": "a Hub repo id such as 'meta-llama/Llama-3.1-8B-Instruct'",
     r"^[0-9a-f]{40}$": "a pinned 40-hex commit (not a branch or tag)",
-    r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$": "an IP address or interface name, optionally :port",
 }
 
 
@@ -336,173 +377,70 @@ def _path(loc: tuple) -> str:
     return str(loc[0]) + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
 
 
-def _format_errors(host_name: str, data: dict[str, Any], error: ValidationError) -> list[str]:
-    """One line per problem. pydantic reports a union (e.g. "auto" | bool) once per member:
-    those are folded into one line per key. Inside a list or dict value (models) each problem
-    gets its own line with its path. A cross-key rule has no location: it names its key in the
-    error's context."""
+def _problems(data: dict[str, Any], error: ValidationError) -> list[tuple[str, str]]:
+    """(key, "key 'k' = value: what would be accepted") per problem. pydantic reports a union
+    (e.g. "auto" | bool) once per member: those are folded into one line per key. Inside a
+    list or dict value (models) each problem gets its own line with its path. A cross-key rule
+    has no location: it names its key in the error's context."""
     expectations: dict[str, list[str]] = {}
-    lines = []
+    found = []
     for item in error.errors():
-        loc = item["loc"] or (item.get("ctx", {}).get("key", "?"),)
+        about = item.get("ctx", {}).get("key")
+        loc = item["loc"] or (about or "?",)
+        entry_rule = item["type"] == "rule" and item["loc"] and about  # models[0]'s own rule
+        if entry_rule:
+            loc = (*loc, about)
         key = str(loc[0])
         nested = len(loc) > 1 and isinstance(data.get(key), (list, tuple, dict))
         if item["type"] == "extra_forbidden":
             if nested:
-                lines.append(f"host {host_name}: unknown key '{_path(loc)}' = {item['input']!r}: "
-                             f"see 'models' in README.md for the keys of an entry")
+                found.append((key, f"unknown key '{_path(loc)}' = {item['input']!r}: "
+                                   "see 'models' in README.md for the keys of an entry"))
                 continue
             close = difflib.get_close_matches(key, Settings.model_fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see the keys in README.md"
-            lines.append(f"host {host_name}: unknown key '{key}' = {data[key]!r}: {hint}")
+            found.append((key, f"unknown key '{key}' = {data[key]!r}: {hint}"))
         elif nested:
-            lines.append(f"host {host_name}: key '{_path(loc)}' = {item.get('input')!r}: "
-                         f"{_describe_expectation(item)}")
+            value = item.get("input")
+            if entry_rule and isinstance(value, dict):  # the entry: show the key it is about
+                value = value.get(about)
+            found.append((key, f"key '{_path(loc)}' = {value!r}: {_describe_expectation(item)}"))
         else:
             expectations.setdefault(key, []).append(_describe_expectation(item))
     for key, described in expectations.items():
         value = data.get(key, "<missing>")
         if len(described) > 1:
             described = ["expected " + " or ".join(d.removeprefix("expected ") for d in described)]
-        lines.append(f"host {host_name}: key '{key}' = {value!r}: {described[0]}")
-    return lines
+        found.append((key, f"key '{key}' = {value!r}: {described[0]}"))
+    return found
 
 
-def validate_host_data(host_name: str, data: dict[str, Any]) -> Settings:
-    """Build the typed settings of one host from its merged data, or raise ConfigError."""
+def project_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """The keys this model checks: less pyinfra's own (connection data, global arguments), the
+    lab's metadata (lab_*) and dunders."""
     ignored = _pyinfra_keys()
-    ours = {
+    return {
         key: value
         for key, value in data.items()
         if key not in ignored and not key.startswith(LAB_KEY_PREFIX) and not key.startswith("__")
     }
+
+
+def host_problems(data: dict[str, Any]) -> tuple[Settings | None, list[tuple[str, str]]]:
+    """(settings, []) for good data, (None, [(key, text), ...]) otherwise."""
+    ours = project_keys(data)
     try:
-        return Settings.model_validate(ours)
+        return Settings.model_validate(ours), []
     except ValidationError as error:
-        raise ConfigError(_format_errors(host_name, ours, error)) from None
+        return None, _problems(ours, error)
 
 
-def _split_host(entry: Any) -> tuple[str, dict[str, Any]]:
-    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], dict):
-        return str(entry[0]), entry[1]
-    return str(entry), {}
-
-
-def inventory_host_data(
-    inventory_globals: dict[str, Any], group_data: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """Merge data per host the way pyinfra does for an inventory file: all < the inventory
-    file's own group < other groups (in file order) < host data."""
-    file_group = Path(inventory_globals["__file__"]).stem
-    groups: dict[str, list[Any]] = {
-        name: list(value)
-        for name, value in inventory_globals.items()
-        if not name.startswith("_") and isinstance(value, (list, tuple))
-    }
-    hosts: dict[str, dict[str, Any]] = {}
-    memberships: dict[str, list[str]] = {}
-    for group, entries in groups.items():
-        for entry in entries:
-            name, data = _split_host(entry)
-            hosts.setdefault(name, {}).update(data)
-            memberships.setdefault(name, []).append(group)
-
-    merged = {}
-    for name, host_data in hosts.items():
-        data: dict[str, Any] = dict(group_data.get("all", {}))
-        for group in [file_group, *memberships[name]]:
-            data.update(group_data.get(group, {}))
-        data.update(host_data)
-        merged[name] = data
-    return merged
-
-
-def _imported_names(path: Path) -> set[str]:
-    """Names bound by import statements: modules are not data (pyinfra drops them too)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-    return names
-
-
-def load_group_data(directory: Path = GROUP_DATA_DIR) -> dict[str, dict[str, Any]]:
-    """Read group_data/<group>.py the way pyinfra does: a file's top-level names, less the names
-    its imports introduce and dunders. (pyinfra's own loader needs a running CLI state.)"""
-    groups = {}
-    for path in sorted(directory.glob("*.py")):
-        names: dict[str, Any] = {"__file__": str(path)}
-        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), names)
-        imported = _imported_names(path)
-        groups[path.stem] = {
-            key: value
-            for key, value in names.items()
-            if key not in imported and not key.startswith("__")
-        }
-    return groups
-
-
-def group_data_dirs(inventory_file: str) -> list[Path]:
-    """Where pyinfra looks for group data, in its order: group_data/ in the working directory,
-    then beside the inventory's directory."""
-    dirs = [Path.cwd() / "group_data"]
-    beside_inventory = Path(inventory_file).resolve().parent / "group_data"
-    if beside_inventory != dirs[0]:
-        dirs.append(beside_inventory)
-    return [directory for directory in dirs if directory.is_dir()]
-
-
-def check_inventory(inventory_globals: dict[str, Any]) -> list[str]:
-    """Every problem in an inventory and its group data, one line each (empty: all good)."""
-    problems: list[str] = []
-    group_data: dict[str, dict[str, Any]] = {}
-    for directory in group_data_dirs(inventory_globals["__file__"]):
-        for group, data in load_group_data(directory).items():
-            group_data.setdefault(group, {}).update(data)
-    per_host = inventory_host_data(inventory_globals, group_data)
-    if not per_host:
-        problems.append(f"{inventory_globals['__file__']}: the inventory names no hosts")
-    for name, data in per_host.items():
-        try:
-            validate_host_data(name, data)
-        except ConfigError as error:
-            problems.extend(error.lines)
-    problems += _fleet_wide_problems(per_host)
-    if "swarm_managers" in inventory_globals:
-        from operations.swarm import manager_group_problems
-
-        def names(group: str) -> list[str]:
-            return [_split_host(entry)[0] for entry in inventory_globals.get(group, [])]
-
-        retiring = {name for name, data in per_host.items() if data.get("swarm_retire")}
-        problems += [
-            f"{inventory_globals['__file__']}: {problem}"
-            for problem in manager_group_problems(names("swarm_managers"), names("gpu_nodes"), retiring)
-        ]
-    return problems
-
-
-# Keys one Swarm service reads the same on every node: the stack is one file for the fleet.
-FLEET_WIDE_KEYS = ("models_dir", "models", "stack_name", "stack_engine_images", "stack_gateway_image",
-                   "stack_gateway_port", "stack_publish_mode", "stack_secret_uids")
-
-
-def _fleet_wide_problems(per_host: dict[str, dict[str, Any]]) -> list[str]:
-    """A key the stack applies fleet-wide must not differ between hosts (an engine's weights
-    mount, say, is one path for every node the Swarm may place it on)."""
-    problems = []
-    names = sorted(per_host)
-    if not names:
-        return problems
-    first = names[0]
-    for key in FLEET_WIDE_KEYS:
-        for name in names[1:]:
-            if per_host[name].get(key) != per_host[first].get(key):
-                problems.append(
-                    f"host {name}: key '{key}' = {per_host[name].get(key)!r}: expected the same value "
-                    f"on every host ({first} has {per_host[first].get(key)!r}): one stack serves the fleet")
-                break
-    return problems
+def validate_host_data(host_name: str, data: dict[str, Any]) -> Settings:
+    """Build the typed settings of one host from its merged data, or raise ConfigError."""
+    settings, problems = host_problems(data)
+    if problems:
+        raise ConfigError([f"host {host_name}: {text}" for _, text in problems])
+    return settings
 
 
 def refuse(lines: list[str]) -> None:
@@ -512,17 +450,31 @@ def refuse(lines: list[str]) -> None:
     raise SystemExit(EXIT_BAD_CONFIG)
 
 
+def refusal(lines: list[str]) -> Exception:
+    """What to raise for refused configuration once pyinfra runs (the deploy file, from a
+    greenlet): under pyinfra's CLI an error it shows as our lines and exits 2 with, without a
+    traceback (operations/cli_refusal.py); elsewhere a ConfigError."""
+    if "pyinfra_cli.exceptions" in sys.modules:
+        from operations.cli_refusal import Refused
+
+        return Refused(lines)
+    return ConfigError(lines)
+
+
 def validate_inventory(inventory_globals: dict[str, Any]) -> None:
-    """Call at the end of an inventory file: refuse bad data before pyinfra connects."""
+    """Call at the end of an inventory file: refuse bad data (the inventory's, its group data's
+    and --data's) before pyinfra connects. (operations/inventory_check.py does the work.)"""
+    from operations.inventory_check import check_inventory
+
     problems = check_inventory(inventory_globals)
     if problems:
         refuse(problems)
 
 
 def settings_for(host) -> Settings:
-    """The typed settings of the host pyinfra is preparing (its final merged data)."""
+    """The typed settings of the host pyinfra is preparing (its final merged data). The
+    inventory already refused bad data before connecting; this is the backstop."""
     try:
         return validate_host_data(host.name, host.data.dict())
     except ConfigError as error:
-        refuse(error.lines)
-        raise  # unreachable: refuse() exits
+        raise refusal(error.lines) from None

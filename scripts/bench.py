@@ -929,7 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stack-update", action="store_true",
                         help="skip the rolling update under load")
     args = parser.parse_args(argv)
-    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    try:
+        sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r}: expected whole numbers, comma-separated, e.g. 1,3,6,10")
     if not sizes or sizes[0] < 1 or not 1 <= args.repeats <= 20:
         parser.error("sizes must be >= 1 and repeats 1-20")
     args.out.mkdir(parents=True, exist_ok=True)

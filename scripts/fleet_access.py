@@ -4,16 +4,16 @@ scripts that run outside a deploy (smoke.py, loadtest.py).
 pyinfra's CLI package is not imported: it monkey-patches the whole process for gevent at import,
 and the load test runs asyncio. The inventory file is executed as pyinfra would (it validates
 itself: a bad configuration exits 2 with one line per problem), its data merged with group_data
-by operations.config, and `--data KEY=VALUE` overrides applied on top, as pyinfra's `--data`.
+by operations.inventory_data, and `--data KEY=VALUE` overrides applied on top, as pyinfra's
+`--data` (and checked with the inventory, before anything connects).
 
-    fleet = load_fleet("inventories/lab.py", {"smoke_deadline_s": 30})
+    fleet = load_fleet("inventories/lab.py", ["smoke_deadline_s=30"])
     settings = fleet.settings()                 # the first manager's typed settings
     manager, stack = fleet.read_from_manager(SmokeStack, stack_name=settings.stack_name)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import sys
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from operations import config  # noqa: E402
+from operations import config, inventory_data  # noqa: E402
 
 
 def reexec_in_venv() -> None:
@@ -39,31 +39,6 @@ def reexec_in_venv() -> None:
         if venv.exists() and Path(sys.executable).resolve() != venv.resolve():
             os.execv(str(venv), [str(venv), *sys.argv])
         raise
-
-
-def parse_data(items: list[str]) -> dict[str, Any]:
-    """`--data KEY=VALUE` as pyinfra's CLI reads it (pyinfra_cli.util.parse_cli_arg, not
-    imported: see the module doc): true/false, a whole number, JSON, else the plain string."""
-    data: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise config.ConfigError([f"--data {item!r}: expected KEY=VALUE"])
-        data[key] = _cli_value(text)
-    return data
-
-
-def _cli_value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 @dataclass
@@ -128,33 +103,23 @@ class Fleet:
         raise RuntimeError("no manager answered: " + "; ".join(reasons))
 
 
-def load_fleet(inventory_file: str, overrides: dict[str, Any] | None = None) -> Fleet:
-    """Execute the inventory file (SystemExit(2) on a refused configuration, as pyinfra does),
-    merge group_data and apply `overrides` to every host; ConfigError if an override is bad."""
+def load_fleet(inventory_file: str, data: list[str] | None = None) -> Fleet:
+    """Execute the inventory file with `data` (`--data KEY=VALUE` items) in force: it validates
+    itself, --data included, before anything connects (operations.inventory_check; on a refused
+    configuration it prints one line per problem and exits 2, as pyinfra's run does). Then the
+    hosts' data merged as pyinfra merges it."""
     path = str(Path(inventory_file).resolve())
-    namespace = runpy.run_path(path, run_name="inventory")
+    with inventory_data.overriding(data or []):
+        namespace = runpy.run_path(path, run_name="inventory")
     namespace["__file__"] = path
-    group_data: dict[str, dict[str, Any]] = {}
-    for directory in config.group_data_dirs(path):
-        for group, data in config.load_group_data(directory).items():
-            group_data.setdefault(group, {}).update(data)
-    hosts = config.inventory_host_data(namespace, group_data)
-    for data in hosts.values():
-        data.update(overrides or {})
-    groups = {
-        name: [config._split_host(entry)[0] for entry in value]
-        for name, value in namespace.items()
-        if not name.startswith("_") and isinstance(value, (list, tuple))
-    }
-    fleet = Fleet(path, hosts, groups)
-    problems = []
-    for name in hosts:
-        try:
-            fleet.settings(name)
-        except config.ConfigError as error:
-            problems.extend(error.lines)
-    if problems:
+    overrides, problems = inventory_data.parse_data(data or [])
+    if problems:  # an inventory that does not validate itself: still refused, the same way
         raise config.ConfigError(problems)
+    merged = inventory_data.merged_hosts(namespace, inventory_data.all_group_data(path), overrides)
+    fleet = Fleet(path, {name: host.data for name, host in merged.items()},
+                  inventory_data.inventory_groups(namespace))
+    for name in fleet.hosts:
+        fleet.settings(name)  # ConfigError: the same lines the inventory would have printed
     return fleet
 
 
@@ -162,7 +127,7 @@ def fleet_or_refuse(inventory_file: str, data: list[str]) -> tuple[Fleet, Any]:
     """The fleet and its first host's settings, or the configuration's one-line refusals and
     exit 2 (operations.config.refuse), as a deploy would refuse them: the scripts' entry."""
     try:
-        fleet = load_fleet(inventory_file, parse_data(data))
+        fleet = load_fleet(inventory_file, data)
         return fleet, fleet.settings()
     except config.ConfigError as error:
         config.refuse(error.lines)

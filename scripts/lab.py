@@ -300,14 +300,33 @@ def ssh(lab: str, node: str, command: list[str]) -> int:
                       f"{state['ssh_user']}@{host['address']}", *command])
 
 
+def inventory_accepts(lab: str) -> bool:
+    """The lab inventory, as edited, validated the way a deploy validates it before connecting
+    (operations/inventory_check.py, in the venv): its one-line problems on stderr if not."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        raise LabError("no .venv: run `python3 scripts/lab.py bootstrap` first")
+    check = subprocess.run(
+        [str(python), "-c", "import runpy, sys; sys.path.insert(0, '.'); "
+         "runpy.run_path('inventories/lab.py', run_name='inventory')"],
+        cwd=REPO_ROOT, env={**os.environ, "LAB_NAME": lab}, capture_output=True, text=True)
+    sys.stderr.write(check.stderr)
+    return check.returncode == 0
+
+
 def edit(lab: str, change) -> int:
     """Apply one operator edit (a pure function of fleet: state -> state) to hosts.json, and
     say what the inventory now gives the deploy."""
     state = fleet.read_state(lab)
     if not state:
         raise LabError(f"lab {lab} is not up: run `python3 scripts/lab.py up` first")
+    previous = json.loads(json.dumps(state))
     state = change(state)
     fleet.save_state(lab, state)
+    if not inventory_accepts(lab):
+        fleet.save_state(lab, previous)
+        say("edit refused: hosts.json is unchanged")
+        return 2
     listed = [h for h in state["hosts"] if not h.get("forgotten")]
     managers = [h["name"] for h in listed[: state.get("swarm_managers", 1)]]
     say(f"inventory: {', '.join(h['name'] for h in listed)}; swarm_managers: {', '.join(managers)}")

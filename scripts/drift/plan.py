@@ -42,6 +42,7 @@ from pyinfra_cli.exceptions import CliError
 from pyinfra_cli.inventory import make_inventory
 from pyinfra_cli.util import exec_file
 
+from operations.config import ConfigError
 from scripts.drift.report import HostResult, Item, Report, attribute, classify, one_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,13 +115,18 @@ def config_failure(stderr_text: str) -> str:
     return f"bad configuration: {len(problems)} problems (above), the first: {problems[0]}"
 
 
-def _load_inventory(inventory_path: str, state: State, override_data: dict[str, Any]):
+def _load_inventory(inventory_path: str, state: State, data_items: list[str],
+                    override_data: dict[str, Any]):
     """pyinfra's inventory loading; our validation runs inside it and stops with SystemExit
     after printing its one-line problems (`configuration error: ...`) on stderr."""
+    from operations.inventory_data import overriding
+
     tee = _Tee(sys.stderr)
     sys.stderr = tee
     try:
-        return make_inventory(inventory_path, cwd=state.cwd, override_data=override_data)
+        # The inventory validates itself with the --data items too, before anything connects.
+        with overriding(data_items):
+            return make_inventory(inventory_path, cwd=state.cwd, override_data=override_data)
     except SystemExit as stop:
         if isinstance(stop.code, str):  # e.g. inventories/lab.py: "lab gpulab is not up ..."
             raise CheckFailed(stop.code) from None
@@ -140,6 +146,10 @@ def _plan_host(state: State, host, deploy_file: str) -> str | None:
             exec_file(deploy_file)
     except SystemExit:  # settings_for refused the host's data (lines already printed)
         return "bad configuration (see the lines above)"
+    except ConfigError as refused:  # a rule that needed the hosts' facts (operations/fleet_fit.py)
+        for line in refused.lines:
+            print(f"configuration error: {line}", file=sys.stderr)
+        return config_failure("\n".join(f"configuration error: {line}" for line in refused.lines))
     except (KeyboardInterrupt, gevent.GreenletExit):
         raise
     except BaseException as error:  # anything: the other hosts must still be checked
@@ -293,7 +303,8 @@ def check(
         try:
             if not Path(inventory_path).is_file():
                 raise CheckFailed(f"no inventory file {report.inventory}")
-            inventory = _load_inventory(inventory_path, state, override_data(data or []))
+            inventory = _load_inventory(inventory_path, state, data or [],
+                                        override_data(data or []))
             ctx_inventory.set(inventory)
             state.init(inventory, config, initial_limit=_limit(inventory, limit))
             state.set_stage(StateStage.Connect)

@@ -372,7 +372,8 @@ def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
     `models`, over nodes named and addressed as `addresses` (hostname -> address), each with
     two simulated H100s."""
     from operations import stack
-    from operations.config import load_group_data, validate_host_data
+    from operations.config import validate_host_data
+    from operations.inventory_data import load_group_data
     from operations.sizing import GIB, Node
 
     entries = [{"repo_id": f"org/{m['name']}", "revision": "0" * 40, **m} for m in models]

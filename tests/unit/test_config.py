@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from operations import config
+from operations import config, inventory_check, inventory_data
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def defaults():
-    return config.load_group_data()["all"]
+    return inventory_data.load_group_data()["all"]
 
 
 def problems_for(defaults, **overrides):
@@ -60,7 +60,7 @@ def test_every_model_key_has_a_default_with_a_comment():
         ("nvidia_container_toolkit_version", "1.19", "expected an apt version such as '1.19.1-1'"),
         ("nvidia_cuda_key_fingerprint", "3bf863cc", "expected a 40-hex-digit key fingerprint"),
         ("nvidia_reboot_timeout_s", 10, "expected a number >= 60"),
-        ("nvidia_container_verify_image", "ubuntu 24.04", "expected an image reference without spaces"),
+        ("nvidia_container_verify_image", "ubuntu 24.04", "expected an image reference such as"),
     ],
 )
 def test_a_bad_value_names_host_key_value_and_what_is_accepted(defaults, key, value, expected):
@@ -98,9 +98,14 @@ def test_host_data_overrides_group_data_which_overrides_all():
         "prod": {"docker_log_max_file": 2},
         "swarm_managers": {"models_dir": "/managers"},
     }
-    merged = config.inventory_host_data(inventory, group_data)
-    assert merged["gpu-01"] == {"models_dir": "/host", "docker_log_max_file": 2}
-    assert merged["gpu-02"] == {"models_dir": "/managers", "docker_log_max_file": 2}
+    merged = inventory_data.merged_hosts(inventory, group_data)
+    assert merged["gpu-01"].data == {"models_dir": "/host", "docker_log_max_file": 2}
+    assert merged["gpu-02"].data == {"models_dir": "/managers", "docker_log_max_file": 2}
+    assert merged["gpu-01"].sources == {"models_dir": "inventory host data",
+                                        "docker_log_max_file": "group_data/prod.py"}
+    with_data = inventory_data.merged_hosts(inventory, group_data, {"models_dir": "/cli"})
+    assert with_data["gpu-01"].data["models_dir"] == "/cli"
+    assert with_data["gpu-01"].sources["models_dir"] == "--data"
 
 
 def write_inventory(tmp_path, hosts_literal):
@@ -162,8 +167,9 @@ def test_pyinfra_refuses_bad_group_data_before_connecting(tmp_path, line, expect
     )
     output = result.stdout + result.stderr
     assert result.returncode == config.EXIT_BAD_CONFIG, output
-    for name in ("gpu-01", "gpu-02"):
-        assert f"configuration error: host {name}: {expected}" in output
+    # The same problem on every host, from the file they share: said once, naming the file.
+    assert f"configuration error: group_data/all.py (every host): {expected}" in output
+    assert output.count("configuration error:") == 1, output
     assert "Connecting to hosts" not in output and "Traceback" not in output
 
 
@@ -210,7 +216,7 @@ def test_an_even_manager_group_is_refused_before_connecting(defaults):
         "gpu_nodes": ["gpu-01", "gpu-02", "gpu-03"],
         "swarm_managers": ["gpu-01", "gpu-02"],
     }
-    problems = config.check_inventory(inventory)
+    problems = inventory_check.check_inventory(inventory, data_items=[])
     assert len(problems) == 1 and problems[0].startswith(f"{inventory['__file__']}: ")
     assert "swarm_managers" in problems[0]
 
@@ -262,7 +268,11 @@ def test_bad_serving_fields_are_named_by_their_path(defaults, field, value, expe
 def test_keys_the_stack_reads_fleet_wide_must_agree_between_hosts(tmp_path):
     per_host = {"gpu-01": {"models_dir": "/opt/models"}, "gpu-02": {"models_dir": "/data/models"},
                 "gpu-03": {"models_dir": "/opt/models"}}
-    assert config._fleet_wide_problems(per_host) == [
+    def hosts(data):
+        return {name: inventory_data.HostData(name, values) for name, values in data.items()}
+
+    assert inventory_check.fleet_wide_problems(hosts(per_host)) == [
         "host gpu-02: key 'models_dir' = '/data/models': expected the same value on every host "
         "(gpu-01 has '/opt/models'): one stack serves the fleet"]
-    assert config._fleet_wide_problems({"gpu-01": {"models_dir": "/x"}, "gpu-02": {"models_dir": "/x"}}) == []
+    assert inventory_check.fleet_wide_problems(
+        hosts({"gpu-01": {"models_dir": "/x"}, "gpu-02": {"models_dir": "/x"}})) == []

@@ -9,7 +9,8 @@ import pytest
 from pyinfra.context import ctx_host
 
 from operations import phase, sizing, stack
-from operations.config import load_group_data, validate_host_data
+from operations.config import validate_host_data
+from operations.inventory_data import load_group_data
 from operations.swarm import SwarmNodes
 from scripts.drift import report
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from operations import config
+from operations import config, inventory_data
 from scripts import loadtest as lt
 from tests.unit.fake_openai import FakeOpenAI
 
@@ -18,7 +18,7 @@ SERVICE = "gpufleet_tiny-llama"
 def settings(engine_port, gateway_port):
     model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "e" * 40,
              "port": engine_port}
-    data = {**config.load_group_data()["all"], "models": [model], "stack_api_key_file": "/k",
+    data = {**inventory_data.load_group_data()["all"], "models": [model], "stack_api_key_file": "/k",
             "stack_publish_mode": "host", "stack_gateway_port": gateway_port,
             "smoke_deadline_s": 2}
     return config.validate_host_data("node-1", data)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from operations import config
+from operations import config, inventory_data
 from operations import smoke as sm
 
 FACTS = Path(__file__).resolve().parents[1] / "facts" / "smoke.SmokeStack"
@@ -19,7 +19,7 @@ MODEL = {"name": "tiny-llama", "repo_id": "lab/tiny-llama", "revision": "a" * 40
 
 
 def settings(**overrides):
-    data = {**config.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k",
+    data = {**inventory_data.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k",
             "stack_publish_mode": "host", **overrides}
     return config.validate_host_data("test", data)
 

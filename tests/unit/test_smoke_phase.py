@@ -16,11 +16,11 @@ KEY = "sk-phase-test-secret"
 DEPLOY = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from operations import config, smoke
+from operations import config, inventory_data, smoke
 
 stack = json.loads(os.environ["SMOKE_STACK"])
 smoke.read_stack = lambda managers, name: {{**stack, "reporter": "@local"}}
-data = {{**config.load_group_data()["all"], **json.loads(os.environ["SMOKE_DATA"])}}
+data = {{**inventory_data.load_group_data()["all"], **json.loads(os.environ["SMOKE_DATA"])}}
 smoke.smoke(config.validate_host_data("@local", data))
 """
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from operations import inventory_data
 from operations import smoke as sm
 from scripts import fleet_access
 from tests.unit.fake_openai import FakeOpenAI
@@ -126,6 +127,9 @@ def test_a_bad_data_override_exits_2(tmp_path):
 
 
 def test_data_overrides_parse_like_pyinfra():
-    assert fleet_access.parse_data(["a=1", "b=true", "c=/x/y", "d=[1, 2]", 'e={"vllm": "x"}',
-                                    "f=1.5"]) == {
-        "a": 1, "b": True, "c": "/x/y", "d": [1, 2], "e": {"vllm": "x"}, "f": 1.5}
+    from pyinfra_cli.util import parse_cli_arg  # the reference (imported only in this test)
+
+    items = ["a=1", "b=true", "c=/x/y", "d=[1, 2]", 'e={"vllm": "x"}', "f=1.5", "g=False"]
+    expected = {item.split("=", 1)[0]: parse_cli_arg(item.split("=", 1)[1]) for item in items}
+    assert inventory_data.parse_data(items) == (expected, [])
+    assert expected["b"] is True and expected["e"] == {"vllm": "x"}

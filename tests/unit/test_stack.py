@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from operations import stack
-from operations.config import load_group_data, validate_host_data
+from operations.config import validate_host_data
+from operations.inventory_data import load_group_data
 from operations.sizing import GIB, Node
 
 REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"

@@ -1,0 +1,165 @@
+"""What a value means, checked before any host is touched: the rules beyond a key's type.
+
+Plain functions, called from the configuration model's validators (operations/config.py) and
+from the inventory check (operations/inventory_check.py). Each returns what is wrong as the
+text after "expected ...", or None / [] when the value is good. Each rule has a case in
+tests/unit/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+# --- Addresses and ports ----------------------------------------------------------------------
+
+# Linux interface names: at most IFNAMSIZ - 1 = 15 characters, no '/', ':' or whitespace.
+_INTERFACE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
+_DOTTED = re.compile(r"^[0-9.]+$")
+
+
+def advertise_address_problem(value: str) -> str | None:
+    """`docker swarm init/join --advertise-addr` takes <ip|interface>[:port] (Docker's CLI
+    reference, "docker swarm init"). An IPv6 address with a port is written [addr]:port."""
+    address, port = value, None
+    if value.startswith("["):
+        address, _, rest = value[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return "an IP address or interface name, optionally :port (IPv6 as [addr]:port)"
+        port = rest[1:] or None
+    elif value.count(":") == 1:
+        address, port = value.split(":")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"a port from 1 to 65535 after the address ({port!r} is not)"
+    try:
+        ipaddress.ip_address(address)
+        return None
+    except ValueError:
+        pass
+    if _DOTTED.match(address):
+        return f"an IPv4 address of four numbers from 0 to 255 ({address!r} is not one)"
+    if _INTERFACE.match(address):
+        return None
+    return "an IP address or interface name (up to 15 letters, digits, '.', '_', '-'), optionally :port"
+
+
+# Ports Docker Swarm itself uses on every node (Docker's "Use overlay networks" guide: 2377/tcp
+# cluster management, 7946/tcp+udp node communication, 4789/udp overlay traffic) and sshd's,
+# which pyinfra reaches the hosts on: a service published on the nodes must not take one.
+RESERVED_PORTS = {22: "sshd", 2377: "Swarm cluster management", 7946: "Swarm node gossip",
+                  4789: "Swarm overlay (VXLAN)"}
+
+
+def reserved_port_problem(port: int) -> str | None:
+    if port in RESERVED_PORTS:
+        return f"a port not used on the nodes themselves ({port} is {RESERVED_PORTS[port]})"
+    return None
+
+
+# --- Images -------------------------------------------------------------------------------------
+
+# Docker's reference grammar (distribution/reference: domain, path components in lowercase,
+# tag, digest), with a tag or a digest required: the stack pins what it runs.
+_REFERENCE = re.compile(
+    r"^(?:(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+def image_problem(value: str) -> str | None:
+    """A pinned image reference: name[:tag][@sha256:digest], a tag other than latest or a
+    digest."""
+    match = _REFERENCE.match(value)
+    if not match:
+        return ("an image reference such as 'vllm/vllm-openai:v0.11.0' (lowercase name, "
+                "then :tag and/or @sha256:digest)")
+    if not match["tag"] and not match["digest"]:
+        return f"an image pinned by tag or digest ({value!r} has neither: it would float)"
+    if match["tag"] == "latest" and not match["digest"]:
+        return f"an image pinned by a tag other than 'latest' or by digest ({value!r} would float)"
+    return None
+
+
+# --- Engine flags -------------------------------------------------------------------------------
+
+# Flags each engine gets from the deploy itself (operations/stack.engine_command and the
+# wrapper's secrets): set twice, the engine would take the last one and the gateway, the smoke
+# tests and the placement would no longer match what runs. vLLM's names and aliases are those
+# of `vllm serve --help` (vllm/engine/arg_utils.py: -tp for --tensor-parallel-size); TGI's of
+# text-generation-launcher (launcher/src/main.rs, clap Args; -p is --port).
+MANAGED_FLAGS: dict[str, dict[str, str]] = {
+    "vllm": {
+        "--model": "models[].name (the weights' path)", "--served-model-name": "served_model_name",
+        "--host": "the deploy (0.0.0.0 on the node's network)", "--port": "models[].port",
+        "--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size",
+        "--gpu-memory-utilization": "gpu_memory_utilization", "--max-model-len": "max_model_len",
+        "--api-key": "stack_api_key_file (a Docker secret)", "--download-dir": "models_dir",
+    },
+    "tgi": {
+        "--model-id": "models[].name (the weights' path)", "--served-model-name": "served_model_name",
+        "--hostname": "the deploy (0.0.0.0 on the node's network)", "--port": "models[].port",
+        "-p": "models[].port", "--num-shard": "tensor_parallel_size",
+        "--cuda-memory-fraction": "gpu_memory_utilization", "--max-total-tokens": "max_model_len",
+        "--api-key": "stack_api_key_file (a Docker secret)",
+    },
+}
+
+
+def engine_args_problem(engine: str, args: list[str]) -> str | None:
+    """Flags in models[].engine_args that the deploy sets itself, or any flag for Ollama (its
+    `ollama serve` takes none: it is configured through OLLAMA_* environment variables)."""
+    if engine == "ollama":
+        return "no engine_args for engine 'ollama' (`ollama serve` takes no flags)" if args else None
+    managed = MANAGED_FLAGS.get(engine, {})
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in managed:
+            return (f"engine flags the deploy does not set itself: {flag} comes from "
+                    f"{managed[flag]}")
+    return None
+
+
+# --- daemon.json --------------------------------------------------------------------------------
+
+def daemon_config_problem(config: dict[str, Any], data_root: str) -> str | None:
+    """docker_daemon_config keys that would undo what other keys promise: another data root
+    than docker_data_root (preflight checks that one's disk), another default runtime than
+    NVIDIA's (engines would not see GPUs), or generic resources (the GPUs the swarm advertises
+    come from nvidia-smi)."""
+    if "data-root" in config and str(config["data-root"]).rstrip("/") != data_root.rstrip("/"):
+        return f"no 'data-root' other than docker_data_root ({data_root}): set docker_data_root"
+    if "default-runtime" in config and config["default-runtime"] != "nvidia":
+        return "no 'default-runtime' other than 'nvidia' (engines would not see their GPUs)"
+    if "node-generic-resources" in config:
+        return "no 'node-generic-resources' (the deploy advertises the GPUs nvidia-smi finds)"
+    return None
+
+
+# --- Files on the control machine -------------------------------------------------------------
+
+def secret_file_problem(path: str) -> str | None:
+    """A file holding a secret on the control machine: there, readable, not empty, and private
+    (no group or other permission bits: 0600 or 0400)."""
+    target = Path(os.path.expanduser(path))
+    try:
+        info = target.stat()
+    except OSError as error:
+        return f"a readable file on the control machine ({error.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "a regular file on the control machine (this is not one)"
+    if info.st_mode & 0o077:
+        return (f"a private file (mode 0600 or 0400; this one is {stat.S_IMODE(info.st_mode):04o}): "
+                f"chmod 600 {path}")
+    try:
+        value = target.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        return f"a file this user can read on the control machine ({getattr(error, 'strerror', error)})"
+    if not value or "\n" in value:
+        return "a file holding the secret on one line (as operations/stack.py reads it)"
+    return None
