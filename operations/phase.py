@@ -176,7 +176,8 @@ def other_host_fact(other, fact_cls, **kwargs) -> Any:
 #
 # A node whose Docker (or whole host) this run restarted is "down" to the Swarm's managers for a
 # few seconds, and so is every node for a few seconds after the Swarm's membership changed (a
-# promotion or demotion: seen on the lab, the demoting manager listed all three nodes down). The
+# promotion or demotion: seen on the lab, the demoting manager listed all three nodes down) or a
+# manager's own Docker restarted (it lists every other node down until it hears from it). The
 # stack phase waits for those nodes, and only those (issue 20): a node that was already down, or
 # whose host this run could not reach or failed, will not come back by waiting. Each host's
 # deploy says which of its operations restart its Docker (DOCKER: the driver's reboot, a changed
@@ -203,17 +204,18 @@ def _changed(result: PhaseResult) -> bool:
     return any(op.is_complete() and op.did_change() for op in result.ops)
 
 
-def disturbed_nodes(state) -> set[str]:
+def disturbed_nodes(state, managers: set[str] = frozenset()) -> set[str]:
     """Names of the hosts whose Swarm node this run (so far) may have left not ready: those
     whose Docker it restarted, and every host still in the run once the Swarm's membership
-    changed."""
+    changed or a manager's Docker restarted (`managers`: swarm_managers; seen on the lab: a
+    manager whose Docker restarted lists the other nodes down until their next heartbeat)."""
     try:
         noted = _DISTURBANCES.get(state, {})
     except TypeError:
         return set()
     changed = {(kind, name) for (kind, name), result in noted.items() if _changed(result)}
     hosts = {name for kind, name in changed if kind == DOCKER}
-    if any(kind == SWARM for kind, _ in changed):
+    if hosts & set(managers) or any(kind == SWARM for kind, _ in changed):
         hosts |= {h.name for h in state.active_hosts}
     return hosts
 

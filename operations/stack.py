@@ -665,7 +665,8 @@ def stack_deploy(settings, manager: str | None = None):
         raise OperationError(f"cannot list the Swarm's nodes here: {listed['error']}")
     if host.state.is_executing:
         state = host.state
-        listed = wait_for_nodes(listed, disturbed_nodes(state),
+        managers = {h.name for h in _inventory_hosts(host.inventory)[1]}
+        listed = wait_for_nodes(listed, disturbed_nodes(state, managers),
                                 lambda name: why_node_down(state, name))
     nodes = [sizing.Node.from_swarm(node) for node in listed["nodes"]]
     manifests = read_fact(host, ModelManifests, models_dir=settings.models_dir,

@@ -729,13 +729,11 @@ def toggled_models(models: list[dict]) -> list[dict]:
 
 
 def set_models(lab: str, models: list[dict]) -> None:
-    """`lab.py set HOST models=...` on every host, as an operator would change the inventory
-    (the key must agree fleet-wide)."""
-    for host in lab_state(lab)["hosts"]:
-        code, _, out, err = run([*LAB, "set", host["name"], f"models={json.dumps(models)}"], lab,
-                                timeout=60)
-        if code != 0:
-            raise RuntimeError(f"lab.py set {host['name']} models failed: {_tail(err or out)}")
+    """`lab.py set all models=...`, as an operator would change the inventory: on every host in
+    one edit (the key must agree fleet-wide, which the inventory checks)."""
+    code, _, out, err = run([*LAB, "set", "all", f"models={json.dumps(models)}"], lab, timeout=60)
+    if code != 0:
+        raise RuntimeError(f"lab.py set all models failed: {_tail(err or out)}")
 
 
 def stack_update(size: int, repeat: int, work: Path, out: Path) -> dict:

@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ssh_parser = commands.add_parser("ssh", help="ssh to a host as the deploy user")
     ssh_parser.add_argument("node")
     ssh_parser.add_argument("remote_command", nargs=argparse.REMAINDER)
-    set_parser = commands.add_parser("set", help="add or change a host's inventory data")
-    set_parser.add_argument("node")
+    set_parser = commands.add_parser("set", help="add or change hosts' inventory data")
+    set_parser.add_argument("node", help="a host, several comma-separated, or all")
     set_parser.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
                             help="a JSON value (true, 3, [..]) or a plain string")
     unset_parser = commands.add_parser("unset", help="remove keys from a host's inventory data")

@@ -417,12 +417,16 @@ def _entry(state: dict, node: str) -> dict:
     raise LabError(f"no host {node} in lab {state.get('lab')} (hosts: {names})")
 
 
-def set_host_data(state: dict, node: str, assignments: list[str]) -> dict:
-    """Add or change keys of one host's inventory data."""
-    entry = _entry(state, node)
-    data = dict(entry.get("data") or {})
-    data.update(parse_assignment(text) for text in assignments)
-    entry["data"] = data
+def set_host_data(state: dict, nodes: str, assignments: list[str]) -> dict:
+    """Add or change keys of the inventory data of `nodes`: one host, several comma-separated,
+    or "all", in one edit (a key the stack reads fleet-wide changes on every host at once: the
+    inventory refuses hosts that disagree)."""
+    names = ([e["name"] for e in state.get("hosts", [])] if nodes == "all"
+             else [n for n in nodes.split(",") if n])
+    values = dict(parse_assignment(text) for text in assignments)
+    for name in names:
+        entry = _entry(state, name)
+        entry["data"] = {**(entry.get("data") or {}), **values}
     return state
 
 

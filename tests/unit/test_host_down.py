@@ -36,6 +36,17 @@ def test_only_hosts_whose_engine_phases_changed_count_as_restarted(fleet):
     assert phase.disturbed_nodes(state) == {"node-1"}
 
 
+def test_a_managers_docker_restart_disturbs_every_node_still_in_the_run(fleet):
+    """A manager whose Docker restarted lists the others down until their next heartbeat (lab:
+    a changed daemon.json on the only manager)."""
+    state, hosts = fleet
+    for name in ("node-1", "node-2"):
+        state.activate_host(hosts[name])
+    phase.note_node_changes(hosts["node-1"], phase.DOCKER, phase.PhaseResult([ran(True)]))
+    assert phase.disturbed_nodes(state, managers={"node-2"}) == {"node-1"}
+    assert phase.disturbed_nodes(state, managers={"node-1"}) == {"node-1", "node-2"}
+
+
 def test_a_changed_membership_disturbs_every_node_still_in_the_run(fleet):
     """After a demotion the demoting manager lists every node down for a few seconds (lab)."""
     state, hosts = fleet

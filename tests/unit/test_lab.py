@@ -244,6 +244,18 @@ def test_set_and_unset_edit_one_hosts_data():
         fleet.set_host_data(state, "node-9", ["swarm_retire=true"])
 
 
+def test_set_edits_several_hosts_or_all_in_one_edit():
+    """A key the stack reads fleet-wide must change everywhere at once: the inventory refuses
+    an edit that leaves hosts disagreeing (scripts/lab.py validates every edit)."""
+    state = fleet.set_host_data(_state(), "node-1,node-3", ["models_dir=/m"])
+    assert [h.get("data") for h in state["hosts"]] == [{"models_dir": "/m"}, None,
+                                                       {"models_dir": "/m"}, None]
+    state = fleet.set_host_data(state, "all", ["models_dir=/n"])
+    assert {h["data"]["models_dir"] for h in state["hosts"]} == {"/n"}
+    with pytest.raises(fleet.LabError, match="no host node-9"):
+        fleet.set_host_data(_state(), "node-1,node-9", ["models_dir=/m"])
+
+
 def test_manager_count_is_bounded_by_the_listed_hosts():
     state = fleet.set_forgotten(_state(), "node-4", True)
     assert fleet.set_manager_count(state, 3)["swarm_managers"] == 3
