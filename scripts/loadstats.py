@@ -1,6 +1,7 @@
 """The load test's numbers and reports, from recorded requests: percentiles, throughput, errors,
 the CSV of every request, the Markdown and JSON summaries, the PNG charts, and the scenario
-comparison with per-container CPU, memory and network I/O from `docker stats`.
+comparison with per-container CPU, memory and network I/O from `docker stats`. The serving
+metrics the field compares (TTFT, TPOT, ITL, goodput) are defined in scripts/loadmetrics.py.
 
 Pure functions over `Record`s (and `docker stats` samples): scripts/loadtest.py produces them,
 tests/unit/test_loadtest_stats.py checks them on recorded data.
@@ -19,13 +20,13 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 CSV_FIELDS = ["timestamp", "endpoint", "model", "status", "latency_s", "ttft_s", "tokens",
-              "scenario", "error"]
+              "scenario", "error", "prompt_tokens", "itl_ms"]
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Record:
     tokens: int
     scenario: str = "load"
     error: str = ""
+    prompt_tokens: int = 0  # from the response's usage, when the engine reports it
+    # Every gap between two successive content chunks after the first (streamed requests).
+    itl_s: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -190,7 +194,8 @@ def append_csv(path: Path, records: list[Record]) -> None:
                 "timestamp": iso(r.timestamp), "endpoint": r.endpoint, "model": r.model,
                 "status": r.status, "latency_s": f"{r.latency_s:.4f}",
                 "ttft_s": "" if r.ttft_s is None else f"{r.ttft_s:.4f}", "tokens": r.tokens,
-                "scenario": r.scenario, "error": r.error,
+                "scenario": r.scenario, "error": r.error, "prompt_tokens": r.prompt_tokens,
+                "itl_ms": " ".join(f"{gap * 1000:.3f}" for gap in r.itl_s),
             })
 
 
@@ -205,7 +210,8 @@ def read_csv(path: Path) -> list[Record]:
                 latency_s=float(row["latency_s"]),
                 ttft_s=float(row["ttft_s"]) if row["ttft_s"] else None,
                 tokens=int(row["tokens"]), scenario=row.get("scenario") or "load",
-                error=row.get("error") or "",
+                error=row.get("error") or "", prompt_tokens=int(row.get("prompt_tokens") or 0),
+                itl_s=[float(gap) / 1000 for gap in (row.get("itl_ms") or "").split()],
             ))
     return records
 
@@ -263,13 +269,22 @@ def comparison_table(scenarios: list[dict[str, Any]]) -> list[str]:
 
 def markdown_report(summaries: dict[str, dict[str, Any]], meta: dict[str, Any],
                     scenarios: list[dict[str, Any]] | None = None,
-                    charts: list[str] | None = None) -> str:
+                    charts: list[str] | None = None, gates: list[str] | None = None) -> str:
+    from scripts.loadmetrics import markdown_table
+
     lines = ["# Load test", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
     lines += ["", "Latency and TTFT percentiles: successful requests, linear interpolation "
               "between closest ranks (numpy's default). Throughput: successful requests and "
               "their output tokens over the wall time from the first start to the last end.", ""]
     lines += stats_table(summaries)
+    lines += ["", "## Serving metrics", "",
+              "As `vllm bench serve` defines them (scripts/loadmetrics.py): TTFT to the first "
+              "content chunk, TPOT = (E2EL - TTFT) / (output tokens - 1), ITL every gap between "
+              "chunks, E2EL to the end of the response; goodput: requests meeting every SLO.", ""]
+    lines += markdown_table({name: s["metrics"] for name, s in summaries.items()})
+    if gates is not None:
+        lines += ["", "## Gates", ""] + ([f"- FAILED: {g}" for g in gates] or ["- all gates hold"])
     errors = {name: s["error_kinds"] for name, s in summaries.items() if s["error_kinds"]}
     if errors:
         lines += ["", "## Errors", ""]
@@ -337,23 +352,74 @@ def write_charts(records: list[Record], out: Path,
     ax.set_ylabel("latency (ms)")
     ax.set_title("Latency over time")
     paths.append(_finish(plt, fig, ax, out / "latency_over_time.png", legend=bool(groups)))
+
+    for stem, title, values_of in (
+            ("ttft_hist", "TTFT distribution (ms)",
+             lambda rows: [r.ttft_s * 1000 for r in rows if r.ok and r.ttft_s is not None]),
+            ("itl_hist", "Inter-token latency distribution (ms, every gap)",
+             lambda rows: [gap * 1000 for r in rows if r.ok for gap in r.itl_s])):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = False
+        for name, rows in groups.items():
+            values = values_of(rows)
+            if values:
+                ax.hist(values, bins=min(40, max(5, len(values) // 4)), alpha=0.6, label=name)
+                drawn = True
+        ax.set_xlabel("ms")
+        ax.set_ylabel("count")
+        ax.set_title(title + ("" if drawn else ": none measured (not streamed?)"))
+        paths.append(_finish(plt, fig, ax, out / f"{stem}.png", legend=drawn))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    seconds = throughput_series(records, start)
+    if seconds:
+        xs = sorted(seconds)
+        ax.plot(xs, [seconds[x][1] for x in xs], label="output tokens/s")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [seconds[x][0] for x in xs], color="green", label="requests/s")
+        ax2.set_ylabel("requests/s (completed)")
+        ax2.legend(loc="upper right", fontsize="small")
+    ax.set_xlabel("seconds since the first request")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput over time (by completion second)")
+    paths.append(_finish(plt, fig, ax, out / "throughput_over_time.png", legend=bool(seconds)))
     return paths
+
+
+def throughput_series(records: list[Record], start: float) -> dict[int, tuple[int, int]]:
+    """{second since `start`: (requests completed, output tokens)} of successful requests, by
+    the second each one ended in."""
+    series: dict[int, tuple[int, int]] = {}
+    for r in records:
+        if r.ok:
+            second = int(r.timestamp + r.latency_s - start)
+            done, tokens = series.get(second, (0, 0))
+            series[second] = (done + 1, tokens + r.tokens)
+    return series
 
 
 def write_reports(out: Path, records: list[Record], meta: dict[str, Any],
                   scenarios: list[dict[str, Any]] | None = None,
-                  window: tuple[float, float] | None = None) -> dict[str, Path]:
+                  window: tuple[float, float] | None = None, slo_s: dict[str, float] | None = None,
+                  gates: list[str] | None = None) -> dict[str, Path]:
     """Everything into `out`: requests.csv (appended), summary.md, summary.json and the PNGs.
-    Summaries are per scenario when there are several, else one for the run."""
+    Summaries are per scenario when there are several, else one for the run; each carries the
+    serving metrics (scripts/loadmetrics.py) under "metrics". `gates`: the gate failures, when
+    gates were given ([] when all hold)."""
+    from scripts.loadmetrics import field_metrics
+
     out.mkdir(parents=True, exist_ok=True)
     append_csv(out / "requests.csv", records)
     names = list(dict.fromkeys(r.scenario for r in records)) or ["load"]
-    summaries = {name: summarize([r for r in records if r.scenario == name]) for name in names}
+    summaries = {}
+    for name in names:
+        rows = [r for r in records if r.scenario == name]
+        summaries[name] = {**summarize(rows), "metrics": field_metrics(rows, slo_s)}
     charts = write_charts(records, out, window)
     (out / "summary.md").write_text(markdown_report(summaries, meta, scenarios,
-                                                    [str(c) for c in charts]))
+                                                    [str(c) for c in charts], gates))
     payload = {"meta": meta, "summaries": summaries, "scenarios": scenarios or [],
-               "written": iso(time.time())}
+               "gates": gates, "written": iso(time.time())}
     (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
     return {"csv": out / "requests.csv", "markdown": out / "summary.md",
             "json": out / "summary.json", **{c.stem: c for c in charts}}

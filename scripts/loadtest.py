@@ -8,13 +8,19 @@
     python scripts/loadtest.py inventories/prod.py --concurrency 4 --requests 100000 \
         --during "pyinfra -y inventories/prod.py deploy.py" --out rollout/
 
-Sends `--requests` chat completions (default 160), `--concurrency` at a time, streamed (SSE)
-unless `--no-stream`, and stops by itself: no new request after `--max-seconds`, and no request
-waits longer than `--request-timeout`. Per request: latency, time to first token, tokens out.
+Sends `--requests` chat completions (default 160), `--concurrency` at a time (closed loop) or
+at `--request-rate` requests/s (open loop: Poisson arrivals, or burstier with `--burstiness`),
+streamed (SSE) unless `--no-stream`, with prompts from `--dataset FILE.jsonl` or of
+`--input-tokens N`, and stops by itself: no new request after `--max-seconds`, and no request
+waits longer than `--request-timeout`. Per request: latency, the arrival of every token chunk
+(TTFT, ITL, TPOT), tokens in and out.
 
 Writes into --out: requests.csv (one row per request, appended), summary.md and summary.json
-(p50/p95/p99, throughput in requests/s and tokens/s, errors), latency_hist.png and
-latency_over_time.png. Exit 0, or 1 when any request failed, 2 on a refused configuration.
+(p50/p95/p99, throughput in requests/s and tokens/s, errors, and the serving metrics of
+scripts/loadmetrics.py: TTFT, TPOT, ITL, E2EL and output tokens/s with mean, median, p90, p99;
+goodput against `--slo`), latency_hist.png, latency_over_time.png, ttft_hist.png, itl_hist.png
+and throughput_over_time.png. Exit 0; 1 when any request failed; 2 on a refused configuration;
+3 when a `--gate` (or the `--baseline` comparison) does not hold.
 
 --scenarios runs the same load four times: one replica of the model's engine service and
 --replicas replicas (`docker service scale` on a manager; the original count is restored
@@ -41,9 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,132 +58,18 @@ reexec_in_venv()
 import httpx  # noqa: E402
 
 from operations import smoke as sm  # noqa: E402
+from scripts import loadmetrics as lm  # noqa: E402
 from scripts import loadstats as ls  # noqa: E402
 from scripts.fleet_access import Fleet, fleet_or_refuse  # noqa: E402
+from scripts.loadclient import (  # noqa: E402
+    Endpoint, Prompt, load_prompts, one_request, run_load, synthetic_prompt,
+)
 
-PROMPT = "Write one sentence about GPUs."
+# A --gate or --baseline that does not hold: the rollout (or CI) that ran the load test stops.
+EXIT_GATE = 3
 STATS_COMMAND = "docker stats --no-stream --format '{{json .}}'"
 # A sampler thread stops after this many rounds whatever happens (bounded loop).
 MAX_SAMPLE_ROUNDS = 2000
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    url: str
-    models: tuple[str, ...]
-    usage_in_stream: bool = True  # vLLM's stream_options.include_usage
-
-
-# --- Requests -------------------------------------------------------------------------------
-
-
-def _body(model: str, stream: bool, max_tokens: int, usage_in_stream: bool) -> dict:
-    # ignore_eos (vLLM's sampling parameter, as its own benchmarks use it): every request
-    # generates max_tokens, so runs compare like with like and none ends empty on an early EOS.
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}
-    if stream and usage_in_stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-async def _read_stream(response: httpx.Response,
-                       started: float) -> tuple[float | None, int, bool]:
-    """(TTFT, tokens, complete) from an SSE stream: TTFT at the first chunk carrying content,
-    tokens from the usage of the last chunk, else the number of content chunks; complete when
-    the stream ended with `data: [DONE]` (a stream cut short by an engine going away may still
-    end cleanly at the HTTP level)."""
-    ttft, chunks, usage, complete = None, 0, None, False
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            complete = True
-            break
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            continue
-        for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content") or choice.get("text")
-            if content:
-                chunks += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - started
-        if isinstance((event.get("usage") or {}).get("completion_tokens"), int):
-            usage = event["usage"]["completion_tokens"]
-    return ttft, usage if usage is not None else chunks, complete
-
-
-async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str, key: str | None,
-                      stream: bool, max_tokens: int, scenario: str) -> ls.Record:
-    """One chat completion; never raises (a failure is a Record with status 0 or the HTTP
-    status, and the error's kind)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = _body(model, stream, max_tokens, endpoint.usage_in_stream)
-    stamp, started = time.time(), time.perf_counter()
-    status, ttft, tokens, error = 0, None, 0, ""
-    try:
-        if stream:
-            async with client.stream("POST", endpoint.url + "/v1/chat/completions", json=body,
-                                     headers=headers) as response:
-                status = response.status_code
-                if status == 200:
-                    ttft, tokens, complete = await _read_stream(response, started)
-                    if not complete:
-                        error = "IncompleteStream: the stream ended before data: [DONE]"
-                else:
-                    await response.aread()
-        else:
-            response = await client.post(endpoint.url + "/v1/chat/completions", json=body,
-                                         headers=headers)
-            status = response.status_code
-            if status == 200:
-                tokens = sm.completion_tokens(response.json())
-    except (httpx.HTTPError, ValueError) as failure:
-        error = f"{type(failure).__name__}: {failure}"[:200]
-    if status and status != 200 and not error:
-        error = f"HTTP {status}"
-    return ls.Record(timestamp=stamp, endpoint=endpoint.url, model=model, status=status,
-                     latency_s=time.perf_counter() - started, ttft_s=ttft, tokens=tokens,
-                     scenario=scenario, error=error)
-
-
-async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, concurrency: int,
-                   max_seconds: float, stream: bool = True, max_tokens: int = 32,
-                   request_timeout: float = 60.0, scenario: str = "load",
-                   until: Callable[[], bool] | None = None) -> list[ls.Record]:
-    """Send at most `requests` requests, `concurrency` at a time, round-robin over endpoints
-    and their models; no new request after `max_seconds`, nor once `until()` is true. Bounded:
-    at most max_seconds + request_timeout of wall time."""
-    if not endpoints:
-        return []
-    records: list[ls.Record] = []
-    issued = 0
-    stop_at = time.monotonic() + max_seconds
-    timeout = httpx.Timeout(request_timeout, connect=min(10.0, request_timeout))
-    limits = httpx.Limits(max_connections=concurrency * 2)
-
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def worker():
-            nonlocal issued
-            while (issued < requests and time.monotonic() < stop_at
-                   and not (until and until())):
-                index = issued
-                issued += 1
-                endpoint = endpoints[index % len(endpoints)]
-                model = endpoint.models[(index // len(endpoints)) % len(endpoint.models)]
-                records.append(await one_request(client, endpoint, model, key, stream,
-                                                 max_tokens, scenario))
-
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
-        try:
-            await asyncio.wait_for(asyncio.gather(*workers),
-                                   timeout=max_seconds + request_timeout + 5)
-        except asyncio.TimeoutError:
-            pass  # the hard stop; requests cut short are not recorded
-    return sorted(records, key=lambda r: r.timestamp)
 
 
 # --- Where the load goes --------------------------------------------------------------------
@@ -338,7 +228,8 @@ def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | 
                 with Sampler(fleet, node_hosts, args.sample_interval) as sampler:
                     got = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
                                                args.max_seconds, not args.no_stream,
-                                               args.max_tokens, args.request_timeout, name))
+                                               args.max_tokens, args.request_timeout, name,
+                                               **shape_of(args)))
                 usage = ls.container_usage(sampler.samples, f"{settings.stack_name}_")
                 records += got
                 scenarios.append({
@@ -442,8 +333,49 @@ def parse_args(argv):
                              "exits (or at --max-seconds / --requests, which the report flags)")
     parser.add_argument("--during-timeout", type=float, default=3600.0,
                         help="seconds after which COMMAND is killed (default 3600)")
+    parser.add_argument("--request-rate", type=float, metavar="R",
+                        help="open loop: R requests/s on average (arrivals as --burstiness "
+                             "says), at most --concurrency in flight; default: closed loop")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape of the gaps between arrivals: 1 Poisson (default), "
+                             "<1 burstier, >1 more even (vLLM's --burstiness)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--dataset", metavar="FILE.jsonl",
+                        help='prompts, one JSON object a line: {"prompt": "...", "output_tokens": N}')
+    parser.add_argument("--input-tokens", type=int, metavar="N",
+                        help="a synthetic prompt of about N tokens (output: --max-tokens)")
+    parser.add_argument("--slo", metavar="ttft=500ms,tpot=50ms,e2el=5s",
+                        help="goodput: the share (and rate) of requests meeting every SLO given")
+    parser.add_argument("--gate", action="append", default=[], metavar="METRIC<=LIMIT",
+                        help="exit 3 unless METRIC<=LIMIT (or >=) holds, e.g. ttft_p99<=800ms, "
+                             "goodput_share>=95%%, output_throughput>=50 (repeatable)")
+    parser.add_argument("--baseline", metavar="summary.json",
+                        help="exit 3 when latency (p99, median) grew or throughput or goodput "
+                             "fell by more than --tolerance against this earlier report")
+    parser.add_argument("--tolerance", default="10%",
+                        help="how much worse than --baseline still passes (default 10%%)")
     parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.request_rate is not None and args.request_rate <= 0:
+        parser.error("--request-rate must be above 0")
+    if args.burstiness <= 0:
+        parser.error("--burstiness must be above 0")
+    if args.dataset and args.input_tokens:
+        parser.error("--dataset and --input-tokens both say what to send: choose one")
+    if args.input_tokens is not None and args.input_tokens < 1:
+        parser.error("--input-tokens must be at least 1")
+    try:
+        args.prompts = (load_prompts(Path(args.dataset)) if args.dataset else
+                        [synthetic_prompt(args.input_tokens)] if args.input_tokens else None)
+        args.slo_s = lm.parse_slo(args.slo) if args.slo else None
+        args.gates = [lm.parse_gate(text) for text in args.gate]
+        tolerance = args.tolerance.rstrip("%")
+        args.tolerance_share = float(tolerance) / (100 if args.tolerance.endswith("%") else 1)
+        if args.baseline:
+            args.gates += lm.baseline_gates(baseline_metrics(Path(args.baseline)),
+                                            args.tolerance_share)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     for name in ("requests", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -452,6 +384,24 @@ def parse_args(argv):
     if args.during and args.scenarios:
         parser.error("--during and --scenarios measure different things: choose one")
     return args
+
+
+def shape_of(args) -> dict:
+    """What run_load needs of --dataset/--input-tokens and --request-rate/--burstiness/--seed."""
+    return {"prompts": args.prompts, "request_rate": args.request_rate,
+            "burstiness": args.burstiness, "seed": args.seed}
+
+
+def baseline_metrics(path: Path) -> dict:
+    """The serving metrics of an earlier summary.json: its run, or its only scenario."""
+    try:
+        summaries = json.loads(path.read_text())["summaries"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"--baseline {path}: not a summary.json of this load test") from None
+    if len(summaries) != 1 or "metrics" not in next(iter(summaries.values())):
+        raise ValueError(f"--baseline {path}: expected one run with serving metrics, found "
+                         f"{', '.join(summaries) or 'none'}")
+    return next(iter(summaries.values()))["metrics"]
 
 
 def run(argv) -> int:
@@ -468,7 +418,13 @@ def run(argv) -> int:
     out = Path(args.out)
     meta = {"requests": args.requests, "concurrency": args.concurrency,
             "stream": not args.no_stream, "max_tokens": args.max_tokens,
-            "max_seconds": args.max_seconds, "started": ls.iso(time.time())}
+            "max_seconds": args.max_seconds, "started": ls.iso(time.time()),
+            "arrivals": (f"open loop, {args.request_rate:g} req/s, burstiness {args.burstiness:g}"
+                         f" (seed {args.seed})" if args.request_rate else "closed loop"),
+            "prompts": (args.dataset or (f"synthetic, {args.input_tokens} tokens"
+                                         if args.input_tokens else "one short prompt"))}
+    if args.slo:
+        meta["slo"] = args.slo
     records: list[ls.Record] = []
     scenarios: list[dict] | None = None
     failure = None
@@ -496,7 +452,8 @@ def run(argv) -> int:
             records = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
                                            args.max_seconds, not args.no_stream, args.max_tokens,
                                            args.request_timeout,
-                                           until=during.settled if during else None))
+                                           until=during.settled if during else None,
+                                           **shape_of(args)))
             if during:
                 during.join()
                 meta.update(during.meta(records))
@@ -506,8 +463,12 @@ def run(argv) -> int:
     if failure and not records:
         print(f"loadtest: {failure}", file=sys.stderr)
         return 1
+    gate_lines = None
+    if args.gates:
+        gate_lines = lm.gate_failures(lm.field_metrics(records, args.slo_s), args.gates)
     written = ls.write_reports(out, records, meta, scenarios,
-                               window=(during.started, during.ended) if during else None)
+                               window=(during.started, during.ended) if during else None,
+                               slo_s=args.slo_s, gates=gate_lines)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written.values()))
     failed = [r for r in records if not r.ok]
@@ -522,6 +483,10 @@ def run(argv) -> int:
         print("loadtest: the load stopped before --during's command ended: raise --max-seconds "
               "or --requests", file=sys.stderr)
     during_bad = during is not None and not (during.ok and meta.get("during_covered"))
+    if gate_lines:
+        for line in gate_lines:
+            print(f"loadtest: {line}", file=sys.stderr)
+        return EXIT_GATE
     return 1 if failed or failure or not records or during_bad else 0
 
 

@@ -130,6 +130,34 @@ def test_the_load_test_writes_csv_markdown_json_and_pngs(deployed, tmp_path):
     assert api_key(deployed) not in printed + (out / "requests.csv").read_text()
 
 
+def test_an_open_loop_load_reports_the_serving_metrics_and_gates_them(deployed, tmp_path):
+    """The lab engine streams real tokens: every vLLM-style metric is measured, goodput against
+    an SLO, and a gate no engine can meet stops the run with exit 3."""
+    from scripts import loadmetrics as lm
+
+    out = tmp_path / "open"
+    result = script(deployed, "loadtest.py", "--requests", "24", "--request-rate", "4",
+                    "--concurrency", "8", "--max-tokens", "8", "--input-tokens", "16",
+                    "--slo", "ttft=5s,tpot=2s", "--gate", "failed<=0", "--out", str(out),
+                    timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "summary.json").read_text())["summaries"]["load"]["metrics"]
+    for name in lm.metric_names():
+        assert lm.metric_value(metrics, name) is not None, name
+    assert metrics["completed"] == 24 and metrics["goodput_share"] == 1.0
+    assert metrics["itl_ms"]["p99"] > 0 and metrics["tpot_ms"]["median"] > 0
+    assert metrics["input_tokens"] > 0, "the engine reported no prompt tokens"
+    for png in ("ttft_hist.png", "itl_hist.png", "throughput_over_time.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    regressed = script(deployed, "loadtest.py", "--requests", "8", "--concurrency", "4",
+                       "--max-tokens", "8", "--gate", "itl_p99<=0.001ms",
+                       "--baseline", str(out / "summary.json"), "--out", str(tmp_path / "gated"),
+                       timeout=600)
+    assert regressed.returncode == 3, regressed.stdout + regressed.stderr
+    assert "loadtest: gate itl_p99<=0.001 failed" in regressed.stderr
+
+
 def test_the_scenarios_compare_replicas_and_paths_and_restore_the_count(deployed, tmp_path):
     before = manager_lines(deployed, f"sudo docker service inspect {ENGINE_SERVICE} "
                                      "--format '{{.Spec.Mode.Replicated.Replicas}}'")

@@ -69,7 +69,7 @@ def stack(replicas):
 def args(**overrides):
     base = dict(model=None, replicas=3, requests=4, concurrency=2, max_seconds=20.0,
                 no_stream=False, max_tokens=4, request_timeout=10.0, settle=0.0,
-                sample_interval=0.05)
+                sample_interval=0.05, prompts=None, request_rate=None, burstiness=1.0, seed=0)
     return argparse.Namespace(**{**base, **overrides})
 
 
