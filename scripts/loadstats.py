@@ -374,15 +374,17 @@ def write_charts(records: list[Record], out: Path,
     seconds = throughput_series(records, start)
     if seconds:
         xs = sorted(seconds)
-        ax.plot(xs, [seconds[x][1] for x in xs], label="output tokens/s")
+        ax.bar(xs, [seconds[x][1] for x in xs], width=0.8, alpha=0.5, label="output tokens/s")
+        ax.legend(loc="upper left", fontsize="small")
         ax2 = ax.twinx()
-        ax2.plot(xs, [seconds[x][0] for x in xs], color="green", label="requests/s")
+        ax2.plot(xs, [seconds[x][0] for x in xs], "o-", color="green", label="requests/s")
         ax2.set_ylabel("requests/s (completed)")
+        ax2.set_ylim(bottom=0)
         ax2.legend(loc="upper right", fontsize="small")
-    ax.set_xlabel("seconds since the first request")
+    ax.set_xlabel("second since the first request (requests counted in the second they ended)")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Throughput over time (by completion second)")
-    paths.append(_finish(plt, fig, ax, out / "throughput_over_time.png", legend=bool(seconds)))
+    ax.set_title("Throughput over time")
+    paths.append(_finish(plt, fig, ax, out / "throughput_over_time.png", legend=False))
     return paths
 
 
