@@ -1,11 +1,11 @@
 """Which Swarm nodes the stack phase waits for before it plans placement (issue 20).
 
-A node this run restarted (its Docker, its host) or re-formed (a changed membership) is "down"
-to the managers for a few seconds: operations/phase.disturbed_nodes names them, and they are
-waited for. Any other down node is reported once, with the reason, and not waited for: it will
+A node this run restarted (its Docker, its host), or any node once the run changed the Swarm's
+membership or restarted a manager's Docker, is "down" to the managers for a few seconds:
+operations/phase.disturbed_nodes names them, and they are waited for. Any other down node is reported once, with the reason, and not waited for: it will
 not come back by waiting, and the stack is placed on the ready nodes.
 
-    listed = wait_for_nodes(read_fact(host, SwarmNodes), disturbed_nodes(state),
+    listed = wait_for_nodes(read_fact(host, SwarmNodes), disturbed_nodes(state, managers),
                             lambda name: why_node_down(state, name))
 """
 
@@ -48,20 +48,20 @@ def why_node_down(state, name: str) -> str:
     return "it was down before this run, which did not restart its Docker"
 
 
-def wait_for_nodes(listed: dict[str, Any], restarted: set[str], why_down: Callable[[str], str],
+def wait_for_nodes(listed: dict[str, Any], disturbed: set[str], why_down: Callable[[str], str],
                    wait_s: float = NODE_READY_WAIT_S, poll_s: float = 3.0) -> dict[str, Any]:
     """Re-read the Swarm's nodes until every down node whose host this run disturbed
-    (`restarted`: inventory names, phase.disturbed_nodes) is ready, or `wait_s` has passed (a node that stays down is
-    then planned without; the fit check says so with the numbers). Other down nodes are
-    reported once, with `why_down(host name)`, and not waited for."""
+    (`disturbed`: inventory names, from phase.disturbed_nodes) is ready, or `wait_s` has passed
+    (a node that stays down is then planned without; the fit check says so with the numbers).
+    Other down nodes are reported once, with `why_down(host name)`, and not waited for."""
     for node in down_nodes(listed):
-        if node_host(node) not in restarted:
+        if node_host(node) not in disturbed:
             host.log_styled(f"Swarm node {node.get('hostname', '?')} is down "
                             f"({why_down(node_host(node))}): not waited for; the stack is placed "
                             "on the ready nodes", fg="yellow", log_func=logger.warning)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        waiting = [n["hostname"] for n in down_nodes(listed) if node_host(n) in restarted]
+        waiting = [n["hostname"] for n in down_nodes(listed) if node_host(n) in disturbed]
         if not waiting:
             break
         host.log_styled(f"waiting for Swarm nodes this run restarted or re-formed: "
