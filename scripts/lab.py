@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     set_parser.add_argument("node", help="a host, several comma-separated, or all")
     set_parser.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
                             help="a JSON value (true, 3, [..]) or a plain string")
-    unset_parser = commands.add_parser("unset", help="remove keys from a host's inventory data")
-    unset_parser.add_argument("node")
+    unset_parser = commands.add_parser("unset", help="remove keys from hosts' inventory data")
+    unset_parser.add_argument("node", help="a host, several comma-separated, or all")
     unset_parser.add_argument("keys", nargs="+", metavar="KEY")
     forget_parser = commands.add_parser(
         "forget", help="take a host out of the inventory; its container keeps running")

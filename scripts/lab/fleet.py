@@ -417,32 +417,38 @@ def _entry(state: dict, node: str) -> dict:
     raise LabError(f"no host {node} in lab {state.get('lab')} (hosts: {names})")
 
 
+def _named(state: dict, nodes: str) -> list[dict]:
+    """The host entries `nodes` names: one host, several comma-separated, or "all"."""
+    if nodes == "all":
+        return list(state.get("hosts", []))
+    return [_entry(state, name) for name in nodes.split(",") if name]
+
+
 def set_host_data(state: dict, nodes: str, assignments: list[str]) -> dict:
-    """Add or change keys of the inventory data of `nodes`: one host, several comma-separated,
-    or "all", in one edit (a key the stack reads fleet-wide changes on every host at once: the
-    inventory refuses hosts that disagree)."""
-    names = ([e["name"] for e in state.get("hosts", [])] if nodes == "all"
-             else [n for n in nodes.split(",") if n])
+    """Add or change keys of the inventory data of `nodes` (see _named), in one edit: a key the
+    stack reads fleet-wide changes on every host at once (the inventory refuses hosts that
+    disagree)."""
     values = dict(parse_assignment(text) for text in assignments)
-    for name in names:
-        entry = _entry(state, name)
+    for entry in _named(state, nodes):
         entry["data"] = {**(entry.get("data") or {}), **values}
     return state
 
 
-def unset_host_data(state: dict, node: str, keys: list[str]) -> dict:
-    """Remove keys from one host's inventory data (back to the group's value)."""
-    entry = _entry(state, node)
-    data = dict(entry.get("data") or {})
-    missing = [key for key in keys if key not in data]
-    if missing:
-        raise LabError(f"{node} has no data key {', '.join(missing)} (set: {', '.join(data) or 'none'})")
-    for key in keys:
-        del data[key]
-    if data:
-        entry["data"] = data
-    else:
-        entry.pop("data", None)
+def unset_host_data(state: dict, nodes: str, keys: list[str]) -> dict:
+    """Remove keys from the inventory data of `nodes` (see _named), back to the group's value,
+    in one edit."""
+    for entry in _named(state, nodes):
+        data = dict(entry.get("data") or {})
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise LabError(f"{entry['name']} has no data key {', '.join(missing)} "
+                           f"(set: {', '.join(data) or 'none'})")
+        for key in keys:
+            del data[key]
+        if data:
+            entry["data"] = data
+        else:
+            entry.pop("data", None)
     return state
 
 

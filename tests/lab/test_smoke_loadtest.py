@@ -207,10 +207,10 @@ def test_a_rolling_update_under_load_fails_no_request(deployed, tmp_path):
         printed = result.stdout + result.stderr
         meta = json.loads((out / "summary.json").read_text())["meta"]
         rolled = engine_args(deployed)
-    finally:  # the lab's own models again, deployed, for the tests after this one
-        for host in deployed.hosts:
-            deployed.cli("unset", host["name"], "models")
+    finally:  # the lab's own models again (on every host in one edit), for the tests after this
+        unset = deployed.cli("unset", "all", "models")
         restored = deployed.pyinfra("-y", "inventories/lab.py", "deploy.py")
+    assert unset.returncode == 0, unset.stderr
     assert meta["during_exit_code"] == 0, (out / "during.log").read_text()[-3000:]
     assert '"0.85"' in rolled and rolled != before, "the deploy did not roll the engine"
     assert meta["during_covered"] is True

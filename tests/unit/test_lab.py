@@ -254,6 +254,10 @@ def test_set_edits_several_hosts_or_all_in_one_edit():
     assert {h["data"]["models_dir"] for h in state["hosts"]} == {"/n"}
     with pytest.raises(fleet.LabError, match="no host node-9"):
         fleet.set_host_data(_state(), "node-1,node-9", ["models_dir=/m"])
+    state = fleet.unset_host_data(state, "all", ["models_dir"])
+    assert all("data" not in h for h in state["hosts"])
+    with pytest.raises(fleet.LabError, match="node-1 has no data key models_dir"):
+        fleet.unset_host_data(state, "all", ["models_dir"])
 
 
 def test_manager_count_is_bounded_by_the_listed_hosts():
