@@ -56,7 +56,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, d
 from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
-from operations import sizing
+from operations import rules, sizing
 from operations.phase import (
     PhaseResult, disturbed_nodes, explain, fail_host, fails_only_this_host, host_sudo,
     read_fact,
@@ -333,20 +333,15 @@ def stack_problems(text: str) -> list[str]:
 
 
 def read_control_secret(path: str | None, what: str) -> str:
-    """A secret from a file on the control machine, refusing one that others can read."""
+    """A secret from a file on the control machine, refused unless it is private and one line
+    (operations.rules.secret_file_problem: the rule the inventory check applies before
+    connecting; checked again here, where the value is read)."""
     if not path:
         raise OperationError(f"{what}: no file configured")
-    file = Path(path).expanduser()
-    try:
-        mode = file.stat().st_mode & 0o777
-        value = file.read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise OperationError(f"{what} {file}: cannot read it ({error.strerror})") from None
-    if mode & 0o077:
-        raise OperationError(f"{what} {file}: mode {mode:04o} lets others read it; chmod 600 it")
-    if not value or "\n" in value:
-        raise OperationError(f"{what} {file}: expected one line holding the secret")
-    return value
+    problem = rules.secret_file_problem(path)
+    if problem:
+        raise OperationError(f"{what} {path}: expected {problem}")
+    return Path(path).expanduser().read_text(encoding="utf-8").strip()
 
 
 def wanted_secrets(settings) -> dict[str, tuple[str, str]]:

@@ -230,16 +230,13 @@ def _host_result(state: State, host, planning_errors: dict[str, str], log: _Host
 
 
 def override_data(pairs: list[str]) -> dict[str, Any]:
-    """`--data key=value` as pyinfra's CLI reads it (values parsed the same way: JSON-ish
-    literals, else strings); a pair without `=` is refused."""
-    from pyinfra_cli.util import parse_cli_arg
+    """`--data key=value` as pyinfra's CLI reads it (operations.inventory_data.parse_data, the
+    parsing every entry point shares); a pair without `=` is refused."""
+    from operations.inventory_data import parse_data
 
-    data = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CheckFailed(f"--data {pair!r}: expected key=value")
-        data[key] = parse_cli_arg(value)
+    data, problems = parse_data(pairs)
+    if problems:
+        raise CheckFailed(problems[0])
     return data
 
 

@@ -280,7 +280,7 @@ def test_data_overrides_parse_as_pyinfras_and_a_bad_pair_is_refused():
 
     assert override_data(["ssh_key=/run/k/id", "ssh_port=2222", "nvidia_allow_reboot=false"]) == {
         "ssh_key": "/run/k/id", "ssh_port": 2222, "nvidia_allow_reboot": False}
-    with pytest.raises(CheckFailed, match="expected key=value"):
+    with pytest.raises(CheckFailed, match="'ssh_key': expected KEY=VALUE"):
         override_data(["ssh_key"])
 
 

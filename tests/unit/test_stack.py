@@ -210,7 +210,7 @@ def test_control_secrets_must_be_private_files(tmp_path):
     key = tmp_path / "api-key"
     key.write_text("sk-test\n")
     key.chmod(0o644)
-    with pytest.raises(OperationError, match="mode 0644 lets others read it"):
+    with pytest.raises(OperationError, match="private file .* this one is 0644.*chmod 600"):
         stack.read_control_secret(str(key), "stack_api_key_file")
     key.chmod(0o600)
     assert stack.read_control_secret(str(key), "stack_api_key_file") == "sk-test"
