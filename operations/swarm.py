@@ -347,6 +347,24 @@ class SwarmNodes(FactBase):
 # --- Operations -----------------------------------------------------------------------------
 
 
+# Swarm writes a node object with optimistic concurrency: an update made against a version that
+# another update has just replaced fails with "update out of sequence" (seen on the lab: demoting
+# a manager whose node had just rejoined and updated its own object). Such a write is retried, up
+# to five times a second apart; any other error fails at once.
+_NODE_WRITE_SCRIPT = (
+    'for try in 1 2 3 4 5; do out=$("$@" 2>&1) && exit 0; '
+    'case "$out" in *"update out of sequence"*) sleep 1 ;; *) break ;; esac; done; '
+    'printf "%s\\n" "$out" >&2; exit 1'
+)
+
+
+def node_write(*args) -> StringCommand:
+    """`docker node promote|demote|update ...` (each word its own argument), retried while
+    Swarm answers "update out of sequence"."""
+    return StringCommand("sh -c", QuoteString(_NODE_WRITE_SCRIPT), "node-write", "docker",
+                         "node", *args)
+
+
 def _fail(reason: str) -> FunctionCommand:
     return FunctionCommand(fail_host, (reason,), {})
 
@@ -500,9 +518,9 @@ def swarm_roles(hosts: dict | Callable, manager: str | None = None):
         return
     promote, demote, refusals = plan_roles(nodes["nodes"], _value(hosts))
     for _, node_id in promote:
-        yield StringCommand("docker node promote", node_id)
+        yield node_write("promote", node_id)
     for _, node_id in demote:
-        yield StringCommand("docker node demote", node_id)
+        yield node_write("demote", node_id)
     if refusals:
         logger.warning(f"{host.print_prefix}{'; '.join(refusals)}")
     if not promote and not demote:
@@ -547,12 +565,12 @@ def swarm_labels(nodes: dict | Callable, manager: str | None = None):
         changes = [f"set {key}={value}" for key, value in add.items()]
         explain(f"node {name}: " + ", ".join(changes + [f"remove {key}" for key in remove]),
                 about=name)
-        args: list[Any] = ["docker node update"]
+        args: list[Any] = ["update"]
         for key, value in add.items():
             args += ["--label-add", QuoteString(f"{key}={value}")]
         for key in remove:
             args += ["--label-rm", QuoteString(key)]
-        yield StringCommand(*args, node["id"])
+        yield node_write(*args, node["id"])
     if len(unchanged) + len(absent) == len(nodes):
         note = f"labels as wanted on {', '.join(unchanged) or 'no node'}"
         if absent:
@@ -591,7 +609,7 @@ def swarm_drain(
             continue
         found.append(name)
         if node["availability"] != "drain":
-            yield StringCommand("docker node update --availability drain", node["id"])
+            yield node_write("update", "--availability", "drain", node["id"])
         wait = (
             f"until [ -z \"$(docker node ps {node['id']} --format '{{{{.CurrentState}}}}' "
             "| grep '^Running')\" ]; do sleep 2; done"
