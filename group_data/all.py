@@ -36,6 +36,10 @@ nvidia_driver_version = "580.95.05"
 nvidia_driver_flavour = "open"
 # NVIDIA Fabric Manager: "auto" runs it on NVSwitch systems (HGX/DGX); True or False forces it.
 nvidia_fabricmanager = "auto"
+# NVIDIA's NVLink Subnet Manager (package nvlsm), which Fabric Manager needs on NVLink-5 boards
+# (HGX B200/B300): "auto" installs it with Fabric Manager when nvidia-smi shows such GPUs; True
+# for a first run on such a board (no driver answers yet to name the GPUs); False never.
+nvidia_nvlsm = "auto"
 # May the deploy reboot a host to load a new driver? If False, a host that needs a reboot fails
 # with "reboot required" (the others go on) and a loaded driver is never changed in place.
 nvidia_allow_reboot = False
@@ -106,6 +110,12 @@ stack_gateway_image = "haproxy:3.2.4"
 stack_secret_uids = {"vllm": 0, "tgi": 0, "ollama": 0, "gateway": 99}
 # The port users and smoke tests reach the gateway on.
 stack_gateway_port = 8080
+# KiB of a request body the gateway reads whole to route it by its "model" when more than one
+# model is served; a larger body is refused with 413 (never routed on a part of it). HAProxy's
+# buffers become this size plus 17 KiB of headers room, and a request in flight holds up to two
+# (request, response): 1024 KiB and 1000 requests in flight is up to 2 GiB on a manager.
+# With one model the body is passed through unread. 16 to 65536.
+stack_gateway_max_body_kb = 1024
 # How the gateway's port is published: "ingress" (Swarm's routing mesh: any node answers, needs
 # IPVS in the kernel) or "host" (each manager answers on its own address, with DNS round-robin
 # between tasks instead of virtual IPs).
@@ -128,6 +138,14 @@ smoke_deadline_s = 300
 docker_engine_source = "docker"
 # docker-ce version installed and held when docker_engine_source is "docker".
 docker_version = "28.5.2"
+# With it, from Docker's repository, pinned to these upstream versions and held (the apt
+# revision is the repository's): containerd.io, the buildx plugin, the compose plugin.
+docker_containerd_version = "1.7.28"
+docker_buildx_version = "0.29.1"
+docker_compose_version = "2.40.3"
+# Fingerprint of Docker's apt signing key (https://docs.docker.com/engine/install/debian/):
+# a fetched key with another is refused, a keyring holding another is replaced.
+docker_key_fingerprint = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
 # Base URL of Docker's apt repository (a mirror can be named here).
 docker_apt_url = "https://download.docker.com/linux"
 # json-file log rotation for every container: size of one log file before it rotates...

@@ -153,6 +153,10 @@ class ModelSpec(BaseModel):
     stop_grace_period_s: Annotated[int, Field(ge=10, le=3600)] = 300
     # Image for this model's engine; None: stack_engine_images[engine].
     image: ImageRef | None = None
+    # Engine "ollama" only, and required there: the GGUF file of the repository (its path in
+    # it) imported into Ollama's own store (operations/ollama_store.py). Only this file is
+    # downloaded unless allow_patterns selects more.
+    gguf_file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*\.gguf$")] | None = None
 
     @property
     def served_name(self) -> str:
@@ -161,6 +165,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _engine_args_unmanaged(self) -> "ModelSpec":
         _raise_rule("engine_args", rules.engine_args_problem(self.engine, self.engine_args))
+        _raise_rule("gguf_file", rules.gguf_file_problem(self.engine, self.serve, self.gguf_file,
+                                                         self.allow_patterns))
         return self
 
 
@@ -186,6 +192,7 @@ class Settings(BaseModel):
     nvidia_driver_version: Annotated[str, Field(pattern=r"^[0-9]{3}\.[0-9]+(\.[0-9]+)?$")]
     nvidia_driver_flavour: Literal["open", "proprietary"]
     nvidia_fabricmanager: Literal["auto"] | bool
+    nvidia_nvlsm: Literal["auto"] | bool
     nvidia_allow_reboot: bool
     nvidia_reboot_timeout_s: Annotated[int, Field(ge=60, le=3600)]
 
@@ -217,6 +224,7 @@ class Settings(BaseModel):
     stack_gateway_image: ImageRef
     stack_secret_uids: dict[Literal["vllm", "tgi", "ollama", "gateway"], Annotated[int, Field(ge=0, le=2**31)]]
     stack_gateway_port: ServicePort
+    stack_gateway_max_body_kb: Annotated[int, Field(ge=16, le=65536)]
     stack_publish_mode: Literal["ingress", "host"]
     stack_api_key_file: ControlPath | None
     stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
@@ -228,6 +236,10 @@ class Settings(BaseModel):
     # Docker Engine
     docker_engine_source: Literal["docker", "distro"]
     docker_version: SemVer
+    docker_containerd_version: SemVer
+    docker_buildx_version: SemVer
+    docker_compose_version: SemVer
+    docker_key_fingerprint: Fingerprint
     docker_apt_url: HttpUrl
     docker_log_max_size: DockerSize
     docker_log_max_file: Annotated[int, Field(ge=1, le=100)]

@@ -114,10 +114,13 @@ def cuda_repo_uri(base_url: str, distro_id: str, version_id: str, dpkg_arch: str
 
 
 def driver_package_names(
-    distro_id: str, branch: str, flavour: str, fabricmanager: bool
+    distro_id: str, branch: str, flavour: str, fabricmanager: bool, nvlsm: bool = False
 ) -> list[tuple[str, bool]]:
     """The driver packages for a distribution as (name, pinned to the driver version) pairs.
-    Raises ValueError for a combination NVIDIA does not package this way."""
+    `nvlsm`: NVLink-5 boards (HGX B200/B300) need NVIDIA's NVLink Subnet Manager beside Fabric
+    Manager (Fabric Manager User Guide, "NVLink Subnet Manager"); it is versioned on its own, so
+    not pinned to the driver. Raises ValueError for a combination NVIDIA does not package this
+    way."""
     if flavour not in ("open", "proprietary"):
         raise ValueError(
             f"unknown nvidia_driver_flavour {flavour!r} (expected 'open' or 'proprietary')"
@@ -134,6 +137,8 @@ def driver_package_names(
         ]
         if fabricmanager:
             names.append(("nvidia-fabricmanager", True))
+        if fabricmanager and nvlsm:
+            names.append(("nvlsm", False))
         return names
     if distro_id == "ubuntu":
         if int(branch) >= 590:
@@ -145,6 +150,8 @@ def driver_package_names(
         names = [(f"nvidia-headless-{branch}{suffix}", True), (f"nvidia-utils-{branch}", True)]
         if fabricmanager:
             names.append((f"nvidia-fabricmanager-{branch}", True))
+        if fabricmanager and nvlsm:
+            names.append(("nvlsm", False))
         return names
     raise ValueError(f"no NVIDIA driver packaging known for distribution {distro_id or '(none)'}")
 
@@ -177,6 +184,23 @@ def is_nvswitch_class(name: str) -> bool:
     # A100 and A800 PCIe cards are named "... PCIe" (handled above); a bare "A100-..." without
     # SXM is a PCIe or a DGX Station part.
     return not re.search(r"\bA[18]00\b", name, re.IGNORECASE)
+
+
+# NVLink 5 (Blackwell) parts: on their HGX boards the NVLink fabric needs NVLSM with FM.
+_NVLINK5_MODELS = re.compile(r"\b(B200|B300|GB200|GB300)\b", re.IGNORECASE)
+
+
+def wants_nvlsm(setting: Any, fabricmanager: Any, state: dict[str, Any]) -> bool:
+    """NVLink Subnet Manager: forced by nvidia_nvlsm True/False; "auto" installs it with Fabric
+    Manager when nvidia-smi shows an NVLink-5 GPU (B200, B300, GB200, GB300; their names are
+    known once a driver answers: set True for a first run on such a board)."""
+    if setting is True or setting is False:
+        return setting and wants_fabricmanager(fabricmanager, state)
+    if setting != "auto":
+        raise ValueError(f"nvidia_nvlsm must be 'auto', True or False, not {setting!r}")
+    return wants_fabricmanager(fabricmanager, state) and any(
+        _NVLINK5_MODELS.search(gpu["name"]) and not _NOT_NVSWITCH.search(gpu["name"])
+        for gpu in state["gpus"])
 
 
 def wants_fabricmanager(setting: Any, state: dict[str, Any]) -> bool:
@@ -499,13 +523,68 @@ def tool_commands(packages: dict[str, Any], needed: bool) -> list[str]:
     return ["apt-get update", _apt_install(missing, "--no-install-recommends")]
 
 
+# Where source files that name one of our repositories with another key are moved aside.
+APT_SOURCES_BACKUP = "/var/backups/gpufleet/apt-sources"
+_DPKG_ARCHES = ("amd64", "arm64")
+
+
+def foreign_source_match(uri: str) -> str:
+    """What a foreign source file names when it is one of our repositories: the URI, with a
+    trailing dpkg architecture left out (NVIDIA's own list file writes it `$(ARCH)`)."""
+    trimmed = uri.rstrip("/")
+    head, _, last = trimmed.rpartition("/")
+    return head + "/" if last in _DPKG_ARCHES else trimmed
+
+
+class ForeignAptSources(FactBase):
+    """Files of /etc/apt/sources.list.d, other than `<own>.sources`, that name `match` (one path a
+    line). NVIDIA's own instructions (cuda-keyring's cuda-<distro>-<arch>.list, the toolkit's
+    nvidia-container-toolkit.list) leave such files with another Signed-By keyring, and apt
+    refuses two sources for one URI with different Signed-By ("Conflicting values set for
+    option Signed-By"): every `apt-get update` fails until one goes.
+
+    .. code:: python
+
+        ["/etc/apt/sources.list.d/cuda-debian12-x86_64.list"]
+    """
+
+    def command(self, match: str, own: str) -> StringCommand:
+        script = ('for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do '
+                  '[ -f "$f" ] || continue; [ "${f##*/}" = "$2.sources" ] && continue; '
+                  'grep -v "^[[:space:]]*#" "$f" | grep -qF -- "$1" && echo "$f"; done; true')
+        return StringCommand("sh", "-c", QuoteString(script), "foreign-sources",
+                             QuoteString(match), QuoteString(own))
+
+    @staticmethod
+    def default():
+        return []
+
+    def process(self, output):
+        return [line.strip() for line in output if line.strip()]
+
+
+def move_foreign_sources(label: str, uri: str, sources_name: str):
+    """Source files that name our repository with another key, moved to APT_SOURCES_BACKUP (kept
+    for the operator, out of apt's way); apt then reads only ours."""
+    foreign = host.get_fact(ForeignAptSources, match=foreign_source_match(uri), own=sources_name)
+    for path in foreign:
+        explain(f"{label}: {path} names {uri} too (with its own Signed-By, which makes apt "
+                f"refuse both): moved to {APT_SOURCES_BACKUP}/")
+        yield StringCommand("install -d -m 0755", APT_SOURCES_BACKUP, "&&", "mv -f",
+                            QuoteString(path), QuoteString(APT_SOURCES_BACKUP + "/"))
+
+
 def signed_flat_repository(
     label: str, uri: str, keyring_state: dict[str, Any], packages: dict[str, Any], key_url: str,
     keyring: str, fingerprint: str, sources_name: str,
 ):
     """The commands (if any) for one of NVIDIA's flat apt repositories: its key, installed only
-    when the keyring's fingerprint is not the expected one, and a deb822 source signed by it.
-    Shared by the CUDA and Container Toolkit repositories; noop when both are in place."""
+    when the keyring's fingerprint is not the expected one, and a deb822 source signed by it;
+    another source file naming the same repository (NVIDIA's own, with its own key) is moved
+    aside first. Shared by the CUDA and Container Toolkit repositories; noop when all is in
+    place."""
+    foreign = list(move_foreign_sources(label, uri, sources_name))
+    yield from foreign
     key_ok = key_fingerprint_ok(keyring_state, fingerprint)
     if not key_ok:
         yield from tool_commands(packages, needed=True)
@@ -515,7 +594,7 @@ def signed_flat_repository(
         apt.sources_file._inner(filename=sources_name, uris=uri, suites="/", signed_by=keyring)
     )
     yield from source
-    if key_ok and not source:
+    if key_ok and not source and not foreign:
         host.noop(f"{label} {uri} is configured with its key")
 
 
@@ -564,6 +643,7 @@ def driver_packages(
     fabricmanager: Any = "auto",
     kernel_headers: bool = True,
     allow_reboot: bool = False,
+    nvlsm: Any = "auto",
 ):
     """
     Install the NVIDIA driver packages at ``version`` (the upstream version; the apt revision
@@ -578,6 +658,8 @@ def driver_packages(
     + version: exact driver version, e.g. "580.95.05"
     + flavour: "open" (open GPU kernel modules, required from Blackwell on) or "proprietary"
     + fabricmanager: "auto" (NVSwitch systems), True or False
+    + nvlsm: "auto" (NVLink-5 GPUs with Fabric Manager), True or False: NVIDIA's NVLink
+      Subnet Manager, which Fabric Manager needs on HGX B200/B300 boards
     + kernel_headers: install linux-headers-$(uname -r) so DKMS can build the module
     + allow_reboot: whether this run may reboot the host to load the new driver
 
@@ -597,7 +679,8 @@ def driver_packages(
     installed = state["packages"]
     try:
         wanted = driver_package_names(
-            state["distro"]["id"], branch, flavour, wants_fabricmanager(fabricmanager, state)
+            state["distro"]["id"], branch, flavour, wants_fabricmanager(fabricmanager, state),
+            wants_nvlsm(nvlsm, fabricmanager, state),
         )
     except ValueError as error:
         raise OperationError(str(error)) from None
@@ -868,6 +951,7 @@ def nvidia_driver(settings) -> PhaseResult:
         version=version,
         flavour=settings.nvidia_driver_flavour,
         fabricmanager=settings.nvidia_fabricmanager,
+        nvlsm=settings.nvidia_nvlsm,
         kernel_headers=settings.preflight_require_kernel_headers,
         allow_reboot=settings.nvidia_allow_reboot,
     )

@@ -304,6 +304,7 @@ SETTINGS = dict(
     nvidia_driver_version="580.95.05",
     nvidia_driver_flavour="open",
     nvidia_fabricmanager="auto",
+    nvidia_nvlsm="auto",
     nvidia_allow_reboot=False,
     nvidia_reboot_timeout_s=900,
     preflight_require_kernel_headers=True,
