@@ -15,6 +15,7 @@ from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.fleet_fit import fleet_fits
 from operations.nvidia import nvidia_driver
+from operations.ollama_store import ollama_stores
 from operations.phase import DOCKER, SWARM, PhaseResult, note_node_changes
 from operations.preflight import preflight
 from operations.smoke import smoke
@@ -54,6 +55,9 @@ if preflight(settings):
     # 6. Model weights: each model read from the Hub once per fleet (on the control machine),
     #    verified against the Hub's hashes, staged on each host, checked, moved into place.
     model_weights(settings)
+    # 6b. Ollama's own store for each served Ollama model: its GGUF file imported with
+    #     `ollama create` (hard-linked, not copied), checked, moved into place.
+    ollama_stores(settings)
 
     # 7. Docker Swarm: init on the first of swarm_managers, joins with tokens read from a manager
     #    when the join runs (never logged or on a command line), nodes labelled from their GPUs.

@@ -8,6 +8,7 @@ tests/unit/test_bad_input.py.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -122,6 +123,21 @@ def engine_args_problem(engine: str, args: list[str]) -> str | None:
         if flag in managed:
             return (f"engine flags the deploy does not set itself: {flag} comes from "
                     f"{managed[flag]}")
+    return None
+
+
+def gguf_file_problem(engine: str, serve: bool, gguf_file: str | None,
+                      allow_patterns: list[str]) -> str | None:
+    """Ollama serves only its own store, built from one GGUF file (ollama create's FROM): a
+    served Ollama model names it, other engines do not, and allow_patterns must fetch it."""
+    if engine == "ollama" and serve and not gguf_file:
+        return ("a GGUF file of the repository (e.g. 'model-Q4_K_M.gguf') for a served model of "
+                "engine 'ollama': Ollama serves only its own store, imported from a GGUF file")
+    if gguf_file and engine != "ollama":
+        return f"no gguf_file for engine {engine!r} (it serves the safetensors checkpoint)"
+    if gguf_file and allow_patterns and not any(
+            fnmatch.fnmatch(gguf_file, pattern) for pattern in allow_patterns):
+        return f"allow_patterns that include {gguf_file!r} (it is imported into Ollama's store)"
     return None
 
 

@@ -42,6 +42,7 @@ import httpx
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 
+from operations import engines
 from operations.phase import PhaseResult, fail_host, other_host_fact
 from operations.stack import service_key  # the stack's own naming: <stack>_<key>
 
@@ -74,13 +75,21 @@ class Target:
     node: str  # the Swarm node's hostname
     host: str  # the inventory host it runs on (node label gpufleet.host, else the hostname)
     service: str
-    models: tuple[str, ...]  # the served names /v1/models must list, exactly
+    models: tuple[str, ...]  # the served names requests name here
     engine: str = "vllm"  # "vllm" | "tgi" | "ollama" | "gateway"
+    # What /v1/models lists here, exactly, when it differs from `models`: TGI lists its
+    # --model-id, Ollama `name:tag` (operations/engines.listed_model_ids).
+    listed: tuple[str, ...] = ()
 
     @property
     def has_own_key(self) -> bool:
         """Ollama has no API key of its own: only the gateway in front of it refuses."""
-        return self.engine != "ollama"
+        return self.engine == "gateway" or engines.has_own_key(self.engine)
+
+    @property
+    def auth_probe(self) -> tuple[str, str]:
+        """A request refused with 401 without the key here (TGI's /v1/models is open)."""
+        return ("GET", "/v1/models") if self.engine == "gateway" else engines.auth_probe(self.engine)
 
 
 @dataclass
@@ -308,6 +317,7 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                 name=f"engine {spec.name}@{node['hostname']}",
                 url=f"http://{node['addr']}:{spec.port}", kind="engine", node=node["hostname"],
                 host=node["host"], service=name, models=(spec.served_name,), engine=spec.engine,
+                listed=engines.listed_model_ids(spec),
             ))
 
     if not served:
@@ -368,7 +378,7 @@ def check_health(client: httpx.Client, target: Target, deadline_s: float,
                  sleep: Callable[[float], None] = time.sleep) -> CheckResult:
     """GET /health (Ollama: /api/version) until it answers 200 or the deadline passes, with a
     doubling pause (0.5 s up to 5 s) between attempts: a model may still be loading."""
-    path = "/api/version" if target.engine == "ollama" else "/health"
+    path = engines.health_path(target.engine)
     end = time.monotonic() + deadline_s
     pause, last = BACKOFF_FIRST_S, "no attempt"
     for attempt in range(1, HEALTH_MAX_ATTEMPTS + 1):
@@ -413,7 +423,7 @@ def check_models(client: httpx.Client, target: Target, key: str | None) -> Check
     except (ValueError, KeyError, TypeError):
         return CheckResult(target.name, target.url, "models", FAIL,
                            "not an OpenAI model list", latency)
-    wanted = sorted(set(target.models))
+    wanted = sorted(set(target.listed or target.models))
     if listed != wanted:
         extra = sorted(set(listed) - set(wanted))
         missing = sorted(set(wanted) - set(listed))
@@ -463,20 +473,24 @@ def check_completion(client: httpx.Client, target: Target, key: str | None,
 
 
 def check_auth(client: httpx.Client, target: Target) -> CheckResult:
-    """/v1/models without the key is refused with 401 (n/a on an Ollama task: no own key)."""
+    """A request without the key is refused with 401: /v1/models at the gateway and vLLM, chat
+    completions at TGI (its /v1/models is open); n/a on an Ollama task (no key of its own)."""
     if not target.has_own_key:
         return CheckResult(target.name, target.url, "auth", NA,
                            "Ollama has no API key of its own (the gateway enforces it)")
+    method, path = target.auth_probe
     start = time.monotonic()
     try:
-        response = client.get(target.url + "/v1/models", timeout=REQUEST_TIMEOUT_S)
+        response = client.request(method, target.url + path, timeout=REQUEST_TIMEOUT_S,
+                                  json={} if method == "POST" else None)
     except httpx.HTTPError as error:
         return CheckResult(target.name, target.url, "auth", FAIL, _why(error), _ms(start))
     latency = _ms(start)
     if response.status_code != 401:
         return CheckResult(target.name, target.url, "auth", FAIL,
-                           f"HTTP {response.status_code} without a key (expected 401)", latency)
-    return CheckResult(target.name, target.url, "auth", PASS, "401 without a key", latency)
+                           f"HTTP {response.status_code} from {method} {path} without a key "
+                           "(expected 401)", latency)
+    return CheckResult(target.name, target.url, "auth", PASS, f"401 without a key ({path})", latency)
 
 
 def check_target(client: httpx.Client, target: Target, key: str | None, deadline_s: float,

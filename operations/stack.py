@@ -56,7 +56,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, d
 from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
-from operations import rules, sizing
+from operations import engines, ollama_store, rules, sizing
 from operations.phase import (
     PhaseResult, disturbed_nodes, explain, fail_host, fails_only_this_host, host_sudo,
     read_fact,
@@ -70,7 +70,6 @@ STACK_DIR = "/etc/gpufleet/stack"
 # The gateway's port inside its container when Swarm's routing mesh publishes it (unprivileged:
 # HAProxy's image runs as a non-root user); on the host network it listens on stack_gateway_port.
 GATEWAY_CONTAINER_PORT = 8080
-MODEL_MOUNT = "/models"
 
 LABEL_ROLE = "gpufleet.role"
 LABEL_MODEL = "gpufleet.model"
@@ -100,81 +99,27 @@ def secret_name(stack: str, kind: str, value: str) -> str:
     return f"{stack}_{kind}_{content_hash(kind + ':' + value)}"
 
 
-def _compose_escape(text: str) -> str:
-    """`docker stack deploy` interpolates ${VAR} in every string: a literal $ is written $$."""
-    return text.replace("$", "$$")
-
-
-_SECRET_EXPORTS = {
-    "vllm": ('VLLM_API_KEY="$(cat /run/secrets/api_key)"; export VLLM_API_KEY; ', "exec vllm serve \"$@\""),
-    "tgi": ('API_KEY="$(cat /run/secrets/api_key)"; export API_KEY; ', "exec text-generation-launcher \"$@\""),
-    # Ollama has no API key of its own: the gateway enforces it.
-    "ollama": ("", "exec ollama serve"),
-}
-_HF_TOKEN_EXPORT = 'if [ -r /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; '
-
-def engine_healthcheck(engine: str, port: int) -> list[str]:
-    """A check the engine's own image can run: vLLM's has python3, TGI's curl, Ollama its CLI."""
-    if engine == "vllm":
-        return ["CMD", "python3", "-c", "import urllib.request; "
-                f"urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=3)"]
-    if engine == "tgi":
-        return ["CMD-SHELL", f"curl -fsS http://127.0.0.1:{port}/health >/dev/null || exit 1"]
-    return ["CMD", "ollama", "list"]
-
-
-def engine_entrypoint(engine: str) -> list[str]:
-    """A shell wrapper that exports the engine's secrets from /run/secrets, then execs it."""
-    export, run = _SECRET_EXPORTS[engine]
-    script = "set -e; " + export + _HF_TOKEN_EXPORT + run
-    return ["/bin/sh", "-c", _compose_escape(script), "engine"]
-
-
-def engine_command(spec, model_path: str) -> list[str]:
-    """The engine's own arguments (after the wrapper)."""
-    if spec.engine == "vllm":
-        args = [model_path, "--served-model-name", spec.served_name, "--host", "0.0.0.0",
-                "--port", str(spec.port), "--tensor-parallel-size", str(spec.tensor_parallel_size),
-                "--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-        if spec.max_model_len:
-            args += ["--max-model-len", str(spec.max_model_len)]
-    elif spec.engine == "tgi":
-        args = ["--model-id", model_path, "--served-model-name", spec.served_name,
-                "--hostname", "0.0.0.0", "--port", str(spec.port),
-                "--num-shard", str(spec.tensor_parallel_size),
-                "--cuda-memory-fraction", str(spec.gpu_memory_utilization)]
-        if spec.max_model_len:
-            args += ["--max-total-tokens", str(spec.max_model_len)]
-    else:  # ollama: models come from its store under the mount, configured by environment
-        args = []
-    return [_compose_escape(arg) for arg in [*args, *spec.engine_args]]
-
-
-def engine_environment(spec, model_path: str) -> dict[str, str]:
-    if spec.engine == "ollama":
-        return {"OLLAMA_HOST": f"0.0.0.0:{spec.port}", "OLLAMA_MODELS": model_path}
-    # The weights are on the node already (weights phase): the engine must not reach the Hub.
-    env = {"HF_HUB_OFFLINE": "1"}
-    if spec.engine == "vllm":
-        env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
-    return env
-
-
-def body_regex(served_name: str) -> str:
-    """Matches a JSON body whose "model" is exactly `served_name` (the gateway routes on it)."""
-    escaped = re.sub(r"([.^$*+?()\[\]{}|\\/])", r"\\\1", served_name)
-    return f'"model"[[:space:]]*:[[:space:]]*"{escaped}"'
-
-
 def _env(path: Path) -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(path)), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, autoescape=False)
 
 
-def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int) -> str:
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # group_data: stack_gateway_max_body_kb = 1024
+
+
+def served_dir(settings, spec) -> str:
+    """What a model's service mounts at engines.model_path: its weights, or its Ollama store."""
+    if spec.engine == "ollama":
+        return ollama_store.store_dir(settings.models_dir, spec.name)
+    return posixpath.join(settings.models_dir, spec.name)
+
+
+def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
+                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> str:
     """The HAProxy configuration: routes by model to every node that may run it, down ones too
     (a node without a healthy task fails the health check), enforces the API key, lists the
-    models."""
+    models. With more than one model, requests are routed on the "model" of their JSON body,
+    read whole (up to max_body_bytes; a larger one is refused with 413, never misrouted)."""
     backends = []
     for spec in served:
         eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
@@ -184,13 +129,29 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int) -> 
             "port": spec.port,
             "servers": [{"name": node.hostname, "addr": node.addr}
                         for node in sorted(eligible, key=lambda n: n.hostname) if node.addr],
-            "body_regex": body_regex(spec.served_name),
+            "names": engines.request_names(spec),
+            "check": engines.gateway_check(spec),
         })
     models = {"object": "list", "data": [
         {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
     return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
-        backends=backends, listen_port=listen_port,
+        backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
+        bufsize=gateway_bufsize(max_body_bytes), too_large_json=json.dumps({"error": {
+            "message": f"request body over {max_body_bytes} bytes, the most this gateway reads "
+                       "to route on \"model\" (stack_gateway_max_body_kb)",
+            "type": "BadRequestError", "code": 413}}, separators=(",", ":")),
         models_json=json.dumps(models, separators=(",", ":")))
+
+
+# Room in HAProxy's request buffer beside the body: the request line and headers (16 KiB, as
+# HAProxy's own default buffer) and tune.maxrewrite's reserve (1 KiB by default).
+GATEWAY_HEADER_ROOM = 16384 + 1024
+
+
+def gateway_bufsize(max_body_bytes: int) -> int:
+    """tune.bufsize that holds a whole body of max_body_bytes with its headers: HAProxy sees at
+    most one buffer of a request (http-buffer-request waits for the body up to that size)."""
+    return max_body_bytes + GATEWAY_HEADER_ROOM
 
 
 def gateway_listen_port(settings) -> int:
@@ -199,13 +160,12 @@ def gateway_listen_port(settings) -> int:
 
 def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) -> list[dict[str, Any]]:
     """Everything the stack template needs for each served model (pure)."""
-    engines = []
+    planned = []
     for spec in settings.models:
         if not spec.serve:
             continue
         eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
                                          include_down=True)
-        model_path = posixpath.join(MODEL_MOUNT, spec.name)
         constraints = ["node.labels.gpufleet.gpu.count != 0"]
         if spec.gpu_model:
             constraints.append(f"node.labels.gpufleet.gpu.model == {spec.gpu_model}")
@@ -215,19 +175,19 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
             engine_secrets.append({"source": "hf_token", "target": "hf_token", "uid": uid})
         labels = {LABEL_ROLE: "engine", LABEL_MODEL: spec.name, LABEL_SERVED: spec.served_name,
                   LABEL_PORT: str(spec.port), LABEL_ENGINE: spec.engine}
-        engines.append({
+        planned.append({
             "key": service_key(spec.name),
             "image": spec.image or settings.stack_engine_images[spec.engine],
-            "entrypoint": engine_entrypoint(spec.engine),
-            "command": engine_command(spec, model_path),
-            "environment": engine_environment(spec, model_path),
+            "entrypoint": engines.entrypoint(spec.engine),
+            "command": engines.command(spec),
+            "environment": engines.environment(spec),
             "port": spec.port,
-            "weights_dir": posixpath.join(settings.models_dir, spec.name),
-            "model_path": model_path,
+            "weights_dir": served_dir(settings, spec),
+            "model_path": engines.model_path(spec),
             "shm_bytes": sizing.shm_bytes(spec.tensor_parallel_size,
                                           [n.memory_bytes for n in eligible], spec.shm_size_gb),
             "secrets": engine_secrets,
-            "healthcheck": engine_healthcheck(spec.engine, spec.port),
+            "healthcheck": engines.container_healthcheck(spec),
             "start_period_s": spec.health_start_period_s,
             "stop_grace_period_s": spec.stop_grace_period_s,
             "replicas": spec.replicas,
@@ -236,7 +196,7 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
             "update_order": sizing.update_order(spec.replicas, spec.tensor_parallel_size, eligible),
             "service_labels": labels,
         })
-    return engines
+    return planned
 
 
 def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
@@ -682,7 +642,8 @@ def stack_deploy(settings, manager: str | None = None):
 
     secrets = wanted_secrets(settings)
     names = {kind: name for kind, (name, _) in secrets.items()}
-    gateway_config = render_gateway(served, nodes, gateway_listen_port(settings))
+    gateway_config = render_gateway(served, nodes, gateway_listen_port(settings),
+                                    settings.stack_gateway_max_body_kb * 1024)
     text = render_stack(settings, nodes, names, gateway_config)
     problems = stack_problems(text)
     if problems:

@@ -1139,7 +1139,9 @@ def _model_kwargs(spec: dict[str, Any], settings) -> dict[str, Any]:
         "models_dir": settings.models_dir,
         "cache_dir": settings.weights_cache_dir,
         "endpoint": settings.hf_endpoint.rstrip("/"),
-        "allow_patterns": list(spec.get("allow_patterns") or []),
+        # An Ollama model fetches only its GGUF file unless allow_patterns selects more.
+        "allow_patterns": list(spec.get("allow_patterns") or
+                               ([spec["gguf_file"]] if spec.get("gguf_file") else [])),
         "ignore_patterns": list(spec.get("ignore_patterns") or []),
         "token_file": settings.hf_token_file,
         "verify": settings.weights_verify,

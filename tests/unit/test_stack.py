@@ -81,18 +81,24 @@ def test_dollars_are_escaped_for_the_stack_deploy_interpolation():
     ("engine", "first_args", "health"),
     [
         ("tgi", ["--model-id", "/models/m"], "CMD-SHELL"),
-        ("ollama", [], "CMD"),
+        ("ollama", [], "CMD-SHELL"),
     ],
 )
 def test_other_engines_render_with_their_own_cli_and_health(engine, first_args, health):
-    doc, text, _ = render([model("m", engine=engine)])
+    extra = {"gguf_file": "m-Q4_K_M.gguf"} if engine == "ollama" else {}
+    doc, text, _ = render([model("m", engine=engine, **extra)])
     assert stack.stack_problems(text) == []
     svc = doc["services"]["m"]
     assert svc["command"][:len(first_args)] == first_args
     assert svc["healthcheck"]["test"][0] == health
     assert svc["image"] == load_group_data()["all"]["stack_engine_images"][engine]
     if engine == "ollama":
+        # Ollama's own store, built by the weights phase (operations/ollama_store.py), mounted
+        # read-only with pruning off.
         assert svc["environment"]["OLLAMA_MODELS"] == "/models/m"
+        assert svc["environment"]["OLLAMA_NOPRUNE"] == "1"
+        assert {"type": "bind", "source": "/opt/models/.ollama/m", "target": "/models/m",
+                "read_only": True} in svc["volumes"]
         assert "api_key" not in svc["entrypoint"][2]  # the gateway enforces the key
     else:
         assert 'API_KEY="$$(cat /run/secrets/api_key)"' in svc["entrypoint"][2]
@@ -102,7 +108,9 @@ def test_several_models_each_get_a_service_and_a_gateway_route():
     doc, text, gateway = render([model("a", port=8001), model("b", port=8002, served_model_name="org/b-chat"),
                                  model("c", port=8003, serve=False)])
     assert set(doc["services"]) == {"a", "b", "gateway"}
-    assert 'acl model_b req.body -m reg "\\"model\\"[[:space:]]*:[[:space:]]*\\"org\\\\/b-chat\\""' in gateway
+    # Routed on the JSON body's top-level "model", read whole (issue 25: not a regex on a part).
+    assert "use_backend be_b if { var(txn.model) -m str org/b-chat }" in gateway
+    assert "http-request set-var(txn.model) req.body,json_query('$.model')" in gateway
     assert "    server gpu-01 10.20.0.11:8001 check\n    server gpu-02 10.20.0.12:8001 check" in gateway
     assert "server gpu-03 10.20.0.13:8002 check" in gateway
     # An unknown model gets a 404 from a backend (http-request rules would run before routing).
