@@ -92,6 +92,15 @@ def endpoints_for(target: str, settings, stack: dict | None) -> list[Endpoint]:
     ]
 
 
+def only_model(endpoints: list[Endpoint], settings, model: str | None) -> list[Endpoint]:
+    """The endpoints that serve `model` (a name or served name), sending only it; all when None."""
+    if model is None:
+        return endpoints
+    names = {s.served_name for s in sm.served_models(settings) if model in (s.name, s.served_name)}
+    return [Endpoint(e.url, tuple(n for n in e.models if n in names), e.usage_in_stream)
+            for e in endpoints if names & set(e.models)]
+
+
 # --- docker stats sampling ------------------------------------------------------------------
 
 
@@ -317,7 +326,9 @@ def parse_args(argv):
     parser.add_argument("--scenarios", action="store_true",
                         help="1 vs N replicas, gateway vs direct, with docker stats")
     parser.add_argument("--replicas", type=int, help="N of the scenarios (default: ready nodes)")
-    parser.add_argument("--model", help="the model of the scenarios (default: the first served)")
+    parser.add_argument("--model", help="only this model (name or served name); the model of "
+                                        "the scenarios (default: every served model; the "
+                                        "scenarios: the first)")
     parser.add_argument("--max-seconds", type=float, default=300.0,
                         help="no new request after this many seconds (per run or scenario)")
     parser.add_argument("--request-timeout", type=float, default=60.0)
@@ -439,7 +450,8 @@ def run(argv) -> int:
             stack = None
             if args.target in ("gateway", "engines"):
                 _, stack = fleet.read_from_manager(sm.SmokeStack, stack_name=settings.stack_name)
-            endpoints = endpoints_for(args.target, settings, stack)
+            endpoints = only_model(endpoints_for(args.target, settings, stack), settings,
+                                   args.model)
             if not endpoints:
                 print(f"loadtest: no {args.target} endpoint in the stack", file=sys.stderr)
                 return 1

@@ -100,11 +100,18 @@ def stack_images(lab: str, reg: dict) -> dict[str, object]:
     for name, module in (("engine", engine), ("gateway", gateway)):
         local = module.ensure_image()
         pushed[name] = registry_service.push(lab, local, pushed_name(module.REPOSITORY, local), reg)
-    fleet.say(f"stack stand-ins in the registry: engine {pushed['engine']} (lab CPU engine, "
-              f"not vLLM), gateway {pushed['gateway']} (Debian's haproxy 2.6)")
+    for flavour, recipe in engine.FLAVOURS.items():
+        local = engine.ensure_flavour(flavour)
+        pushed[flavour] = registry_service.push(lab, local,
+                                                pushed_name(recipe["repository"], local), reg)
+    fleet.say(f"stack stand-ins in the registry: engines {pushed['engine']}, {pushed['tgi']}, "
+              f"{pushed['ollama']} (the lab CPU engine, not vLLM, TGI or Ollama), gateway "
+              f"{pushed['gateway']} (Debian's haproxy 2.6)")
     uids = {name: image_uid(module.ensure_image()) for name, module in (("vllm", engine), ("gateway", gateway))}
-    return {**stack_image_settings(pushed["engine"], pushed["gateway"]),
-            # The stand-ins run as users of their own: they must own the secrets mounted for them.
+    return {**stack_image_settings(pushed["engine"], pushed["gateway"], pushed["tgi"],
+                                   pushed["ollama"]),
+            # The stand-ins run as users of their own: they must own the secrets mounted for
+            # them (the TGI and Ollama stand-ins run as root, as the upstream images do).
             "stack_secret_uids": {"vllm": uids["vllm"], "tgi": 0, "ollama": 0, "gateway": uids["gateway"]}}
 
 
@@ -125,9 +132,12 @@ def pushed_name(repository: str, local_tag: str) -> str:
     return f"{repository}:{local_tag.rpartition(':')[2]}"
 
 
-def stack_image_settings(engine_image: str, gateway_image: str) -> dict[str, object]:
+def stack_image_settings(engine_image: str, gateway_image: str, tgi_image: str | None = None,
+                         ollama_image: str | None = None) -> dict[str, object]:
     """The production keys that point the stack at the lab's stand-in images."""
-    return {"stack_engine_images": {"vllm": engine_image}, "stack_gateway_image": gateway_image}
+    images = {"vllm": engine_image}
+    images.update({k: v for k, v in (("tgi", tgi_image), ("ollama", ollama_image)) if v})
+    return {"stack_engine_images": images, "stack_gateway_image": gateway_image}
 
 
 def registry_settings(address: str, verify_image: str) -> dict[str, object]:
@@ -144,7 +154,7 @@ def hub(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, o
     bring the token from the control machine's secrets source (a 0600 file here)."""
     import secrets
 
-    from scripts.lab.hub import model, service
+    from scripts.lab.hub import gguf_repo, model, service
 
     token_file = state_dir / "hf-token"
     if not token_file.exists():
@@ -152,9 +162,11 @@ def hub(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, o
         token_file.write_text("hf_lab_" + secrets.token_hex(16) + "\n")
     token_file.chmod(0o600)
     revision = model.write_repo(state_dir / "hub")
+    gguf_revision = gguf_repo.write_repo(state_dir / "hub")
     endpoint = service.start(lab, fleet.network_name(lab), fleet.service_address(subnet, HUB_OCTET),
                              state_dir / "hub", token_file=token_file)
-    fleet.say(f"Hub stand-in at {endpoint} serving {model.REPO_ID}@{revision[:12]} (token required)")
+    fleet.say(f"Hub stand-in at {endpoint} serving {model.REPO_ID}@{revision[:12]} and "
+              f"{gguf_repo.REPO_ID}@{gguf_revision[:12]} (token required)")
     return hub_settings(endpoint, token_file, model.REPO_ID, revision)
 
 

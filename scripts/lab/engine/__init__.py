@@ -54,6 +54,32 @@ def ensure_image() -> str:
                                    "lab CPU engine, a stand-in for vllm/vllm-openai")
 
 
+# The TGI and Ollama stand-ins: the engine image with the upstream image's entrypoint, user and
+# environment (TGI: /tgi-entrypoint.sh runs text-generation-launcher, as root; Ollama:
+# ENTRYPOINT ["/bin/ollama"], CMD ["serve"], OLLAMA_HOST=0.0.0.0:11434, as root: ollama/ollama
+# v0.12.6 Dockerfile).
+FLAVOURS = {
+    "tgi": {"repository": "lab/text-generation-inference", "what": "TGI 3.3.6",
+            "instructions": 'ENTRYPOINT ["text-generation-launcher"]\n'},
+    "ollama": {"repository": "lab/ollama", "what": "Ollama 0.12.6",
+               "instructions": 'ENV OLLAMA_HOST=0.0.0.0:11434\nEXPOSE 11434\n'
+                               'ENTRYPOINT ["ollama"]\nCMD ["serve"]\n'},
+}
+
+
+def ensure_flavour(engine: str) -> str:
+    """The TGI or Ollama stand-in image (built on the engine image); returns its tag."""
+    flavour = FLAVOURS[engine]
+    dockerfile = (f"# LAB STAND-IN for {flavour['what']}: the gpu-fleet lab CPU engine, not "
+                  f"{flavour['what']}\nARG BASE\nFROM {ensure_image()}\nUSER root\nWORKDIR /\n"
+                  f"{flavour['instructions']}"
+                  f'LABEL org.opencontainers.image.title="gpu-fleet lab CPU engine ({engine})" \\\n'
+                  f'      org.opencontainers.image.description="gpu-fleet lab CPU engine: a LAB '
+                  f'STAND-IN for {flavour["what"]} (numpy forward pass of the lab\'s tiny Llama)"\n')
+    return images.ensure_image_from(f"{IMAGE_NAME}-{engine}", {"Dockerfile": dockerfile},
+                                    f"lab CPU engine, a stand-in for {flavour['what']}")
+
+
 def _ensure_venv_stage(context: Path, base: str) -> None:
     """Build (or keep) the venv stage as <VENV_IMAGE_NAME>:<hash of what it is made of>."""
     tag = f"{VENV_IMAGE_NAME}:{images.recipe_hash(*(context / n for n in VENV_INPUTS), extra=base)}"

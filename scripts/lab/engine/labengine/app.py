@@ -218,8 +218,12 @@ class EngineApp:
                                                   engine.max_model_len))
                 for ids, text in prompts]
 
+    def response_model(self, request: Request) -> str:
+        """The "model" an answer carries: vLLM's served name."""
+        return self.config.served_name
+
     async def _serve(self, request: Request, prompts, receive, send) -> int:
-        kind, model = request.kind, self.config.served_name
+        kind, model = request.kind, self.response_model(request)
         rid, created = protocol.new_id(kind), protocol.now()
         gone = asyncio.Event()
         rng = self.engine.new_rng(request.sampling.seed)

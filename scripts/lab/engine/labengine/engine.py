@@ -18,7 +18,82 @@ from .model import Llama, log_softmax, sample
 log = logging.getLogger("labengine")
 
 
+def gguf_tokenizer_json(metadata: dict) -> dict:
+    """tokenizer.json (the `tokenizers` format) for a GGUF's "gpt2" (byte-level BPE) tokenizer:
+    tokens, merges, control tokens as special added tokens, BOS prepended when add_bos_token."""
+    if metadata.get("tokenizer.ggml.model") != "gpt2":
+        raise formats.ModelFormatError("only GGUF files with a byte-level BPE tokenizer "
+                                       "(tokenizer.ggml.model 'gpt2') are read by the stand-in")
+    tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
+    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    special = [i for i, kind in enumerate(types) if kind == 3]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+    config = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True} for i in special],
+        "pre_tokenizer": byte_level, "decoder": dict(byte_level), "post_processor": None,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {token: i for i, token in enumerate(tokens)},
+                  "merges": list(metadata.get("tokenizer.ggml.merges") or [])},
+    }
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        config["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tokens[bos], "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos],
+                                             "tokens": [tokens[bos]]}},
+        }
+    return config
+
+
 class Engine:
+    @classmethod
+    def from_gguf(cls, path: Path, chat_template: str | None = None,
+                  max_model_len: int | None = None) -> "Engine":
+        """An engine over a llama GGUF file (what the Ollama stand-in loads from its store):
+        weights, tokenizer, special tokens and, unless given, the chat template from it."""
+        import json
+
+        from . import gguf
+        from .model import load_gguf_tensors
+
+        started = time.monotonic()
+        metadata, _ = gguf.read_header(Path(path))
+        model_config, tensors = load_gguf_tensors(Path(path))
+        self = cls.__new__(cls)
+        self.model = Llama(config=model_config, tensors=tensors)
+        self.model_path = str(path)
+        self.tokenizer = Tokenizer.from_str(json.dumps(gguf_tokenizer_json(metadata)))
+        tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+        def token(key):
+            index = metadata.get(key)
+            return tokens[index] if isinstance(index, int) and index < len(tokens) else None
+
+        self.bos_token, self.eos_token = token("tokenizer.ggml.bos_token_id"), \
+            token("tokenizer.ggml.eos_token_id")
+        self.chat_template = chat_template or metadata.get("tokenizer.chat_template")
+        self.eos_token_ids = {metadata[k] for k in ("tokenizer.ggml.eos_token_id",
+                                                     "tokenizer.ggml.eot_token_id")
+                              if isinstance(metadata.get(k), int)}
+        self.vocab_size = self.model.shape.vocab
+        self.max_model_len = min(max_model_len or self.model.max_positions,
+                                 self.model.max_positions)
+        log.info("loaded %s (GGUF): %d parameters, %d layers, vocabulary %d, context %d, in %.2fs",
+                 path, self.model.num_parameters, self.model.shape.layers, self.vocab_size,
+                 self.max_model_len, time.monotonic() - started)
+        return self
+
     def __init__(self, config: ServeConfig):
         started = time.monotonic()
         model_dir = Path(config.model)

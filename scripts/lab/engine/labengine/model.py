@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import gguf
 from .formats import ModelFormatError, llama_shape, read_json, read_safetensors_index, weight_files
 
 
@@ -53,12 +54,41 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
     return inv_freq
 
 
+def load_gguf_tensors(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json keys, tensors by transformers' name) of a llama GGUF file of F32 tensors
+    (gguf.py reads the header; the Q/K rows are put back in transformers' order)."""
+    metadata, infos = gguf.read_header(path)
+    config = gguf.llama_config(metadata)
+    config["tie_word_embeddings"] = "output.weight" not in infos
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for info in infos.values():
+        if info.ggml_type != gguf.GGML_TYPE_F32:
+            raise ModelFormatError(f"{path}: tensor {info.name} has ggml type {info.ggml_type}; "
+                                   "the lab stand-in reads F32 GGUF files only")
+        count = int(np.prod(info.shape))
+        array = np.frombuffer(blob, dtype="<f4", count=count, offset=info.offset)
+        array = np.array(array.reshape(info.shape), dtype=np.float32)
+        name = gguf.hf_name(info.name)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if name.endswith("q_proj.weight") \
+                else config["num_key_value_heads"]
+            order = gguf.permute_rows(list(range(array.shape[0])), heads, inverse=True)
+            array = np.ascontiguousarray(array[order])
+        tensors[name] = array
+    return config, tensors
+
+
 class Llama:
-    def __init__(self, model_dir: Path):
-        model_dir = Path(model_dir)
-        self.config = read_json(model_dir / "config.json")
+    def __init__(self, model_dir: Path | None = None, config: dict | None = None,
+                 tensors: dict[str, np.ndarray] | None = None):
+        """From a transformers checkpoint directory, or from config + tensors (a GGUF file)."""
+        if model_dir is not None:
+            model_dir = Path(model_dir)
+            config, tensors = read_json(model_dir / "config.json"), load_tensors(model_dir)
+        self.config = config
         self.shape = s = llama_shape(self.config)
-        t = load_tensors(model_dir)
+        t = tensors
 
         def take(name: str, shape: tuple[int, ...] | None = None, required: bool = True):
             if name not in t:
