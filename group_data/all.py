@@ -138,10 +138,12 @@ smoke_deadline_s = 300
 docker_engine_source = "docker"
 # docker-ce version installed and held when docker_engine_source is "docker".
 docker_version = "28.5.2"
-# With it, from Docker's repository, pinned to these upstream versions and held (the apt
-# revision is the repository's): containerd.io, the buildx plugin, the compose plugin.
+# containerd.io's upstream version, installed with it from Docker's repository and held (the
+# apt revision is the repository's; a version it lacks fails naming the ones it has).
 docker_containerd_version = "1.7.28"
+# docker-buildx-plugin's upstream version, pinned and held likewise.
 docker_buildx_version = "0.29.1"
+# docker-compose-plugin's upstream version, pinned and held likewise.
 docker_compose_version = "2.40.3"
 # Fingerprint of Docker's apt signing key (https://docs.docker.com/engine/install/debian/):
 # a fetched key with another is refused, a keyring holding another is replaced.

@@ -69,9 +69,10 @@ def gguf_sha256(weights_manifest: dict[str, Any] | None, gguf_file: str) -> str 
     return None
 
 
-def marker_for(spec, image: str, sha256: str) -> dict[str, str]:
-    return {"gguf_file": spec.gguf_file, "gguf_sha256": sha256, "image": image,
-            "served_name": spec.served_name}
+def marker_for(gguf_file: str, served_name: str, image: str, sha256: str) -> dict[str, str]:
+    """What a store was built from, kept beside it: a change of any rebuilds it."""
+    return {"gguf_file": gguf_file, "gguf_sha256": sha256, "image": image,
+            "served_name": served_name}
 
 
 def store_problems(state: dict[str, Any], wanted_marker: dict[str, str]) -> list[str]:
@@ -146,29 +147,30 @@ class OllamaStoreState(FactBase):
         return parse_store_state(list(output))
 
 
-def import_script(spec, models_dir: str, image: str, sha256: str) -> str:
+def import_script(model_name: str, served_name: str, gguf_file: str, models_dir: str,
+                  image: str, sha256: str) -> str:
     """The shell that stages, imports, checks and moves one store into place (run with sudo).
     Nothing is left where Ollama would read it unless it checked out: a failed import leaves
     only the staging folder, removed by the next try."""
-    weights = posixpath.join(models_dir, spec.name)
-    store, staging = store_dir(models_dir, spec.name), staging_dir(models_dir, spec.name)
+    weights = posixpath.join(models_dir, model_name)
+    store, staging = store_dir(models_dir, model_name), staging_dir(models_dir, model_name)
     blob = f"sha256-{sha256}"
-    relpath = manifest_relpath(spec.served_name)
-    marker = json.dumps(marker_for(spec, image, sha256), sort_keys=True)
+    relpath = manifest_relpath(served_name)
+    marker = json.dumps(marker_for(gguf_file, served_name, image, sha256), sort_keys=True)
     q = shlex.quote
     serve_and_create = (
         f"ollama serve >/store/.serve.log 2>&1 & i=0; "
         f"until ollama list >/dev/null 2>&1; do i=$((i+1)); "
         f"if [ $i -gt {SERVE_WAIT_S * 2} ]; then cat /store/.serve.log >&2; exit 1; fi; "
         f"sleep 0.5; done; "
-        f"ollama create {q(spec.served_name)} -f /store/Modelfile")
+        f"ollama create {q(served_name)} -f /store/Modelfile")
     return "; ".join([
         "set -e",
         f"rm -rf {q(staging)}",
         f"install -d -m 0755 {q(staging + '/blobs')} {q(posixpath.dirname(store))}",
         # Same filesystem (both under models_dir): a hard link, not a copy.
-        f"ln {q(posixpath.join(weights, spec.gguf_file))} {q(staging + '/blobs/' + blob)}",
-        f"printf 'FROM /src/%s\\n' {q(spec.gguf_file)} > {q(staging + '/Modelfile')}",
+        f"ln {q(posixpath.join(weights, gguf_file))} {q(staging + '/blobs/' + blob)}",
+        f"printf 'FROM /src/%s\\n' {q(gguf_file)} > {q(staging + '/Modelfile')}",
         (f"docker run --rm --network none --user 0:0 --entrypoint /bin/sh "
          f"-e OLLAMA_MODELS=/store -e OLLAMA_HOST=127.0.0.1:11434 -e OLLAMA_NOPRUNE=1 "
          f"-v {q(weights)}:/src:ro -v {q(staging)}:/store {q(image)} -c {q(serve_and_create)}"),
@@ -184,33 +186,40 @@ def import_script(spec, models_dir: str, image: str, sha256: str) -> str:
 
 @operation()
 @fails_only_this_host
-def store(spec, models_dir: str, image: str):
+def store(model_name: str, served_name: str, gguf_file: str, models_dir: str, image: str):
     """The Ollama store of one model, imported from its GGUF file when it is not the one wanted.
+
+    + model_name: the model's `name` (its weights are in <models_dir>/<name>)
+    + served_name: the name Ollama serves it as (`ollama create <served_name>`)
+    + gguf_file: the GGUF file of the weights to import
+    + models_dir: where the weights are; the store goes to <models_dir>/.ollama/<name>
+    + image: the engine image whose `ollama` imports it
 
     .. code:: python
 
-        ollama_store.store(spec=settings.models[0], models_dir="/opt/models",
-                           image="ollama/ollama:0.12.6")
+        ollama_store.store(model_name="llama-3b", served_name="llama-3b",
+                           gguf_file="Llama-3.2-3B-Instruct-Q4_K_M.gguf",
+                           models_dir="/opt/models", image="ollama/ollama:0.12.6")
     """
-    state = host.get_fact(OllamaStoreState, models_dir=models_dir, model_name=spec.name,
-                          served_name=spec.served_name)
-    sha256 = gguf_sha256(state["weights"], spec.gguf_file)
+    state = host.get_fact(OllamaStoreState, models_dir=models_dir, model_name=model_name,
+                          served_name=served_name)
+    sha256 = gguf_sha256(state["weights"], gguf_file)
     if sha256 is None:
         if not host.state.is_executing:
-            host.noop(f"{spec.name}: the store is built from {spec.gguf_file} once the weights "
+            host.noop(f"{model_name}: the store is built from {gguf_file} once the weights "
                       "phase has placed it")
             return
-        raise OperationError(f"model {spec.name}: {spec.gguf_file} is not among the verified "
-                             f"weights in {models_dir}/{spec.name}")
-    wanted = marker_for(spec, image, sha256)
+        raise OperationError(f"model {model_name}: {gguf_file} is not among the verified "
+                             f"weights in {models_dir}/{model_name}")
+    wanted = marker_for(gguf_file, served_name, image, sha256)
     problems = store_problems(state, wanted)
     if not problems:
-        host.noop(f"{spec.name}: Ollama store holds {spec.served_name} from {spec.gguf_file}")
+        host.noop(f"{model_name}: Ollama store holds {served_name} from {gguf_file}")
         return
-    explain(f"ollama store {spec.name}: {'; '.join(problems)}: importing {spec.gguf_file} "
+    explain(f"ollama store {model_name}: {'; '.join(problems)}: importing {gguf_file} "
             f"with `ollama create` ({image})")
-    yield StringCommand("sh", "-c", QuoteString(import_script(spec, models_dir, image, sha256)),
-)
+    yield StringCommand("sh", "-c", QuoteString(import_script(
+        model_name, served_name, gguf_file, models_dir, image, sha256)))
 
 
 def ollama_models_for_host(settings, host_groups: list[str]) -> list:
@@ -228,5 +237,6 @@ def ollama_stores(settings):
         return
     for spec in wanted:
         store(name=f"Ollama store {spec.name}: {spec.served_name} from {spec.gguf_file}",
-              spec=spec, models_dir=settings.models_dir,
+              model_name=spec.name, served_name=spec.served_name, gguf_file=spec.gguf_file,
+              models_dir=settings.models_dir,
               image=spec.image or settings.stack_engine_images["ollama"])

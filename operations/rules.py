@@ -103,7 +103,10 @@ MANAGED_FLAGS: dict[str, dict[str, str]] = {
         "--api-key": "stack_api_key_file (a Docker secret)", "--download-dir": "models_dir",
     },
     "tgi": {
-        "--model-id": "models[].name (the weights' path)", "--served-model-name": "served_model_name",
+        "--model-id": "models[].name (the weights' path)",
+        # Not a flag of TGI's launcher at all: clap would refuse it and TGI never start.
+        "--served-model-name": "served_model_name (TGI has no such flag: the gateway answers the "
+                               "served name)",
         "--hostname": "the deploy (0.0.0.0 on the node's network)", "--port": "models[].port",
         "-p": "models[].port", "--num-shard": "tensor_parallel_size",
         "--cuda-memory-fraction": "gpu_memory_utilization", "--max-total-tokens": "max_model_len",

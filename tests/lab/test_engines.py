@@ -121,6 +121,33 @@ def test_smoke_passes_for_each_engine_directly_and_through_the_gateway(mixed, tm
                for m in ("tiny-llama", "tiny-tgi", "tiny-ollama"))
 
 
+def test_each_engine_answers_its_own_routes_on_its_task(mixed):
+    """Beside the OpenAI routes the smoke tests use: TGI's /info and /generate (key required),
+    Ollama's /api/tags and /api/chat (no key of its own), on each engine's task directly."""
+    node = mixed.hosts[0]["address"]
+    key = {"Authorization": f"Bearer {api_key(mixed)}"}
+    tgi = f"http://{node}:8001"
+    assert httpx.get(tgi + "/info", timeout=10).json()["model_id"] == "/models/tiny-tgi"
+    assert httpx.post(tgi + "/generate", json={"inputs": "hi"}, timeout=30).status_code == 401
+    generated = httpx.post(tgi + "/generate", headers=key, timeout=60,
+                           json={"inputs": "hi", "parameters": {"max_new_tokens": 4}})
+    assert generated.status_code == 200 and "generated_text" in generated.json()
+    def answers(address):
+        try:
+            return httpx.get(f"http://{address}:8002/", timeout=5).text == "Ollama is running"
+        except httpx.HTTPError:
+            return False
+
+    ollama_node = next(h["address"] for h in mixed.hosts if answers(h["address"]))
+    ollama = f"http://{ollama_node}:8002"
+    tags = httpx.get(ollama + "/api/tags", timeout=10).json()
+    assert [m["name"] for m in tags["models"]] == ["tiny-ollama:latest"]
+    answer = httpx.post(ollama + "/api/chat", timeout=60, json={
+        "model": "tiny-ollama", "stream": False, "options": {"num_predict": 4},
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and answer.json()["done"] is True
+
+
 def chat(lab, body: bytes, key: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key or api_key(lab)}",
                "Content-Type": "application/json"}
@@ -190,19 +217,20 @@ def test_the_drift_check_sees_each_engine(mixed, tmp_path):
         result = subprocess.run([PYTHON, "scripts/drift_check.py", "inventories/lab.py",
                                  "--json", str(tmp_path / "drift.json")], cwd=REPO,
                                 env=mixed.env, capture_output=True, text=True, timeout=600)
+        assert "Traceback" not in result.stderr, result.stderr
         return result, json.loads((tmp_path / "drift.json").read_text())
 
-    quiet, data = check()
+    quiet, _ = check()
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     manager = mixed.hosts[0]["name"]
     for service in ("tiny-tgi", "tiny-ollama"):
         scaled = mixed.ssh(manager, f"sudo docker service scale -d {STACK}_{service}=0")
         assert scaled.returncode == 0, scaled.stderr
     try:
-        found, data = check()
-        assert found.returncode == 1, found.stdout + found.stderr
-        text = json.dumps(data)
-        assert "tiny-tgi" in text and "tiny-ollama" in text, text[:3000]
+        found, _ = check()
+        assert found.returncode == 2, found.stdout + found.stderr  # 2: drift found
+        assert "stack: gpufleet_tiny-tgi is scaled to 0 (wanted 2)" in found.stdout
+        assert "stack: gpufleet_tiny-ollama is scaled to 0 (wanted 1)" in found.stdout
     finally:
         assert mixed.pyinfra("-y", "inventories/lab.py", "deploy.py").returncode == 0
 

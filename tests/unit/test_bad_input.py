@@ -171,6 +171,20 @@ CASES = [
      ["group_data/fleet.py (every host): key 'models[0].engine_args' = ['--num-shard', '2']: "
       "expected engine flags the deploy does not set itself: --num-shard comes from "
       "tensor_parallel_size"]),
+    ("ollama-without-gguf", {"models": [model(engine="ollama")]},
+     ["group_data/fleet.py (every host): key 'models[0].gguf_file' = None: expected a GGUF file "
+      "of the repository (e.g. 'model-Q4_K_M.gguf') for a served model of engine 'ollama': "
+      "Ollama serves only its own store, imported from a GGUF file"]),
+    ("gguf-for-vllm", {"models": [model(gguf_file="m.gguf")]},
+     ["group_data/fleet.py (every host): key 'models[0].gguf_file' = 'm.gguf': expected no "
+      "gguf_file for engine 'vllm' (it serves the safetensors checkpoint)"]),
+    ("tgi-served-model-name-flag",
+     {"models": [model(engine="tgi", engine_args=["--served-model-name", "x"])]},
+     ["group_data/fleet.py (every host): key 'models[0].engine_args' = ['--served-model-name', "
+      "'x']: expected engine flags the deploy does not set itself: --served-model-name comes "
+      "from served_model_name (TGI has no such flag: the gateway answers the served name)"]),
+    ("gateway-body-limit", {"data": ["stack_gateway_max_body_kb=8"]},
+     ["--data (every host): key 'stack_gateway_max_body_kb' = 8: expected a number >= 16"]),
     ("engine-args-ollama", {"models": [model(engine="ollama", engine_args=["--verbose"])]},
      ["group_data/fleet.py (every host): key 'models[0].engine_args' = ['--verbose']: expected "
       "no engine_args for engine 'ollama' (`ollama serve` takes no flags)"]),

@@ -68,7 +68,7 @@ def test_ollama_serves_its_store_read_only_with_pruning_off():
 def test_the_store_is_rebuilt_only_when_its_gguf_or_image_changes():
     _, (spec,) = served(model("m", engine="ollama", gguf_file="m.gguf"))
     sha = "ab" * 32
-    marker = ollama_store.marker_for(spec, "ollama/ollama:0.12.6", sha)
+    marker = ollama_store.marker_for(spec.gguf_file, spec.served_name, "ollama/ollama:0.12.6", sha)
     manifest = {"config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                            "digest": "sha256:" + "cd" * 32, "size": 300},
                 "layers": [{"mediaType": ollama_store.MODEL_MEDIA_TYPE, "digest": "sha256:" + sha,
@@ -76,7 +76,8 @@ def test_the_store_is_rebuilt_only_when_its_gguf_or_image_changes():
     good = {"manifest": manifest, "marker": marker,
             "blobs": {"sha256-" + sha: 1000, "sha256-" + "cd" * 32: 300}}
     assert ollama_store.store_problems(good, marker) == []
-    other_image = ollama_store.marker_for(spec, "ollama/ollama:0.13.0", sha)
+    other_image = ollama_store.marker_for(spec.gguf_file, spec.served_name, "ollama/ollama:0.13.0",
+                                          sha)
     assert ollama_store.store_problems(good, other_image) == [
         "built from another GGUF file or engine image"]
     missing_blob = {**good, "blobs": {"sha256-" + sha: 1000}}
@@ -96,7 +97,8 @@ def test_manifest_paths_follow_ollamas_name_defaults():
 
 def test_the_import_hard_links_then_checks_then_moves_into_place():
     _, (spec,) = served(model("m", engine="ollama", gguf_file="sub/m.gguf"))
-    script = ollama_store.import_script(spec, "/opt/models", "ollama/ollama:0.12.6", "ab" * 32)
+    script = ollama_store.import_script(spec.name, spec.served_name, spec.gguf_file, "/opt/models",
+                                        "ollama/ollama:0.12.6", "ab" * 32)
     steps = script.split("; ")
     link = next(i for i, step in enumerate(steps) if step.startswith("ln "))
     create = next(i for i, step in enumerate(steps) if step.startswith("docker run"))
