@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shlex
 import ssl
 import time

@@ -32,12 +32,8 @@ from pyinfra.api import (
     operation,
 )
 
-from operations.nvidia import (
-    REPO_TOOL_PACKAGES,
-    NvidiaHost,
-    _apt_install,
-    signed_flat_repository,
-)
+from operations.nvidia import NvidiaHost
+from operations.nvidia_repos import REPO_TOOL_PACKAGES, _apt_install, signed_flat_repository
 from operations.phase import PhaseResult, fails_only_this_host, read_fact
 
 TOOLKIT_KEYRING = "/etc/apt/keyrings/nvidia-container-toolkit.gpg"

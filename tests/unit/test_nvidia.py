@@ -3,7 +3,7 @@ Manager, the reboot decision and the NvidiaHost parser's edge cases."""
 
 import pytest
 
-from operations import nvidia
+from operations import nvidia, nvidia_repos
 
 
 def test_cuda_repo_uri_per_distribution_and_architecture():
@@ -151,11 +151,11 @@ def test_reboot_reason(installed, loaded, nouveau, reason):
 
 def test_key_fingerprint_ok():
     fpr = "EB693B3035CD5710E231E123A4B469963BF863CC"
-    assert nvidia.key_fingerprint_ok({"present": True, "fingerprints": [fpr]}, fpr.lower())
-    assert not nvidia.key_fingerprint_ok({"present": True, "fingerprints": ["A" * 40]}, fpr)
-    assert not nvidia.key_fingerprint_ok({"present": False, "fingerprints": []}, fpr)
+    assert nvidia_repos.key_fingerprint_ok({"present": True, "fingerprints": [fpr]}, fpr.lower())
+    assert not nvidia_repos.key_fingerprint_ok({"present": True, "fingerprints": ["A" * 40]}, fpr)
+    assert not nvidia_repos.key_fingerprint_ok({"present": False, "fingerprints": []}, fpr)
     # Unreadable (no gpg on the host): trusted, it was checked when installed.
-    assert nvidia.key_fingerprint_ok({"present": True, "fingerprints": []}, fpr)
+    assert nvidia_repos.key_fingerprint_ok({"present": True, "fingerprints": []}, fpr)
 
 
 def test_parse_gpus_handles_not_available_fields():

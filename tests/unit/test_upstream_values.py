@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import docker_engine, engines, nvidia, ollama_store, stack
+from operations import docker_engine, engines, nvidia, nvidia_repos, ollama_store, stack
 from operations.config import ConfigError
 from tests.unit.test_stack import NODES, model, settings
 
@@ -147,15 +147,15 @@ def test_one_model_reads_no_body():
 # --- 5. NVIDIA's own repository files with another Signed-By ------------------------------
 
 def test_nvidias_own_list_files_are_recognised_with_their_arch_placeholder():
-    assert nvidia.foreign_source_match(
+    assert nvidia_repos.foreign_source_match(
         "https://nvidia.github.io/libnvidia-container/stable/deb/amd64") == \
         "https://nvidia.github.io/libnvidia-container/stable/deb/"
     cuda = "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/"
-    assert nvidia.foreign_source_match(cuda) == cuda.rstrip("/")
+    assert nvidia_repos.foreign_source_match(cuda) == cuda.rstrip("/")
 
 
 def test_the_foreign_sources_fact_skips_comments_and_our_own_file():
-    command = nvidia.ForeignAptSources().command(match="https://x/deb/", own="nvidia-cuda")
+    command = nvidia_repos.ForeignAptSources().command(match="https://x/deb/", own="nvidia-cuda")
     text = str(command.get_raw_value() if hasattr(command, "get_raw_value") else command)
     assert '"$2.sources"' in text and 'grep -v "^[[:space:]]*#"' in text
 

@@ -376,9 +376,9 @@ def cli_create(name: str, modelfile: Path, environ) -> int:
     try:
         _, out = _call(f"{base}/api/create", "POST",
                        {"model": name, "files": {source.name: digest_text}}, timeout=600)
-    except Exception as error:  # noqa: BLE001
-        print(f"Error: {getattr(error, 'read', lambda: str(error).encode())().decode()}",
-              file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - the server's answer, as Ollama's CLI prints it
+        detail = error.read().decode() if hasattr(error, "read") else str(error)
+        print(f"Error: {detail}", file=sys.stderr)
         return 1
     for line in out.decode().splitlines():
         print(json.loads(line).get("status", ""))
