@@ -5,15 +5,17 @@ import json
 import pytest
 
 from operations.docker_engine import (
-    docker_apt_version,
     managed_daemon_config,
     merge_daemon_config,
-    other_source_conflict,
-    packages_to_install,
     parse_daemon_json,
-    parse_engine_state,
     render_daemon_json,
     same_config,
+)
+from operations.docker_packages import (
+    docker_apt_version,
+    other_source_conflict,
+    packages_to_install,
+    parse_engine_state,
     wanted_packages,
 )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import docker_engine, engines, nvidia, nvidia_repos, ollama_store, stack
+from operations import docker_packages, engines, nvidia, nvidia_repos, ollama_store, stack
 from operations.config import ConfigError
 from tests.unit.test_stack import NODES, model, settings
 
@@ -182,15 +182,15 @@ def test_nvlsm_comes_with_fabric_manager_on_nvlink5_boards():
 def test_every_docker_package_is_pinned_and_held():
     companions = {"containerd.io": "1.7.28", "docker-buildx-plugin": "0.29.1",
                   "docker-compose-plugin": "2.40.3"}
-    wanted = dict(docker_engine.wanted_packages(
+    wanted = dict(docker_packages.wanted_packages(
         "docker", "28.5.2", {"id": "debian", "version_id": "12", "codename": "bookworm"},
         companions))
-    assert all(wanted[name] for name in docker_engine.DOCKER_HELD_PACKAGES)
-    assert docker_engine.version_matches("1.7.28-1~debian.12~bookworm", "1.7.28")
-    assert not docker_engine.version_matches("1.7.29-1~debian.12~bookworm", "1.7.28")
+    assert all(wanted[name] for name in docker_packages.DOCKER_HELD_PACKAGES)
+    assert docker_packages.version_matches("1.7.28-1~debian.12~bookworm", "1.7.28")
+    assert not docker_packages.version_matches("1.7.29-1~debian.12~bookworm", "1.7.28")
     floated = {name: {"version": "1.0-1", "held": True} for name in wanted}
-    assert {n for n, _ in docker_engine.packages_to_install(list(wanted.items()), floated)} == \
-        set(docker_engine.DOCKER_HELD_PACKAGES)
+    assert {n for n, _ in docker_packages.packages_to_install(list(wanted.items()), floated)} == \
+        set(docker_packages.DOCKER_HELD_PACKAGES)
 
 
 def test_group_data_pins_dockers_key_and_every_companion():
@@ -200,7 +200,7 @@ def test_group_data_pins_dockers_key_and_every_companion():
     assert defaults["docker_key_fingerprint"] == "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
     for key in ("docker_containerd_version", "docker_buildx_version", "docker_compose_version"):
         assert defaults[key].count(".") == 2, key
-    command = str(docker_engine.fetch_key_command("https://download.docker.com/linux/debian/gpg",
+    command = str(docker_packages.fetch_key_command("https://download.docker.com/linux/debian/gpg",
                                                   defaults["docker_key_fingerprint"]))
     assert "grep -qix 9DC858229FC7DD38854AE2D88D81803C0EBFCD88" in command
     assert command.index("grep -qix") < command.index("mv -f")
