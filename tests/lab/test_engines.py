@@ -121,25 +121,29 @@ def test_smoke_passes_for_each_engine_directly_and_through_the_gateway(mixed, tm
                for m in ("tiny-llama", "tiny-tgi", "tiny-ollama"))
 
 
+def task_address(lab, port: int, probe: str, expect) -> str:
+    """The address of a node that runs a task of the model on `port` (placement varies)."""
+    for node in lab.hosts:
+        try:
+            if expect(httpx.get(f"http://{node['address']}:{port}{probe}", timeout=5)):
+                return node["address"]
+        except httpx.HTTPError:
+            continue
+    raise AssertionError(f"no node answers on port {port}")
+
+
 def test_each_engine_answers_its_own_routes_on_its_task(mixed):
     """Beside the OpenAI routes the smoke tests use: TGI's /info and /generate (key required),
     Ollama's /api/tags and /api/chat (no key of its own), on each engine's task directly."""
-    node = mixed.hosts[0]["address"]
     key = {"Authorization": f"Bearer {api_key(mixed)}"}
-    tgi = f"http://{node}:8001"
+    tgi = "http://" + task_address(mixed, 8001, "/health", lambda r: r.status_code == 200) + ":8001"
     assert httpx.get(tgi + "/info", timeout=10).json()["model_id"] == "/models/tiny-tgi"
     assert httpx.post(tgi + "/generate", json={"inputs": "hi"}, timeout=30).status_code == 401
     generated = httpx.post(tgi + "/generate", headers=key, timeout=60,
                            json={"inputs": "hi", "parameters": {"max_new_tokens": 4}})
     assert generated.status_code == 200 and "generated_text" in generated.json()
-    def answers(address):
-        try:
-            return httpx.get(f"http://{address}:8002/", timeout=5).text == "Ollama is running"
-        except httpx.HTTPError:
-            return False
-
-    ollama_node = next(h["address"] for h in mixed.hosts if answers(h["address"]))
-    ollama = f"http://{ollama_node}:8002"
+    ollama = "http://" + task_address(mixed, 8002, "/", lambda r: r.text == "Ollama is running") \
+        + ":8002"
     tags = httpx.get(ollama + "/api/tags", timeout=10).json()
     assert [m["name"] for m in tags["models"]] == ["tiny-ollama:latest"]
     answer = httpx.post(ollama + "/api/chat", timeout=60, json={

@@ -460,17 +460,23 @@ def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, mod
 # ------------------------------------------------------------------ the lab's registry
 
 
-def test_up_pushed_both_images_and_points_the_stack_at_them(lab):
+def test_up_pushed_every_image_and_points_the_stack_at_them(lab):
     settings = lab.state["settings"]
     registry = settings["docker_daemon_config"]["insecure-registries"][0]
-    engine_ref = settings["stack_engine_images"]["vllm"]
+    engines = settings["stack_engine_images"]
+    engine_ref = engines["vllm"]
     gateway_ref = settings["stack_gateway_image"]
     assert engine_ref.startswith(f"{registry}/lab/vllm-openai:")
+    assert engines["tgi"].startswith(f"{registry}/lab/text-generation-inference:")
+    assert engines["ollama"].startswith(f"{registry}/lab/ollama:")
     assert gateway_ref.startswith(f"{registry}/lab/haproxy:")
     assert engine_ref.rpartition(":")[2] == engine_image.ensure_image().rpartition(":")[2]
+    for flavour in ("tgi", "ollama"):
+        assert engines[flavour].rpartition(":")[2] == \
+            engine_image.ensure_flavour(flavour).rpartition(":")[2]
     assert gateway_ref.rpartition(":")[2] == gateway.ensure_image().rpartition(":")[2]
     push = registry_service.running_push_address(lab.name)
-    for ref in (engine_ref, gateway_ref):
+    for ref in (engine_ref, engines["tgi"], engines["ollama"], gateway_ref):
         repository, tag = ref[len(registry) + 1:].rsplit(":", 1)
         assert registry_service.remote_digest(push, repository, tag), ref
     # A second `up` pushes nothing and gives the same references.
@@ -478,5 +484,5 @@ def test_up_pushed_both_images_and_points_the_stack_at_them(lab):
     assert again.returncode == 0, again.stderr
     assert "nothing pushed" in again.stdout and "pushed gpufleet-lab-engine" not in again.stdout
     lab.reload()
-    assert lab.state["settings"]["stack_engine_images"] == {"vllm": engine_ref}
+    assert lab.state["settings"]["stack_engine_images"] == engines
     assert lab.state["settings"]["stack_gateway_image"] == gateway_ref

@@ -2,11 +2,11 @@
 
 Honoured: MODEL (or --model), --served-model-name NAME..., --host, --port, --api-key (or the
 environment variable VLLM_API_KEY), --max-model-len, --tokenizer, --chat-template,
---response-role, --uvicorn-log-level. GPU-only and tuning flags of vLLM are accepted and
-ignored (one log line each). Unknown flags give a warning, never a crash; an unknown flag takes
-the next word as its value when that word is not a flag and the model was already named.
-Flags may be written --flag value, --flag=value, or with underscores (--max_model_len), as vLLM
-allows.
+--response-role, --uvicorn-log-level. vLLM 0.11.0's other flags (vllm_flags.py, extracted from
+its sources) are accepted and ignored, one log line each. Any other flag is refused as vLLM's
+argparse refuses it ("vllm serve: error: unrecognized arguments: ...", exit 2), so a flag vLLM
+does not have fails in the lab. Flags may be written --flag value, --flag=value, or with
+underscores (--max_model_len), as vLLM allows.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import VERSION
+from .vllm_flags import BOOL_FLAGS, VALUE_FLAGS
 
 USAGE = "usage: vllm serve MODEL [--served-model-name NAME] [--host HOST] [--port PORT] " \
         "[--api-key KEY | env VLLM_API_KEY] [--max-model-len N] [vLLM's other flags, ignored]"
@@ -31,31 +32,6 @@ HONOURED = {
     "--chat-template": ("chat_template", "value"),
     "--response-role": ("response_role", "value"),
     "--uvicorn-log-level": ("uvicorn_log_level", "value"),
-}
-# vLLM flags that mean something only on a GPU engine (or tune vLLM's scheduler): accepted,
-# logged, ignored.
-IGNORED_WITH_VALUE = {
-    "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--data-parallel-size",
-    "-dp", "--gpu-memory-utilization", "--dtype", "--max-num-seqs", "--max-num-batched-tokens",
-    "--swap-space", "--block-size", "--kv-cache-dtype", "--quantization", "-q",
-    "--distributed-executor-backend", "--download-dir", "--load-format", "--tokenizer-mode",
-    "--seed", "--cpu-offload-gb", "--max-seq-len-to-capture", "--hf-overrides",
-    "--limit-mm-per-prompt", "--override-generation-config", "--generation-config",
-    "--compilation-config", "-O", "--tool-call-parser", "--reasoning-parser", "--revision",
-    "--tokenizer-revision", "--code-revision", "--root-path", "--disable-log-requests-max-len",
-    "--max-logprobs", "--kv-transfer-config", "--speculative-config", "--api-server-count",
-    "--allowed-origins", "--allowed-methods", "--allowed-headers", "--middleware",
-    "--uvicorn-log-config", "--log-config-file", "--config",
-}
-IGNORED_FLAGS = {
-    "--enforce-eager", "--no-enforce-eager", "--trust-remote-code", "--no-trust-remote-code",
-    "--disable-log-requests", "--enable-log-requests", "--enable-prefix-caching",
-    "--no-enable-prefix-caching", "--disable-log-stats", "--enable-chunked-prefill",
-    "--no-enable-chunked-prefill", "--disable-custom-all-reduce", "--enable-expert-parallel",
-    "--disable-frontend-multiprocessing", "--enable-auto-tool-choice", "--disable-fastapi-docs",
-    "--enable-prompt-tokens-details", "--enable-server-load-tracking", "--disable-uvicorn-access-log",
-    "--enable-request-id-headers", "--enable-force-include-usage", "--enable-log-outputs",
-    "--async-scheduling", "--no-async-scheduling", "--headless",
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -78,7 +54,6 @@ class ServeConfig:
     response_role: str = "assistant"
     uvicorn_log_level: str = "info"
     ignored: list[str] = field(default_factory=list)   # "--flag value" as given, for the log
-    unknown: list[str] = field(default_factory=list)
 
     @property
     def served_name(self) -> str:
@@ -93,9 +68,6 @@ class ServeConfig:
         for flag in self.ignored:
             lines.append(("info", f"ignoring {flag}: a GPU-only or vLLM scheduler setting, "
                                   "meaningless for the lab CPU engine"))
-        for flag in self.unknown:
-            lines.append(("warning", f"unknown argument {flag}: not a flag this stand-in knows; "
-                                     "ignored"))
         return lines
 
 
@@ -147,13 +119,14 @@ def parse_serve(argv: list[str], environ: dict[str, str] | None = None) -> Serve
     config = ServeConfig()
     given: dict[str, object] = {}
     words = _split(argv)
+    unrecognized: list[str] = []
     i = 0
     while i < len(words):
         word, inline = words[i]
         i += 1
         if not _is_flag(word):
             if "model" in given:
-                config.unknown.append(word)
+                unrecognized.append(word)
             else:
                 given["model"] = word
             continue
@@ -171,26 +144,23 @@ def parse_serve(argv: list[str], environ: dict[str, str] | None = None) -> Serve
             if not values:
                 raise UsageError(f"argument {word}: expected a value")
             given[attribute] = values if kind == "multi" else values[0]
-        elif word in IGNORED_WITH_VALUE:
+        elif word in BOOL_FLAGS:
+            config.ignored.append(word if inline is None else f"{word}={inline}")
+        elif word in VALUE_FLAGS:
             value = inline
             if value is None and i < len(words) and not _is_flag(words[i][0]):
                 value = words[i][0]
                 i += 1
             config.ignored.append(word if value is None else f"{word} {value}")
-        elif word in IGNORED_FLAGS:
-            config.ignored.append(word if inline is None else f"{word}={inline}")
         else:
-            value = inline
-            if value is None and "model" in given and i < len(words) \
-                    and not _is_flag(words[i][0]):
-                value = words[i][0]
-                i += 1
-            config.unknown.append(word if value is None else f"{word} {value}")
+            unrecognized.append(word if inline is None else f"{word}={inline}")
 
     if given.get("model") == "vllm" and argv[1:2] == ["serve"]:
         raise UsageError("`vllm serve vllm serve ...`: this image's ENTRYPOINT is already "
                          "[\"vllm\", \"serve\"], as vllm/vllm-openai's is; give the container "
                          "only the model and the flags (or override the entrypoint)")
+    if unrecognized:
+        raise UsageError(f"vllm serve: error: unrecognized arguments: {' '.join(unrecognized)}")
     if not given.get("model"):
         raise UsageError("the model (a directory with config.json) is required\n" + USAGE)
     config.model = str(given["model"])
