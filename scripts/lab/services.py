@@ -166,7 +166,7 @@ def hub(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, o
     endpoint = service.start(lab, fleet.network_name(lab), fleet.service_address(subnet, HUB_OCTET),
                              state_dir / "hub", token_file=token_file)
     fleet.say(f"Hub stand-in at {endpoint} serving {model.REPO_ID}@{revision[:12]} and "
-              f"{gguf_repo.REPO_ID}@{gguf_revision[:12]} (token required)")
+              f"{gguf_repo.REPO_ID}@{gguf_revision} (token required)")
     return hub_settings(endpoint, token_file, model.REPO_ID, revision)
 
 
