@@ -8,9 +8,9 @@ own `ollama create` (a Modelfile `FROM` the file), run once in the model's engin
 
 No second copy of the weights: the GGUF file is hard-linked into the staged store as
 blobs/sha256-<its sha256> (the weights manifest holds that sum, checked against the Hub's).
-`ollama create` hashes the file, asks the server for that blob (HEAD /api/blobs/<digest>, which
-answers 200 when blobs/<digest> exists: server/routes.go HeadBlobHandler) and uploads nothing;
-the server writes the config, template and parameter layers it derives from the GGUF's metadata
+`ollama create` hashes the file and POSTs it to /api/blobs/<digest> (api/client.go CreateBlob),
+which answers 200 at once, storing nothing, when blobs/<digest> exists (server/routes.go
+CreateBlobHandler); the server writes the config, template and parameter layers it derives from the GGUF's metadata
 and the manifest (server/create.go). Then the store is checked (the manifest names the GGUF's
 digest, every layer's blob is there with its size) and moved into place; the one it replaces is
 removed. A store is rebuilt when its GGUF or its engine image changes, and never otherwise.

@@ -8,9 +8,9 @@ What it keeps of Ollama (ollama/ollama at v0.12.6):
   (JSON, schemaVersion 2, a config layer and layers by digest) and blobs/sha256-<hex>. `serve`
   creates blobs/ at start (MkdirAll: a read-only store that has one is fine) and, unless
   OLLAMA_NOPRUNE, removes blobs no manifest names, as Ollama prunes at start.
-- `ollama create NAME -f Modelfile` with `FROM <file.gguf>`: the client hashes the file and sends
-  it as a blob only when the server does not have it (HEAD /api/blobs/<digest>); the server's
-  /api/create references that blob as the model layer (server/create.go ggufLayers), adds a
+- `ollama create NAME -f Modelfile` with `FROM <file.gguf>`: the client hashes the file and POSTs
+  it to /api/blobs/<digest>, which answers 200 without storing anything when blobs/<digest>
+  exists (server/routes.go CreateBlobHandler); the server's /api/create references that blob as the model layer (server/create.go ggufLayers), adds a
   template layer from the GGUF's tokenizer.chat_template (Ollama would translate it into one of
   its Go templates; the stand-in keeps the Jinja text and renders it: a difference in what the
   template blob holds, not in the layout) and writes the config and the manifest.
@@ -367,12 +367,10 @@ def cli_create(name: str, modelfile: Path, environ) -> int:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     digest_text = "sha256:" + digest.hexdigest()
-    try:
-        _call(f"{base}/api/blobs/{digest_text}", "HEAD")
-        print(f"using existing layer {digest_text}")
-    except Exception:  # noqa: BLE001 - 404: the blob must be sent
-        _call(f"{base}/api/blobs/{digest_text}", "POST", source.read_bytes(), timeout=600)
-        print(f"copying file {digest_text} 100%")
+    # api/client.go CreateBlob: a POST of the file; the server answers 200 without reading it
+    # when blobs/<digest> exists (201 when it stored it).
+    status, _ = _call(f"{base}/api/blobs/{digest_text}", "POST", source.read_bytes(), timeout=600)
+    print(f"{'using existing layer' if status == 200 else 'copying file'} {digest_text}")
     try:
         _, out = _call(f"{base}/api/create", "POST",
                        {"model": name, "files": {source.name: digest_text}}, timeout=600)
