@@ -272,6 +272,13 @@ class OllamaApp(EngineApp):
         if method == "HEAD":
             return await self._send(send, 200 if path.exists() else 404, b"", None)
         if path.exists():
+            # Stored already: nothing is written. (Ollama answers without reading the upload; a
+            # stand-in answering before reading it could have the client's send reset, so the
+            # upload is read and dropped first.)
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    break
             return await self._send(send, 200, b"", None)
         data = await self._read_body(receive)
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
