@@ -26,6 +26,7 @@ from pyinfra.api import FactBase, OperationError, QuoteString, StringCommand, op
 from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt
 
+from operations.apt_pins import resolve_pin_lines, upstream_version
 from operations.phase import explain, fails_only_this_host
 
 DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
@@ -85,12 +86,6 @@ def wanted_packages(
     ]
 
 
-def upstream_of(apt_version: str) -> str:
-    """"5:28.5.2-1~debian.12~bookworm" -> "28.5.2"; "1.7.28-1" -> "1.7.28"."""
-    version = apt_version.split(":", 1)[1] if ":" in apt_version else apt_version
-    return version.rsplit("-", 1)[0] if "-" in version else version
-
-
 def is_exact_pin(pin: str) -> bool:
     """Docker's apt versions of docker-ce carry an epoch and a revision; upstream pins neither."""
     return ":" in pin or "-" in pin
@@ -99,7 +94,7 @@ def is_exact_pin(pin: str) -> bool:
 def version_matches(installed: str, pin: str | None) -> bool:
     if pin is None:
         return True
-    return installed == pin if is_exact_pin(pin) else upstream_of(installed) == pin
+    return installed == pin if is_exact_pin(pin) else upstream_version(installed) == pin
 
 
 def packages_to_install(
@@ -122,12 +117,7 @@ def install_script(missing: list[tuple[str, str | None]], extra_args: str) -> st
         if pin is None or is_exact_pin(pin):
             lines.append(f"specs=\"$specs {name}{'=' + pin if pin else ''}\"")
             continue
-        lines.append(
-            f"v=$(apt-cache madison {name} | awk -v want='{pin}-' "
-            "'{ v = $3; sub(/^[0-9]+:/, \"\", v); if (index(v, want) == 1) { print $3; exit } }')")
-        lines.append(
-            f"[ -n \"$v\" ] || {{ echo 'no {name} {pin} in the configured repository; it has:' >&2; "
-            f"apt-cache madison {name} | awk '{{print $3}}' | head -n 5 >&2; exit 1; }}")
+        lines += resolve_pin_lines(name, pin)
         lines.append(f"specs=\"$specs {name}=$v\"")
     lines.append(f"{noninteractive_apt(('install ' + extra_args).strip())} $specs")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass
 from pyinfra.facts.files import File
 from pyinfra.operations import systemd
 
+from operations.apt_pins import resolve_pin_lines, upstream_version
 from operations.nvidia_repos import REPO_TOOL_PACKAGES, _apt_install, signed_flat_repository
 from operations.phase import PhaseResult, explain, fails_only_this_host, read_fact
 
@@ -152,14 +153,6 @@ def driver_package_names(
             names.append(("nvlsm", False))
         return names
     raise ValueError(f"no NVIDIA driver packaging known for distribution {distro_id or '(none)'}")
-
-
-def upstream_version(apt_version: str | None) -> str | None:
-    """The upstream part of an apt version: "1:580.95.05-0ubuntu1" -> "580.95.05"."""
-    if not apt_version:
-        return None
-    version = apt_version.split(":", 1)[1] if ":" in apt_version else apt_version
-    return version.rsplit("-", 1)[0] if "-" in version else version
 
 
 # GPUs sold (also) as SXM modules on HGX/DGX boards, where 8 of them talk through NVSwitch.
@@ -593,16 +586,7 @@ def driver_packages(
             if not pinned:
                 lines.append(f"specs=\"$specs {name}\"")
                 continue
-            lines.append(
-                f"v=$(apt-cache madison {name} | awk -v want='{version}-' "
-                "'{ v = $3; sub(/^[0-9]+:/, \"\", v); "
-                "if (index(v, want) == 1) { print $3; exit } }')"
-            )
-            lines.append(
-                f"[ -n \"$v\" ] || {{ echo 'no {name} {version} in the configured "
-                "repositories' >&2; "
-                "exit 1; }"
-            )
+            lines += resolve_pin_lines(name, version)
             lines.append(f"specs=\"$specs {name}=$v\"")
         extra = ["--allow-downgrades"] if any(name in installed for name, _ in missing) else []
         # A held package in the way: one being replaced, or the other flavour's kernel
