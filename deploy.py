@@ -13,6 +13,7 @@ from pyinfra import host
 
 from operations.config import settings_for
 from operations.docker_engine import docker_engine
+from operations.engine_ports import engine_ports
 from operations.fleet_fit import fleet_fits
 from operations.nvidia import nvidia_driver
 from operations.ollama_store import ollama_stores
@@ -64,7 +65,11 @@ if preflight(settings):
     # (A changed membership leaves every node not ready for a few seconds: waited for too.)
     note_node_changes(host, SWARM, swarm(settings))
 
-    # 8. Inference stack: engines (one service per served model) behind the HAProxy gateway,
+    # 8. Engine ports: an iptables chain admits only the gateway nodes (the Swarm managers) and
+    #    stack_engine_allowed_sources to the served models' ports, loaded at boot too.
+    engine_ports(settings)
+
+    # 8b. Inference stack: engines (one service per served model) behind the HAProxy gateway,
     #    secrets versioned by content, deployed from a manager when it differs, then waited on.
     stack(settings)
 

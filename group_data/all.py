@@ -120,9 +120,44 @@ stack_gateway_max_body_kb = 1024
 # IPVS in the kernel) or "host" (each manager answers on its own address, with DNS round-robin
 # between tasks instead of virtual IPs).
 stack_publish_mode = "ingress"
-# File on the control machine holding the API key clients must send (Bearer); required when a
-# model is served. Its content becomes a Docker secret; it never leaves the control machine otherwise.
+# File (0600) on the control machine holding the key of the client "operator": the deploy's own
+# smoke tests, the load test and the benchmarks send it (Bearer); required when a model is served.
+# It reaches the gateway only as a Docker secret.
 stack_api_key_file = None
+# Named clients of the gateway: client name -> file (0600) on the control machine holding its
+# key. Each is accepted on its own; remove or change one entry and only that client's key goes.
+# Logs and the rate-limit table carry the name, never the key. Names: a-z, 0-9, _ and -.
+stack_client_keys = {}
+# Requests per minute a client may send to one gateway task (client name -> count); over it the
+# gateway answers 429. A client not listed has no limit. Each gateway task counts on its own.
+stack_client_rate_limits = {}
+# File (0600) on the control machine holding the engines' internal key: the gateway sends it to
+# the engines in place of the client's key, and no client holds it. Required when a model is
+# served: `openssl rand -hex 32 > FILE && chmod 600 FILE`.
+stack_engine_key_file = None
+# HTTPS at the gateway: the server certificate (PEM, then its chain) and its private key (PEM,
+# unencrypted, 0600), files on the control machine, delivered as one Docker secret. Both None:
+# plain HTTP. Checked before any host is touched: a pair, valid now.
+stack_gateway_tls_cert_file = None
+# The certificate's private key (PEM, unencrypted, 0600 or 0400).
+stack_gateway_tls_key_file = None
+# With TLS: a port where plain HTTP is answered by a redirect (308) to the HTTPS port; None: no
+# plain HTTP listener at all (connections refused).
+stack_gateway_http_redirect_port = None
+# The CA bundle (PEM) the smoke tests, the load test and the benchmarks verify the gateway's
+# certificate against; None: the system's trusted CAs. Verification is never turned off.
+stack_gateway_ca_file = None
+# The name the gateway's certificate is for (what clients connect to, e.g. llm.example.com): the
+# deploy's own tools reach each gateway task by its node's address but verify this name. None:
+# the certificate must name each node address.
+stack_gateway_tls_server_name = None
+# Engine ports admit only the gateway nodes (the Swarm managers), the node itself and
+# stack_engine_allowed_sources: an iptables chain of the deploy's own (GPUFLEET-ENGINES) on each
+# node, restored at boot. False: no such chain (a site firewall must do it instead).
+stack_engine_firewall = True
+# IPv4 addresses or networks that may also reach engine ports directly, e.g. a Prometheus outside
+# the fleet or the machine `loadtest.py --target engines` runs on.
+stack_engine_allowed_sources = []
 # Seconds a stack deploy may take to converge (all tasks running and healthy) before it fails.
 stack_converge_timeout_s = 1800
 # Seconds Swarm watches an updated task before it counts the update as done (and rolls back on failure).

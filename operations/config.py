@@ -227,6 +227,16 @@ class Settings(BaseModel):
     stack_gateway_max_body_kb: Annotated[int, Field(ge=16, le=65536)]
     stack_publish_mode: Literal["ingress", "host"]
     stack_api_key_file: ControlPath | None
+    stack_client_keys: dict[str, ControlPath]
+    stack_client_rate_limits: dict[str, Annotated[int, Field(ge=1, le=1_000_000)]]
+    stack_engine_key_file: ControlPath | None
+    stack_gateway_tls_cert_file: ControlPath | None
+    stack_gateway_tls_key_file: ControlPath | None
+    stack_gateway_http_redirect_port: ServicePort | None
+    stack_gateway_ca_file: ControlPath | None
+    stack_gateway_tls_server_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")] | None
+    stack_engine_firewall: bool
+    stack_engine_allowed_sources: list[Annotated[str, _checked(rules.cidr_problem)]]
     stack_converge_timeout_s: Annotated[int, Field(ge=30, le=14400)]
     stack_update_monitor_s: Annotated[int, Field(ge=5, le=3600)]
 
@@ -286,6 +296,27 @@ class Settings(BaseModel):
                 "serving_clash",
                 "expected a file on the control machine holding the API key, since models are served",
                 {"key": "stack_api_key_file"},
+            )
+        if served and self.stack_engine_key_file is None:
+            raise PydanticCustomError(
+                "serving_clash",
+                "expected a file on the control machine holding the engines' internal key, since "
+                "models are served (make one: openssl rand -hex 32 > FILE; chmod 600 FILE)",
+                {"key": "stack_engine_key_file"},
+            )
+        ports = {spec.port for spec in served} | {self.stack_gateway_port}
+        if self.stack_gateway_http_redirect_port in ports:
+            raise PydanticCustomError(
+                "serving_clash",
+                "expected a port that neither the gateway nor a served model uses",
+                {"key": "stack_gateway_http_redirect_port"},
+            )
+        if self.stack_gateway_http_redirect_port and not self.stack_gateway_tls_cert_file:
+            raise PydanticCustomError(
+                "serving_clash",
+                "expected None without TLS (stack_gateway_tls_cert_file): the gateway's own port "
+                "then serves plain HTTP",
+                {"key": "stack_gateway_http_redirect_port"},
             )
         return self
 

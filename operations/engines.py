@@ -34,15 +34,17 @@ ENGINES = ("vllm", "tgi", "ollama")
 MODEL_MOUNT = "/models"
 OLLAMA_DEFAULT_TAG = "latest"
 
-# The engine reads its API key from /run/secrets (a Docker secret), never from the stack file:
-# a shell wrapper exports it under the name the engine reads, then execs the engine.
+# The engine reads the internal key (the gateway's, no client's: operations/gateway_access.py)
+# from /run/secrets (a Docker secret), never from the stack file: a shell wrapper exports it
+# under the name the engine reads, then execs the engine.
 _SECRET_EXPORTS = {
-    "vllm": ('VLLM_API_KEY="$(cat /run/secrets/api_key)"; export VLLM_API_KEY; ',
+    "vllm": ('VLLM_API_KEY="$(cat /run/secrets/engine_key)"; export VLLM_API_KEY; ',
              'exec vllm serve "$@"'),
     # TGI: `api_key` is `#[clap(long, env)]`, so API_KEY is the flag's variable.
-    "tgi": ('API_KEY="$(cat /run/secrets/api_key)"; export API_KEY; ',
+    "tgi": ('API_KEY="$(cat /run/secrets/engine_key)"; export API_KEY; ',
             'exec text-generation-launcher "$@"'),
-    # Ollama has no API key of its own: the gateway enforces it.
+    # Ollama has no API key of its own: the gateway enforces the client's, the engine firewall
+    # (operations/engine_ports.py) keeps everyone but the gateway nodes off its port.
     "ollama": ("", "exec ollama serve"),
 }
 _HF_TOKEN_EXPORT = ('if [ -r /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; '

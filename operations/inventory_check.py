@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from operations import rules
+from operations import gateway_access, rules
 from operations.config import Settings, host_problems
 from operations.inventory_data import (
     HOST_DATA, HostData, all_group_data, current_data_items, inventory_groups, merged_hosts,
@@ -26,10 +26,12 @@ from operations.inventory_data import (
 
 # Keys one Swarm service reads the same on every node: the stack is one file for the fleet.
 FLEET_WIDE_KEYS = ("models_dir", "models", "stack_name", "stack_engine_images", "stack_gateway_image",
-                   "stack_gateway_port", "stack_publish_mode", "stack_secret_uids")
+                   "stack_gateway_port", "stack_publish_mode", "stack_secret_uids",
+                   "stack_engine_firewall", "stack_engine_allowed_sources")
 
 # Files on the control machine whose content becomes a Docker secret.
-SECRET_FILE_KEYS = ("stack_api_key_file", "hf_token_file")
+# (The gateway's keys and certificate: operations/gateway_access.py access_problems.)
+SECRET_FILE_KEYS = ("hf_token_file",)
 
 
 def check_inventory(inventory_globals: dict[str, Any], data_items: list[str] | None = None) -> list[str]:
@@ -49,6 +51,8 @@ def check_inventory(inventory_globals: dict[str, Any], data_items: list[str] | N
         if valid is not None:
             settings[name] = valid
     found += secret_file_problems(settings)
+    found += [(name, key, text) for name, valid in settings.items()
+              for key, text in gateway_access.access_problems(valid)]
     problems += fold(found, hosts)
     problems += fleet_wide_problems(hosts)
     if settings:

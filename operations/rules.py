@@ -48,6 +48,18 @@ def advertise_address_problem(value: str) -> str | None:
     return "an IP address or interface name (up to 15 letters, digits, '.', '_', '-'), optionally :port"
 
 
+def cidr_problem(value: str) -> str | None:
+    """An IPv4 source network for iptables (-s): an address or address/prefix, host bits clear.
+    IPv6 is not offered: the engine firewall is written for iptables only (README)."""
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as error:
+        return f"an IPv4 address or network such as 10.0.0.5 or 10.0.0.0/24 ({error})"
+    if network.version != 4:
+        return "an IPv4 address or network (the engine firewall is written for iptables, IPv4)"
+    return None
+
+
 # Ports Docker Swarm itself uses on every node (Docker's "Use overlay networks" guide: 2377/tcp
 # cluster management, 7946/tcp+udp node communication, 4789/udp overlay traffic) and sshd's,
 # which pyinfra reaches the hosts on: a service published on the nodes must not take one.

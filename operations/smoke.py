@@ -1,25 +1,27 @@
-"""Smoke tests: the served endpoints answer as the configuration promises, checked over HTTP
-from the control machine.
+"""Smoke tests: the served endpoints answer as the configuration promises, checked over HTTP(S)
+from the control machine (the checks themselves: operations/smoke_checks.py).
 
-What is checked, for the gateway and for every engine task directly:
+What is checked, for the gateway and for every engine task (reached through the gateway, pinned
+to that task by name with the operator's key: engine ports admit only the gateway nodes):
 - health: `/health` (Ollama: `/api/version`) answers 200 within `smoke_deadline_s`, retried
   with a growing pause while a model loads;
 - models: `/v1/models` lists exactly the served names the configuration promises there (every
   served model at the gateway, the task's own model at an engine);
 - completion: one short chat completion per promised model returns at least one token;
-- auth: `/v1/models` without the API key is refused with 401 (an Ollama task has no key of its
-  own, the gateway enforces it: "n/a" there, not a pass);
+- auth: without a key, refused: 401 at the gateway; at an engine task's own port, the connection
+  refused (engine firewall) or 401 (its internal key), never an answer;
 plus, per service, that Swarm placed its tasks ("tasks": a pending task names why).
 Each check records its response time.
 
 Where the endpoints are: `SmokeStack`, one fact read on a manager (services with labels, their
 tasks that should run, every node's address). `stack_targets` turns it and the settings into
-targets: an engine task answers at <node address>:<models[].port> (published in host mode), the
-gateway at <node address>:<stack_gateway_port> on each node running a gateway task (host mode)
-or on each manager (ingress mode).
+targets: the gateway at <node address>:<stack_gateway_port> on each node running a gateway task
+(host mode) or on each manager (ingress mode); an engine task at the first gateway with the pin
+header "<served name>@<node>", its own port at <node address>:<models[].port>.
 
-The API key is read from `stack_api_key_file` on the control machine, kept in memory and sent
-only as the Authorization header: never printed, logged, put on a command line or in a report.
+The operator's key is read from `stack_api_key_file` on the control machine, kept in memory and
+sent only as the Authorization header: never printed, logged, put on a command line or in a
+report.
 
 Two entry points: the deploy phase `smoke` (each host checks the endpoints located on it and
 the gateway; a failure fails that host only; a pass changes nothing) and `scripts/smoke.py`
@@ -28,97 +30,26 @@ the gateway; a failure fails that host only; a pass changes nothing) and `script
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
-import ssl
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Callable
 
-import httpx
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 
 from operations import engines
+from operations.gateway import pin_value
+from operations.gateway_access import PIN_HEADER
 from operations.phase import PhaseResult, fail_host, other_host_fact
+from operations.smoke_checks import (  # noqa: F401  (the checks, used through this module too)
+    FAIL, NA, PASS, SKIPPED, CheckResult, SmokeReport, Target, check_health, check_target,
+    read_api_key, run_checks, tls_context,
+)
 from operations.stack import service_key  # the stack's own naming: <stack>_<key>
 
-HEALTH_REQUEST_TIMEOUT_S = 10.0
-# A completion on a cold engine (first request after load) may take a while.
-COMPLETION_TIMEOUT_S = 120.0
-REQUEST_TIMEOUT_S = 15.0
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 5.0
-# A hard cap on attempts, whatever the deadline: the health loop is bounded twice.
-HEALTH_MAX_ATTEMPTS = 400
-COMPLETION_PROMPT = "Say hello in three words."
-COMPLETION_MAX_TOKENS = 8
-
-PASS, FAIL, NA, SKIPPED = "pass", "FAIL", "n/a", "skipped"
 # Task states after which a task serves nothing until Swarm replaces it.
 TASK_ENDED = {"rejected", "failed", "complete", "shutdown", "orphaned", "remove"}
-
-
-# --- Data -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """One endpoint to check: the gateway on one address, or one engine task."""
-
-    name: str  # "gateway@node-1", "engine tiny-llama@node-2"
-    url: str  # base URL, no trailing slash
-    kind: str  # "gateway" | "engine"
-    node: str  # the Swarm node's hostname
-    host: str  # the inventory host it runs on (node label gpufleet.host, else the hostname)
-    service: str
-    models: tuple[str, ...]  # the served names requests name here
-    engine: str = "vllm"  # "vllm" | "tgi" | "ollama" | "gateway"
-    # What /v1/models lists here, exactly, when it differs from `models`: TGI lists its
-    # --model-id, Ollama `name:tag` (operations/engines.listed_model_ids).
-    listed: tuple[str, ...] = ()
-
-    @property
-    def has_own_key(self) -> bool:
-        """Ollama has no API key of its own: only the gateway in front of it refuses."""
-        return self.engine == "gateway" or engines.has_own_key(self.engine)
-
-    @property
-    def auth_probe(self) -> tuple[str, str]:
-        """A request refused with 401 without the key here (TGI's /v1/models is open)."""
-        return ("GET", "/v1/models") if self.engine == "gateway" else engines.auth_probe(self.engine)
-
-
-@dataclass
-class CheckResult:
-    endpoint: str
-    url: str
-    check: str  # "health", "models", "completion <model>", "auth", "tasks"
-    result: str  # pass | FAIL | n/a | skipped
-    detail: str = ""
-    latency_ms: float | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.result == FAIL
-
-    def failure_line(self) -> str:
-        where = f"{self.endpoint} ({self.url})" if self.url else self.endpoint
-        return f"{where}: {self.check} failed: {self.detail}"
-
-
-@dataclass
-class SmokeReport:
-    results: list[CheckResult] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not any(result.failed for result in self.results)
-
-    def failures(self) -> list[str]:
-        return [result.failure_line() for result in self.results if result.failed]
 
 
 # --- Fact -----------------------------------------------------------------------------------
@@ -263,8 +194,9 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
     """The endpoints to check, and the problems found before any request ("tasks" checks:
     a missing service, a task Swarm could not place, a node without an address).
 
-    Engines: one target per task of `<stack_name>_<key>` at <node address>:<port>. Gateway: one
-    per node running a gateway task (host mode) or per ready manager (ingress mode)."""
+    Engines: one target per task of `<stack_name>_<key>`, reached through the first gateway
+    pinned to it, its own port <node address>:<port> for the auth check. Gateway: one per node
+    running a gateway task (host mode) or per ready manager (ingress mode)."""
     served = served_models(settings)
     services = {s["name"]: s for s in stack["services"]}
     nodes = {n["hostname"]: n for n in stack["nodes"]}
@@ -294,6 +226,10 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                 found.append((task, node))
         return found
 
+    if not served:
+        return targets, problems
+    gateways = gateway_targets(settings, stack, services, placed, problems)
+    through = gateways[0].url if gateways else ""
     for spec in served:
         name = f"{settings.stack_name}_{service_key(spec.name)}"
         service = services.get(name)
@@ -311,21 +247,38 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                                         f"{len(tasks_of(name))} of {wanted} replicas scheduled"))
         elif not on_nodes and not tasks_of(name):
             problems.append(CheckResult(name, "", "tasks", FAIL, "no task runs"))
+        if on_nodes and not through:
+            problems.append(CheckResult(name, "", "tasks", FAIL,
+                                        "no gateway answers: engine tasks are reached through it"))
+            continue
         for task, node in on_nodes:
             targets.append(Target(
-                name=f"engine {spec.name}@{node['hostname']}",
-                url=f"http://{node['addr']}:{spec.port}", kind="engine", node=node["hostname"],
-                host=node["host"], service=name, models=(spec.served_name,), engine=spec.engine,
+                name=f"engine {spec.name}@{node['hostname']}", url=through, kind="engine",
+                node=node["hostname"], host=node["host"], service=name,
+                models=(spec.served_name,), engine=spec.engine,
                 listed=engines.listed_model_ids(spec),
+                headers=((PIN_HEADER, pin_value(spec.served_name, node["hostname"])),),
+                direct_url=f"http://{node['addr']}:{spec.port}",
+                server_name=settings.stack_gateway_tls_server_name,
             ))
+    return targets + gateways, problems
 
-    if not served:
-        return targets, problems
+
+def gateway_url(settings, addr: str) -> str:
+    """The gateway's base URL on one node address: https:// when it has a certificate."""
+    scheme = "https" if settings.stack_gateway_tls_cert_file else "http"
+    host_part = f"[{addr}]" if ":" in addr else addr
+    return f"{scheme}://{host_part}:{settings.stack_gateway_port}"
+
+
+def gateway_targets(settings, stack, services, placed, problems) -> list[Target]:
+    """One target per node running a gateway task (host mode) or per ready manager (ingress)."""
+    served = served_models(settings)
     gateway = f"{settings.stack_name}_gateway"
     every_name = tuple(sorted(spec.served_name for spec in served))
     if gateway not in services:
         problems.append(CheckResult(gateway, "", "tasks", FAIL, "service missing"))
-        return targets, problems
+        return []
     before = len(problems)
     if settings.stack_publish_mode == "host":
         gateway_nodes = [node for _, node in placed(gateway)]
@@ -334,14 +287,11 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                          and n["state"] == "ready" and n["addr"]]
     if not gateway_nodes and len(problems) == before:
         problems.append(CheckResult(gateway, "", "tasks", FAIL, "no node answers for the gateway"))
-    for node in gateway_nodes:
-        targets.append(Target(
-            name=f"gateway@{node['hostname']}",
-            url=f"http://{node['addr']}:{settings.stack_gateway_port}", kind="gateway",
-            node=node["hostname"], host=node["host"], service=gateway, models=every_name,
-            engine="gateway",
-        ))
-    return targets, problems
+    return [Target(name=f"gateway@{node['hostname']}", url=gateway_url(settings, node["addr"]),
+                   kind="gateway", node=node["hostname"], host=node["host"], service=gateway,
+                   models=every_name, engine="gateway",
+                   server_name=settings.stack_gateway_tls_server_name)
+            for node in gateway_nodes]
 
 
 def targets_for_host(targets: list[Target], name: str) -> list[Target]:
@@ -351,188 +301,6 @@ def targets_for_host(targets: list[Target], name: str) -> list[Target]:
     if not any(t.kind == "gateway" for t in own):
         own += [t for t in targets if t.kind == "gateway"][:1]
     return own
-
-
-# --- Checks ---------------------------------------------------------------------------------
-
-
-def read_api_key(path: str | None) -> str | None:
-    """The API key, stripped, from the control machine's file; None when no file is set."""
-    if path is None:
-        return None
-    return Path(path).expanduser().read_text(encoding="utf-8").strip()
-
-
-def _ms(start: float) -> float:
-    return round((time.monotonic() - start) * 1000.0, 1)
-
-
-def _why(error: Exception) -> str:
-    """An exception in a few words (httpx messages name the URL, never a header)."""
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text}"[:200]
-
-
-def check_health(client: httpx.Client, target: Target, deadline_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> CheckResult:
-    """GET /health (Ollama: /api/version) until it answers 200 or the deadline passes, with a
-    doubling pause (0.5 s up to 5 s) between attempts: a model may still be loading."""
-    path = engines.health_path(target.engine)
-    end = time.monotonic() + deadline_s
-    pause, last = BACKOFF_FIRST_S, "no attempt"
-    for attempt in range(1, HEALTH_MAX_ATTEMPTS + 1):
-        start = time.monotonic()
-        timeout = max(0.5, min(HEALTH_REQUEST_TIMEOUT_S, end - start))
-        try:
-            response = client.get(target.url + path, timeout=timeout)
-            if response.status_code == 200:
-                return CheckResult(target.name, target.url, "health", PASS,
-                                   f"200 after {attempt} attempt(s)", _ms(start))
-            last = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            last = _why(error)
-        latency = _ms(start)
-        if time.monotonic() + pause > end:
-            break
-        sleep(pause)
-        pause = min(pause * 2, BACKOFF_MAX_S)
-    return CheckResult(target.name, target.url, "health", FAIL,
-                       f"no 200 from {path} within {deadline_s:g}s after {attempt} attempt(s) "
-                       f"(last: {last})", latency)
-
-
-def _bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def check_models(client: httpx.Client, target: Target, key: str | None) -> CheckResult:
-    """/v1/models lists exactly the served names the configuration promises here."""
-    start = time.monotonic()
-    try:
-        response = client.get(target.url + "/v1/models", headers=_bearer(key),
-                              timeout=REQUEST_TIMEOUT_S)
-    except httpx.HTTPError as error:
-        return CheckResult(target.name, target.url, "models", FAIL, _why(error), _ms(start))
-    latency = _ms(start)
-    if response.status_code != 200:
-        return CheckResult(target.name, target.url, "models", FAIL,
-                           f"HTTP {response.status_code} (expected 200)", latency)
-    try:
-        listed = sorted({item["id"] for item in response.json()["data"]})
-    except (ValueError, KeyError, TypeError):
-        return CheckResult(target.name, target.url, "models", FAIL,
-                           "not an OpenAI model list", latency)
-    wanted = sorted(set(target.listed or target.models))
-    if listed != wanted:
-        extra = sorted(set(listed) - set(wanted))
-        missing = sorted(set(wanted) - set(listed))
-        words = []
-        if missing:
-            words.append(f"missing {', '.join(missing)}")
-        if extra:
-            words.append(f"unexpected {', '.join(extra)}")
-        return CheckResult(target.name, target.url, "models", FAIL,
-                           f"{'; '.join(words)} (listed: {', '.join(listed) or 'none'})", latency)
-    return CheckResult(target.name, target.url, "models", PASS, ", ".join(listed), latency)
-
-
-def completion_tokens(body: dict[str, Any]) -> int:
-    """Tokens in a chat completion: usage.completion_tokens, else 1 when it has content."""
-    usage = body.get("usage") or {}
-    if isinstance(usage.get("completion_tokens"), int):
-        return usage["completion_tokens"]
-    choices = body.get("choices") or [{}]
-    message = choices[0].get("message") or {}
-    return 1 if (message.get("content") or choices[0].get("text")) else 0
-
-
-def check_completion(client: httpx.Client, target: Target, key: str | None,
-                     model: str) -> CheckResult:
-    """One short chat completion of `model` returns at least one token."""
-    check = f"completion {model}"
-    body = {"model": model, "messages": [{"role": "user", "content": COMPLETION_PROMPT}],
-            "max_tokens": COMPLETION_MAX_TOKENS, "temperature": 0}
-    start = time.monotonic()
-    try:
-        response = client.post(target.url + "/v1/chat/completions", json=body,
-                               headers=_bearer(key), timeout=COMPLETION_TIMEOUT_S)
-    except httpx.HTTPError as error:
-        return CheckResult(target.name, target.url, check, FAIL, _why(error), _ms(start))
-    latency = _ms(start)
-    if response.status_code != 200:
-        return CheckResult(target.name, target.url, check, FAIL,
-                           f"HTTP {response.status_code} (expected 200)", latency)
-    try:
-        tokens = completion_tokens(response.json())
-    except (ValueError, AttributeError, IndexError, TypeError):
-        return CheckResult(target.name, target.url, check, FAIL, "not a chat completion", latency)
-    if tokens < 1:
-        return CheckResult(target.name, target.url, check, FAIL, "no token returned", latency)
-    return CheckResult(target.name, target.url, check, PASS, f"{tokens} token(s)", latency)
-
-
-def check_auth(client: httpx.Client, target: Target) -> CheckResult:
-    """A request without the key is refused with 401: /v1/models at the gateway and vLLM, chat
-    completions at TGI (its /v1/models is open); n/a on an Ollama task (no key of its own)."""
-    if not target.has_own_key:
-        return CheckResult(target.name, target.url, "auth", NA,
-                           "Ollama has no API key of its own (the gateway enforces it)")
-    method, path = target.auth_probe
-    start = time.monotonic()
-    try:
-        response = client.request(method, target.url + path, timeout=REQUEST_TIMEOUT_S,
-                                  json={} if method == "POST" else None)
-    except httpx.HTTPError as error:
-        return CheckResult(target.name, target.url, "auth", FAIL, _why(error), _ms(start))
-    latency = _ms(start)
-    if response.status_code != 401:
-        return CheckResult(target.name, target.url, "auth", FAIL,
-                           f"HTTP {response.status_code} from {method} {path} without a key "
-                           "(expected 401)", latency)
-    return CheckResult(target.name, target.url, "auth", PASS, f"401 without a key ({path})", latency)
-
-
-def check_target(client: httpx.Client, target: Target, key: str | None, deadline_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> list[CheckResult]:
-    """Every check of one endpoint; after a failed health check the others are skipped."""
-    health = check_health(client, target, deadline_s, sleep=sleep)
-    later = ["models", *(f"completion {m}" for m in target.models), "auth"]
-    if health.failed:
-        return [health, *(CheckResult(target.name, target.url, check, SKIPPED, "health failed")
-                          for check in later)]
-    results = [health, check_models(client, target, key)]
-    results += [check_completion(client, target, key, model) for model in target.models]
-    results.append(check_auth(client, target))
-    return results
-
-
-@functools.lru_cache(maxsize=1)
-def _tls_context() -> ssl.SSLContext:
-    """One verifying TLS context (httpx's default: certifi's CA bundle) for every host's
-    checks: building one loads the bundle (~20 ms of CPU), which every host of a run would
-    otherwise do again."""
-    return httpx.create_ssl_context()
-
-
-def run_checks(targets: list[Target], key: str | None, deadline_s: float,
-               client: httpx.Client | None = None, parallel: int = 8) -> list[CheckResult]:
-    """Check every target (in threads: a dead endpoint waits out its deadline alone); results
-    in target order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not targets:
-        return []
-    own = client is None
-    client = client or httpx.Client(follow_redirects=False, verify=_tls_context())
-    try:
-        if parallel <= 1 or len(targets) <= 1:
-            return [r for t in targets for r in check_target(client, t, key, deadline_s)]
-        with ThreadPoolExecutor(max_workers=min(parallel, len(targets))) as pool:
-            done = list(pool.map(lambda t: check_target(client, t, key, deadline_s), targets))
-        return [r for results in done for r in results]
-    finally:
-        if own:
-            client.close()
 
 
 # --- Reports --------------------------------------------------------------------------------
@@ -629,7 +397,7 @@ def smoke_endpoints(stack: dict | Callable, settings, deadline_s: float | None =
     reporter = stack.get("reporter")
     in_run = {h.name for h in host.state.active_hosts}
     results = problems if host.name == reporter or reporter not in in_run else []
-    results = results + run_checks(mine, key, deadline)
+    results = results + run_checks(mine, key, deadline, ca_file=settings.stack_gateway_ca_file)
     for line in render_table(results).splitlines():
         logger.info(f"{host.print_prefix}{line}")
     failures = SmokeReport(results).failures()

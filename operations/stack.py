@@ -6,11 +6,13 @@ What a run does (on the acting manager; every other host says where it is done):
    stack's services, secrets and configs. A model that cannot fit (tensor-parallel size above the
    GPUs of any node, weights above the GPU memory a replica gets, more replicas than nodes) fails
    the host with the numbers, before anything is deployed.
-2. Secrets: the API key (engines and gateway) and the Hub token are Docker secrets named by a
-   hash of their content (`<stack>_api_key_<sha256[:12]>`): Swarm secrets are immutable, so a
-   rotated key is a new secret, the services roll onto it, and the old one is removed once they
-   have. Values are read on the control machine and handed to the engine API on the SSH
-   channel's stdin (`docker system dial-stdio`): never on a command line, in a file or a log.
+2. Secrets: the engines' internal key, the gateway's client map (one key per named client, the
+   operator's among them), its copy of the internal key, its TLS bundle and the Hub token
+   (operations/gateway_access.py) are Docker secrets named by a hash of their content
+   (`<stack>_engine_key_<sha256[:12]>`): Swarm secrets are immutable, so a rotated key is a new
+   secret, the services roll onto it, and the old one is removed once they have. Values are read
+   on the control machine and handed to the engine API on the SSH channel's stdin
+   (`docker system dial-stdio`): never on a command line, in a file or a log.
 3. Files: the rendered stack file and HAProxy config in /etc/gpufleet/stack/ (no secret in
    either; `--dry --diff` shows their diff). The stack file is checked before it is deployed.
 4. Deploy only when something differs: a service missing, its spec (a hash of what was rendered,
@@ -56,7 +58,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, d
 from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
-from operations import engines, ollama_store, rules, sizing
+from operations import engines, gateway, gateway_access, ollama_store, rules, sizing
 from operations.phase import (
     PhaseResult, disturbed_nodes, explain, fail_host, fails_only_this_host, host_sudo,
     read_fact,
@@ -67,9 +69,6 @@ from operations.weights import MANIFEST_NAME, read_token
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STACK_DIR = "/etc/gpufleet/stack"
-# The gateway's port inside its container when Swarm's routing mesh publishes it (unprivileged:
-# HAProxy's image runs as a non-root user); on the host network it listens on stack_gateway_port.
-GATEWAY_CONTAINER_PORT = 8080
 
 LABEL_ROLE = "gpufleet.role"
 LABEL_MODEL = "gpufleet.model"
@@ -104,58 +103,11 @@ def _env(path: Path) -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)
 
 
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # group_data: stack_gateway_max_body_kb = 1024
-
-
 def served_dir(settings, spec) -> str:
     """What a model's service mounts at engines.model_path: its weights, or its Ollama store."""
     if spec.engine == "ollama":
         return ollama_store.store_dir(settings.models_dir, spec.name)
     return posixpath.join(settings.models_dir, spec.name)
-
-
-def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
-                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> str:
-    """The HAProxy configuration: routes by model to every node that may run it, down ones too
-    (a node without a healthy task fails the health check), enforces the API key, lists the
-    models. With more than one model, requests are routed on the "model" of their JSON body,
-    read whole (up to max_body_bytes; a larger one is refused with 413, never misrouted)."""
-    backends = []
-    for spec in served:
-        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
-                                         include_down=True)
-        backends.append({
-            "id": service_key(spec.name).replace("-", "_"),
-            "port": spec.port,
-            "servers": [{"name": node.hostname, "addr": node.addr}
-                        for node in sorted(eligible, key=lambda n: n.hostname) if node.addr],
-            "names": engines.request_names(spec),
-            "check": engines.gateway_check(spec),
-        })
-    models = {"object": "list", "data": [
-        {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
-    return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
-        backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
-        bufsize=gateway_bufsize(max_body_bytes), too_large_json=json.dumps({"error": {
-            "message": f"request body over {max_body_bytes} bytes, the most this gateway reads "
-                       "to route on \"model\" (stack_gateway_max_body_kb)",
-            "type": "BadRequestError", "code": 413}}, separators=(",", ":")),
-        models_json=json.dumps(models, separators=(",", ":")))
-
-
-# Room in HAProxy's request buffer beside the body: the request line and headers (16 KiB, as
-# HAProxy's own default buffer) and tune.maxrewrite's reserve (1 KiB by default).
-GATEWAY_HEADER_ROOM = 16384 + 1024
-
-
-def gateway_bufsize(max_body_bytes: int) -> int:
-    """tune.bufsize that holds a whole body of max_body_bytes with its headers: HAProxy sees at
-    most one buffer of a request (http-buffer-request waits for the body up to that size)."""
-    return max_body_bytes + GATEWAY_HEADER_ROOM
-
-
-def gateway_listen_port(settings) -> int:
-    return settings.stack_gateway_port if settings.stack_publish_mode == "host" else GATEWAY_CONTAINER_PORT
 
 
 def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) -> list[dict[str, Any]]:
@@ -170,7 +122,7 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
         if spec.gpu_model:
             constraints.append(f"node.labels.gpufleet.gpu.model == {spec.gpu_model}")
         uid = str(settings.stack_secret_uids.get(spec.engine, 0))
-        engine_secrets = [{"source": "api_key", "target": "api_key", "uid": uid}]
+        engine_secrets = [{"source": "engine_key", "target": "engine_key", "uid": uid}]
         if "hf_token" in secrets:
             engine_secrets.append({"source": "hf_token", "target": "hf_token", "uid": uid})
         labels = {LABEL_ROLE: "engine", LABEL_MODEL: spec.name, LABEL_SERVED: spec.served_name,
@@ -205,10 +157,14 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
     hash of everything rendered for it (label gpufleet.spec), so a run can tell a service that
     runs something else, whatever was changed by hand."""
     host_mode = settings.stack_publish_mode == "host"
-    gateway = {
+    access = gateway.access_for(settings)
+    front = {
         "image": settings.stack_gateway_image,
-        "listen_port": gateway_listen_port(settings),
+        "listen_port": gateway.gateway_listen_port(settings),
         "port": settings.stack_gateway_port,
+        "redirect_port": settings.stack_gateway_http_redirect_port,
+        "redirect_listen_port": access.redirect_listen_port,
+        "secrets": sorted(kind for kind in secrets if kind.startswith("gateway_")),
         "publish_mode": settings.stack_publish_mode,
         "endpoint_mode": "dnsrr" if host_mode else "vip",
         "uid": str(settings.stack_secret_uids.get("gateway", 99)),
@@ -220,11 +176,11 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
     }
     engines = plan_engines(settings, nodes, secrets)
     shared = {"secrets": secrets, "monitor_s": settings.stack_update_monitor_s}
-    for service in [*engines, gateway]:
+    for service in [*engines, front]:
         service["service_labels"][LABEL_SPEC] = content_hash(
             json.dumps({**service, **shared}, sort_keys=True))
     return _env(TEMPLATES).get_template("stack.yml.j2").render(
-        engines=engines, gateway=gateway, monitor_s=settings.stack_update_monitor_s,
+        engines=engines, gateway=front, monitor_s=settings.stack_update_monitor_s,
         secrets=[{"source": kind, "name": name} for kind, name in sorted(secrets.items())],
     )
 
@@ -305,9 +261,18 @@ def read_control_secret(path: str | None, what: str) -> str:
 
 
 def wanted_secrets(settings) -> dict[str, tuple[str, str]]:
-    """kind -> (versioned name, value), read on the control machine."""
-    key = read_control_secret(settings.stack_api_key_file, "stack_api_key_file")
-    values = {"api_key": key, "gateway_auth": f"Bearer {key}"}
+    """kind -> (versioned name, value), read on the control machine: the engines' internal key,
+    the gateway's client map, internal key map and TLS bundle, the Hub token."""
+    read_control_secret(settings.stack_api_key_file, "stack_api_key_file")
+    engine_key = read_control_secret(settings.stack_engine_key_file, "stack_engine_key_file")
+    values = {
+        "engine_key": engine_key,
+        "gateway_clients": gateway_access.clients_map(gateway_access.client_keys(settings)),
+        "gateway_engine_auth": gateway_access.engine_auth_map(engine_key),
+    }
+    if settings.stack_gateway_tls_cert_file:
+        values["gateway_tls"] = gateway_access.tls_bundle(settings.stack_gateway_tls_cert_file,
+                                                          settings.stack_gateway_tls_key_file)
     token = read_token(settings.hf_token_file)
     if token:
         values["hf_token"] = token
@@ -642,8 +607,9 @@ def stack_deploy(settings, manager: str | None = None):
 
     secrets = wanted_secrets(settings)
     names = {kind: name for kind, (name, _) in secrets.items()}
-    gateway_config = render_gateway(served, nodes, gateway_listen_port(settings),
-                                    settings.stack_gateway_max_body_kb * 1024)
+    gateway_config = gateway.render_gateway(served, nodes, gateway.gateway_listen_port(settings),
+                                            settings.stack_gateway_max_body_kb * 1024,
+                                            gateway.access_for(settings))
     text = render_stack(settings, nodes, names, gateway_config)
     problems = stack_problems(text)
     if problems:

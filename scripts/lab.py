@@ -14,6 +14,7 @@ Editing the lab inventory, as an operator edits a real one (kept in .lab/<lab>/h
     python3 scripts/lab.py forget NODE             out of the inventory; the container keeps running
     python3 scripts/lab.py remember NODE           back into the inventory
     python3 scripts/lab.py managers N              the first N inventory hosts are swarm_managers
+    python3 scripts/lab.py tls on|off              HTTPS at the gateway with the lab's own CA, or not
 
 Lab hosts are containers that behave like fresh Debian 12 servers (systemd, sshd, sudo, their
 own Docker data volume); pyinfra reaches them over real SSH. The lab's name comes from --name or
@@ -209,6 +210,8 @@ def up(lab: str, count: int, deploy: bool) -> int:
     known_hosts = fleet.state_dir(lab) / "known_hosts"
     fleet.record_host_keys(hosts, known_hosts)
     stand_ins = services.start(lab, subnet, fleet.state_dir(lab))
+    if "stack_gateway_tls_cert_file" in ((fleet.read_state(lab) or {}).get("settings") or {}):
+        stand_ins.update(services.tls_settings(lab, fleet.state_dir(lab)))  # `tls on` stays on
     state_file = fleet.write_state(lab, subnet, hosts, key, known_hosts, stand_ins)
     say(f"{len(hosts)} hosts ready in {time.monotonic() - started:.0f}s ({state_file.relative_to(REPO_ROOT)})")
     if not deploy:
@@ -339,6 +342,18 @@ def edit(lab: str, change) -> int:
     return 0
 
 
+def set_tls(lab: str, state: dict, on: bool) -> dict:
+    """The lab's settings with the gateway's TLS keys (the lab CA's certificate) in or out."""
+    keys = services.tls_settings(lab, fleet.state_dir(lab))
+    settings = {k: v for k, v in state.get("settings", {}).items() if k not in keys}
+    if on:
+        settings.update(keys)
+        say(f"tls: the gateway serves HTTPS as {keys['stack_gateway_tls_server_name']} "
+            f"(certificate {keys['stack_gateway_tls_cert_file']}, CA {keys['stack_gateway_ca_file']}); "
+            "the next deploy rolls it out")
+    return {**state, "settings": settings}
+
+
 def down(lab: str, purge_images: bool) -> int:
     if not docker_answers():
         raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
@@ -387,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     managers_parser = commands.add_parser(
         "managers", help="the first N inventory hosts are swarm_managers (default 1)")
     managers_parser.add_argument("count", type=int)
+    tls_parser = commands.add_parser(
+        "tls", help="HTTPS at the gateway with the lab's own CA (on), or plain HTTP (off)")
+    tls_parser.add_argument("mode", choices=["on", "off"])
     down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
     down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
     args = parser.parse_args(argv)
@@ -411,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("forget", "remember"):
             forgotten = args.command == "forget"
             return edit(lab, lambda s: fleet.set_forgotten(s, args.node, forgotten))
+        if args.command == "tls":
+            return edit(lab, lambda s: set_tls(lab, s, args.mode == "on"))
         if args.command == "managers":
             return edit(lab, lambda s: fleet.set_manager_count(s, args.count))
         return down(lab, args.purge_images)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,20 @@ class Endpoint:
     url: str
     models: tuple[str, ...]
     usage_in_stream: bool = True  # vLLM's stream_options.include_usage
+    # Sent with every request (an engine task behind the gateway: the pin header naming it).
+    headers: tuple[tuple[str, str], ...] = ()
+    # What records name this endpoint by, when the URL is shared (pinned engine tasks).
+    label: str = ""
+    # The name the gateway's certificate is verified for (SNI), when not the URL's host.
+    server_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or self.url
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return {"sni_hostname": self.server_name} if self.server_name else {}
 
 
 @dataclass(frozen=True)
@@ -139,14 +154,14 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
                       prompt: Prompt = Prompt(PROMPT)) -> ls.Record:
     """One chat completion; never raises (a failure is a Record with status 0 or the HTTP
     status, and the error's kind)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {**dict(endpoint.headers), **({"Authorization": f"Bearer {key}"} if key else {})}
     body = _body(model, prompt, stream, max_tokens, endpoint.usage_in_stream)
     stamp, started = time.time(), time.perf_counter()
     status, ttft, tokens, prompt_tokens, itl, error = 0, None, 0, 0, [], ""
     try:
         if stream:
             async with client.stream("POST", endpoint.url + "/v1/chat/completions", json=body,
-                                     headers=headers) as response:
+                                     headers=headers, extensions=endpoint.extensions) as response:
                 status = response.status_code
                 if status == 200:
                     read = await _read_stream(response, started)
@@ -160,7 +175,7 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
                     await response.aread()
         else:
             response = await client.post(endpoint.url + "/v1/chat/completions", json=body,
-                                         headers=headers)
+                                         headers=headers, extensions=endpoint.extensions)
             status = response.status_code
             if status == 200:
                 answer = response.json()
@@ -170,7 +185,7 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
         error = f"{type(failure).__name__}: {failure}"[:200]
     if status and status != 200 and not error:
         error = f"HTTP {status}"
-    return ls.Record(timestamp=stamp, endpoint=endpoint.url, model=model, status=status,
+    return ls.Record(timestamp=stamp, endpoint=endpoint.name, model=model, status=status,
                      latency_s=time.perf_counter() - started, ttft_s=ttft, tokens=tokens,
                      scenario=scenario, error=error, prompt_tokens=prompt_tokens, itl_s=itl)
 
@@ -180,7 +195,8 @@ async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, co
                    request_timeout: float = 60.0, scenario: str = "load",
                    until: Callable[[], bool] | None = None,
                    prompts: list[Prompt] | None = None, request_rate: float | None = None,
-                   burstiness: float = 1.0, seed: int | None = 0) -> list[ls.Record]:
+                   burstiness: float = 1.0, seed: int | None = 0,
+                   verify: ssl.SSLContext | bool = True) -> list[ls.Record]:
     """Send at most `requests` requests, round-robin over endpoints and their models and over
     `prompts` (default: one short prompt). Closed loop (no `request_rate`): `concurrency` in
     flight, the next as soon as one ends. Open loop: request i leaves at arrival_offsets(...)[i],
@@ -201,7 +217,7 @@ async def run_load(endpoints: list[Endpoint], key: str | None, requests: int, co
     def more() -> bool:
         return issued < requests and time.monotonic() < stop_at and not (until and until())
 
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify) as client:
         def request(index: int):
             endpoint = endpoints[index % len(endpoints)]
             model = endpoint.models[(index // len(endpoints)) % len(endpoint.models)]

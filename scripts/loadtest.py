@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,7 +88,9 @@ def endpoints_for(target: str, settings, stack: dict | None) -> list[Endpoint]:
     engines = {spec.served_name: spec.engine for spec in served}
     return [
         Endpoint(t.url, t.models,
-                 vllm_only if t.kind == "gateway" else engines.get(t.models[0]) == "vllm")
+                 vllm_only if t.kind == "gateway" else engines.get(t.models[0]) == "vllm",
+                 headers=t.headers, label=t.url if t.kind == "gateway" else t.name,
+                 server_name=t.server_name)
         for t in targets if t.kind == kind
     ]
 
@@ -97,7 +100,7 @@ def only_model(endpoints: list[Endpoint], settings, model: str | None) -> list[E
     if model is None:
         return endpoints
     names = {s.served_name for s in sm.served_models(settings) if model in (s.name, s.served_name)}
-    return [Endpoint(e.url, tuple(n for n in e.models if n in names), e.usage_in_stream)
+    return [replace(e, models=tuple(n for n in e.models if n in names))
             for e in endpoints if names & set(e.models)]
 
 
@@ -172,7 +175,7 @@ def scale(fleet: Fleet, manager: str, service: str, replicas: int) -> None:
 
 
 def wait_ready(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: int,
-               service: str) -> dict:
+               service: str, key: str | None = None) -> dict:
     """Re-read the stack (every 2 s, until the deadline) until `wanted` tasks of `service` run,
     then wait for every endpoint's /health; the stack as read. RuntimeError with Swarm's
     reasons (a rejected task's error) when it does not get there in time."""
@@ -190,9 +193,9 @@ def wait_ready(fleet: Fleet, manager: str, settings, deadline_s: float, wanted: 
                                f"{deadline_s:g}s" + (f" ({reasons})" if reasons else ""))
         time.sleep(2)
     targets, _ = sm.stack_targets(settings, stack)
-    with httpx.Client() as client:
+    with httpx.Client(verify=sm.tls_context(settings.stack_gateway_ca_file)) as client:
         for target in targets:
-            result = sm.check_health(client, target, max(1.0, end - time.monotonic()))
+            result = sm.check_health(client, target, max(1.0, end - time.monotonic()), key=key)
             if result.failed:
                 raise RuntimeError(result.failure_line())
     return stack
@@ -225,25 +228,25 @@ def run_scenarios(fleet: Fleet, settings, manager: str, stack: dict, key: str | 
             print(f"scaling {service} to {replicas} replica(s)")
             scale(fleet, manager, service, replicas)
             current = wait_ready(fleet, manager, settings, settings.smoke_deadline_s, replicas,
-                                 service)
+                                 service, key)
             time.sleep(args.settle)  # the gateway re-resolves its backends (DNS round-robin)
             for path in ("gateway", "engines"):
                 endpoints = [e for e in endpoints_for(path, settings, current)
                              if spec.served_name in e.models]
-                endpoints = [Endpoint(e.url, (spec.served_name,), e.usage_in_stream)
-                             for e in endpoints]
-                name = f"{replicas} replica(s), {'gateway' if path == 'gateway' else 'direct'}"
+                endpoints = [replace(e, models=(spec.served_name,)) for e in endpoints]
+                name = f"{replicas} replica(s), {'gateway' if path == 'gateway' else 'pinned'}"
                 print(f"scenario {name}: {len(endpoints)} endpoint(s)")
                 with Sampler(fleet, node_hosts, args.sample_interval) as sampler:
                     got = asyncio.run(run_load(endpoints, key, args.requests, args.concurrency,
                                                args.max_seconds, not args.no_stream,
                                                args.max_tokens, args.request_timeout, name,
+                                               verify=sm.tls_context(settings.stack_gateway_ca_file),
                                                **shape_of(args)))
                 usage = ls.container_usage(sampler.samples, f"{settings.stack_name}_")
                 records += got
                 scenarios.append({
                     "name": name, "replicas": replicas, "path": path,
-                    "endpoints": [e.url for e in endpoints], "summary": ls.summarize(got),
+                    "endpoints": [e.name for e in endpoints], "summary": ls.summarize(got),
                     "usage": usage, "usage_totals": ls.usage_totals(usage),
                     "sampling_problems": sampler.problems,
                 })
@@ -456,7 +459,7 @@ def run(argv) -> int:
                 print(f"loadtest: no {args.target} endpoint in the stack", file=sys.stderr)
                 return 1
             meta["target"] = args.target
-            meta["endpoints"] = ", ".join(e.url for e in endpoints)
+            meta["endpoints"] = ", ".join(e.name for e in endpoints)
             if args.during:
                 out.mkdir(parents=True, exist_ok=True)
                 during = During(args.during, out / "during.log", args.settle,
@@ -465,6 +468,7 @@ def run(argv) -> int:
                                            args.max_seconds, not args.no_stream, args.max_tokens,
                                            args.request_timeout,
                                            until=during.settled if during else None,
+                                           verify=sm.tls_context(settings.stack_gateway_ca_file),
                                            **shape_of(args)))
             if during:
                 during.join()

@@ -65,7 +65,8 @@ def run(argv) -> int:
     else:
         targets, problems = sm.stack_targets(settings, stack)
         print(f"stack {settings.stack_name} read from {manager}: {len(targets)} endpoint(s)")
-        results = problems + sm.run_checks(targets, key, deadline)
+        results = problems + sm.run_checks(targets, key, deadline,
+                                             ca_file=settings.stack_gateway_ca_file)
 
     print(sm.render_table(results))
     report = sm.report_json(results, targets)

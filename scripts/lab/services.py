@@ -36,17 +36,50 @@ def start(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str,
     }
 
 
-def api_key(state_dir: Path) -> dict[str, object]:
-    """The key clients of the lab's gateway send: made once per lab, kept in a 0600 file, the
-    control machine's secrets source as production's would be."""
+def _key_file(path: Path, prefix: str) -> str:
+    """A random key in a 0600 file, made once and kept (the control machine's secrets source, as
+    production's would be)."""
     import secrets
 
-    key_file = state_dir / "api-key"
-    if not key_file.exists():
-        key_file.touch(mode=0o600)
-        key_file.write_text("sk-lab-" + secrets.token_hex(24) + "\n")
-    key_file.chmod(0o600)
-    return {"stack_api_key_file": str(key_file)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(prefix + secrets.token_hex(24) + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+# Named clients of the lab's gateway beside the operator (stack_client_keys).
+LAB_CLIENTS = ("alice", "bob")
+
+
+def api_key(state_dir: Path) -> dict[str, object]:
+    """The gateway's credentials: the operator's key (the deploy's own tools), a key for each
+    named lab client, and the engines' internal key, each made once per lab in a 0600 file."""
+    return {
+        "stack_api_key_file": _key_file(state_dir / "api-key", "sk-lab-"),
+        "stack_client_keys": {name: _key_file(state_dir / "clients" / f"{name}.key", f"sk-{name}-")
+                              for name in LAB_CLIENTS},
+        "stack_engine_key_file": _key_file(state_dir / "engine-key", "ek-lab-"),
+    }
+
+
+def tls_settings(lab: str, state_dir: Path) -> dict[str, object]:
+    """The lab CA and the gateway's certificate (scripts/lab/tls.py), as the keys that turn HTTPS
+    on: `lab.py tls on` writes them into the lab's settings, `lab.py tls off` takes them out."""
+    import json
+    import subprocess
+
+    from scripts.lab import tls
+
+    # In the repository's venv: cryptography is a pinned dependency there, lab.py is stdlib-only.
+    venv = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+    made = subprocess.run([str(venv), "-m", "scripts.lab.tls", str(state_dir / "tls"),
+                           tls.server_name(lab)], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, check=True)
+    paths = json.loads(made.stdout)
+    return {"stack_gateway_tls_cert_file": paths["cert"], "stack_gateway_tls_key_file": paths["key"],
+            "stack_gateway_ca_file": paths["ca"], "stack_gateway_tls_server_name": paths["name"]}
 
 
 def stop(lab: str) -> None:

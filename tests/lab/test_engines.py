@@ -14,6 +14,7 @@ back at the end, for the tests after it.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,11 @@ def test_smoke_passes_for_each_engine_directly_and_through_the_gateway(mixed, tm
     for endpoint in report["endpoints"]:
         checks = {c["check"]: (c["result"], c["detail"]) for c in endpoint["checks"]}
         by_engine.setdefault(endpoint["endpoint"].split("@")[0], checks)
-    assert by_engine["engine tiny-tgi"]["auth"] == ("pass", "401 without a key (/v1/chat/completions)")
+    # Engine ports are closed to this machine (the engine firewall admits the gateway nodes).
+    for engine in ("engine tiny-tgi", "engine tiny-ollama", "engine tiny-llama"):
+        assert by_engine[engine]["auth"][0] == "pass", by_engine[engine]
+        assert by_engine[engine]["auth"][1].startswith("closed to this machine"), by_engine[engine]
     assert by_engine["engine tiny-tgi"]["models"][1] == "/models/tiny-tgi"  # TGI lists its model id
-    assert by_engine["engine tiny-ollama"]["auth"][0] == "n/a"  # no key of its own
     assert by_engine["engine tiny-ollama"]["models"][1] == "tiny-ollama:latest"
     gateway = by_engine["gateway"]
     assert gateway["models"][1] == "tiny-llama, tiny-ollama, tiny-tgi"
@@ -123,32 +126,53 @@ def test_smoke_passes_for_each_engine_directly_and_through_the_gateway(mixed, tm
                for m in ("tiny-llama", "tiny-tgi", "tiny-ollama"))
 
 
-def task_address(lab, port: int, probe: str, expect) -> str:
-    """The address of a node that runs a task of the model on `port` (placement varies)."""
+def pinned_task(lab, served: str, probe: str, expect) -> tuple[dict, dict]:
+    """(node, headers) of a node running a task of `served`, reached through the gateway pinned
+    to it with the operator's key (placement varies; engine ports admit only the gateway)."""
     for node in lab.hosts:
+        headers = {"Authorization": f"Bearer {api_key(lab)}",
+                   "X-Gpufleet-Pin": f"{served}@{node['name']}"}
         try:
-            if expect(httpx.get(f"http://{node['address']}:{port}{probe}", timeout=5)):
-                return node["address"]
+            if expect(httpx.get(gateway_url(lab) + probe, headers=headers, timeout=5)):
+                return node, headers
         except httpx.HTTPError:
             continue
-    raise AssertionError(f"no node answers on port {port}")
+    raise AssertionError(f"no node runs a task of {served}")
+
+
+def status_from(lab, node: str, address: str, port: int, request: str) -> str:
+    """The status line a raw HTTP request gets from lab host `node` to address:port (bash's
+    /dev/tcp: lab hosts have no curl), or the connection's error."""
+    script = (f"exec 3<>/dev/tcp/{address}/{port} || exit 7; printf '{request}' >&3; "
+              "head -1 <&3")
+    result = lab.ssh(node, f"timeout 10 bash -c {shlex.quote(script)}")
+    return result.stdout.strip() or f"no answer (rc {result.returncode}: {result.stderr.strip()[-120:]})"
 
 
 def test_each_engine_answers_its_own_routes_on_its_task(mixed):
-    """Beside the OpenAI routes the smoke tests use: TGI's /info and /generate (key required),
-    Ollama's /api/tags and /api/chat (no key of its own), on each engine's task directly."""
-    key = {"Authorization": f"Bearer {api_key(mixed)}"}
-    tgi = "http://" + task_address(mixed, 8001, "/health", lambda r: r.status_code == 200) + ":8001"
-    assert httpx.get(tgi + "/info", timeout=10).json()["model_id"] == "/models/tiny-tgi"
-    assert httpx.post(tgi + "/generate", json={"inputs": "hi"}, timeout=30).status_code == 401
-    generated = httpx.post(tgi + "/generate", headers=key, timeout=60,
+    """Beside the OpenAI routes the smoke tests use: TGI's /info and /generate, Ollama's
+    /api/tags and /api/chat, on each engine's task, pinned through the gateway (which sends the
+    engines' internal key); straight to an engine's port only a gateway node gets an answer, and
+    TGI's is 401 without the internal key."""
+    node, pin = pinned_task(mixed, "tiny-tgi", "/health", lambda r: r.status_code == 200)
+    tgi = gateway_url(mixed)
+    assert httpx.get(tgi + "/info", headers=pin, timeout=10).json()["model_id"] == "/models/tiny-tgi"
+    generated = httpx.post(tgi + "/generate", headers=pin, timeout=60,
                            json={"inputs": "hi", "parameters": {"max_new_tokens": 4}})
     assert generated.status_code == 200 and "generated_text" in generated.json()
-    ollama = "http://" + task_address(mixed, 8002, "/", lambda r: r.text == "Ollama is running") \
-        + ":8002"
-    tags = httpx.get(ollama + "/api/tags", timeout=10).json()
+    body = '{"inputs": "hi"}'
+    request = (f"POST /generate HTTP/1.0\\r\\nContent-Type: application/json\\r\\n"
+               f"Content-Length: {len(body)}\\r\\n\\r\\n{body}")
+    manager = mixed.hosts[0]["name"]  # a gateway node: the firewall admits it, the key does not
+    assert " 401 " in status_from(mixed, manager, node["address"], 8001, request)
+    worker = next(h["name"] for h in mixed.hosts if h["name"] not in (manager, node["name"]))
+    assert "HTTP/" not in status_from(mixed, worker, node["address"], 8001, request)
+    with pytest.raises(httpx.ConnectError):  # nor this machine
+        httpx.get(f"http://{node['address']}:8001/info", timeout=5)
+    _, pin = pinned_task(mixed, "tiny-ollama", "/", lambda r: r.text == "Ollama is running")
+    tags = httpx.get(tgi + "/api/tags", headers=pin, timeout=10).json()
     assert [m["name"] for m in tags["models"]] == ["tiny-ollama:latest"]
-    answer = httpx.post(ollama + "/api/chat", timeout=60, json={
+    answer = httpx.post(tgi + "/api/chat", headers=pin, timeout=60, json={
         "model": "tiny-ollama", "stream": False, "options": {"num_predict": 4},
         "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200 and answer.json()["done"] is True

@@ -39,6 +39,17 @@ from scripts.lab.registry import service as registry_service  # noqa: E402
 
 LAB = os.environ.get("LAB_NAME") or "gpulab-test"
 KEY = "sk-lab-engine-test-" + os.urandom(6).hex()
+# The engines' internal key: only the gateway holds it (operations/gateway_access.py).
+ENGINE_KEY = "ek-lab-engine-test-" + os.urandom(6).hex()
+ALICE = "sk-lab-alice-test-" + os.urandom(6).hex()
+
+
+def gateway_secrets() -> dict[str, str]:
+    """The gateway's secrets as the stack makes them: the operator and alice, the internal key."""
+    from operations import gateway_access
+
+    return {"gateway_clients": gateway_access.clients_map({"operator": KEY, "alice": ALICE}),
+            "gateway_engine_auth": gateway_access.engine_auth_map(ENGINE_KEY)}
 MAX_MODEL_LEN = 200
 STACK_HEALTHCHECK = ("import urllib.request; "
                      "urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=5)")
@@ -50,10 +61,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def http(method: str, url: str, body=None, key: str | None = KEY, timeout: float = 60):
+def http(method: str, url: str, body=None, key: str | None = KEY, timeout: float = 60,
+         headers: dict | None = None):
     """(status, headers, body bytes)."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data else {}
+    headers = {**({"Content-Type": "application/json"} if data else {}), **(headers or {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -94,7 +106,7 @@ def engine(tmp_path_factory, files):
     port = free_port()
     name = f"{LAB}-engine-test-{os.getpid()}"
     # The key reaches the container through the environment, never the command line.
-    env = {**os.environ, "VLLM_API_KEY": KEY}
+    env = {**os.environ, "VLLM_API_KEY": ENGINE_KEY}
     try:
         docker("run", "-d", "--name", name, "--hostname", "engine-task-1",
                "--label", f"gpufleet.lab={LAB}", "--label", "gpufleet.role=engine-test",
@@ -380,17 +392,18 @@ def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
     """The gateway configuration the stack renders (operations/stack.render_gateway) for
     `models`, over nodes named and addressed as `addresses` (hostname -> address), each with
     two simulated H100s."""
-    from operations import stack
+    from operations import gateway as gw
     from operations.config import validate_host_data
     from operations.inventory_data import load_group_data
     from operations.sizing import GIB, Node
 
     entries = [{"repo_id": f"org/{m['name']}", "revision": "0" * 40, **m} for m in models]
     settings = validate_host_data("lab", {**load_group_data()["all"], "models": entries,
-                                          "stack_api_key_file": "/etc/key"})
+                                          "stack_api_key_file": "/etc/key",
+                                          "stack_engine_key_file": "/etc/engine-key"})
     nodes = [Node(name, 2, "NVIDIA H100 80GB HBM3", 81559, 64 * GIB, addr=addr)
              for name, addr in addresses.items()]
-    return stack.render_gateway([m for m in settings.models if m.serve], nodes, 8080)
+    return gw.render_gateway([m for m in settings.models if m.serve], nodes, 8080)
 
 
 ONE_MODEL = [{"name": "tiny-llama"}]
@@ -399,7 +412,7 @@ TWO_MODELS = [{"name": "tiny-llama", "port": 8001}, {"name": "other-model", "por
 def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
     config = stack_gateway_config(models, {"node-1": "10.0.0.1", "node-2": "10.0.0.2"})
     rc, output = gateway.check_config(gateway.ensure_image(), config, labels={"gpufleet.lab": LAB},
-                                      secrets={"gateway_auth": f"Bearer {KEY}\n"})
+                                      secrets=gateway_secrets())
     assert rc == 0, output
 
 
@@ -415,7 +428,7 @@ def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, mod
     model_dir = tmp_path / "hub" / hub_model.REPO_ID / revision
     tag = f"{LAB}-gw-e2e-{os.getpid()}"
     network, port = tag, free_port()
-    env = {**os.environ, "VLLM_API_KEY": KEY}
+    env = {**os.environ, "VLLM_API_KEY": ENGINE_KEY}
     containers = [f"{tag}-engine-1", f"{tag}-engine-2", f"{tag}-gateway"]
     try:
         docker("network", "create", "--label", f"gpufleet.lab={LAB}", network)
@@ -429,12 +442,13 @@ def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, mod
             addresses[name] = docker("inspect", "-f", "{{(index .NetworkSettings.Networks \""
                                      + network + "\").IPAddress}}", name)
         conf, secrets = tmp_path / "conf", tmp_path / "secrets"
-        for directory, name, text in ((conf, "haproxy.cfg", stack_gateway_config(models, addresses)),
-                                      (secrets, "gateway_auth", f"Bearer {KEY}\n")):
+        for directory, files in ((conf, {"haproxy.cfg": stack_gateway_config(models, addresses)}),
+                                 (secrets, gateway_secrets())):
             directory.mkdir(mode=0o755)
             directory.chmod(0o755)
-            (directory / name).write_text(text)
-            (directory / name).chmod(0o644)
+            for name, text in files.items():
+                (directory / name).write_text(text)
+                (directory / name).chmod(0o644)
         docker("run", "-d", "--name", containers[2], "--label", f"gpufleet.lab={LAB}",
                "--network", network, "-v", f"{conf}:/usr/local/etc/haproxy:ro",
                "-v", f"{secrets}:/run/secrets:ro", "-p", f"127.0.0.1:{port}:8080", gateway_tag)
@@ -458,6 +472,18 @@ def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, mod
         status, headers, raw = http("POST", base + "/v1/completions", body, key=None)
         assert status == 401 and json.loads(raw) == {"error": "Unauthorized"}
         assert "x-engine-task" not in {k.lower() for k in headers}  # the gateway answered
+        # A named client's key works; the engines never see it (the gateway sends their own).
+        assert http("POST", base + "/v1/completions", body, key=ALICE)[0] == 200
+        assert http("POST", base + "/v1/completions", body, key=ENGINE_KEY)[0] == 401
+        # The operator pins a request to one engine task by name; nobody else may.
+        for name in containers[:2]:
+            status, headers, _ = http("POST", base + "/v1/completions", body,
+                                      headers={"X-Gpufleet-Pin": f"tiny-llama@{name}"})
+            assert status == 200 and headers["x-engine-task"] == name
+            assert headers["x-gpufleet-server"] == name
+        assert http("POST", base + "/v1/completions", body, key=ALICE,
+                    headers={"X-Gpufleet-Pin": f"tiny-llama@{containers[0]}"})[0] == 403
+        assert http("GET", base + "/health", key=KEY, headers={"X-Gpufleet-Pin": "nope@x"})[0] == 404
         # The gateway's own health: 200 only while every model has a healthy engine.
         assert http("GET", base + "/health", key=None)[0] == 200
     finally:

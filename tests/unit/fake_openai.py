@@ -15,11 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     def __init__(self, models=("tiny-llama",), key="sk-test", tokens=4, token_delay_s=0.0,
-                 fail_every=0, cut_streams=False):
+                 fail_every=0, cut_streams=False, dead_pins=()):
         self.models, self.key, self.tokens = list(models), key, tokens
         self.token_delay_s, self.fail_every = token_delay_s, fail_every
         self.cut_streams = cut_streams  # streams end cleanly but before `data: [DONE]`
         self.requests = 0
+        # Pinned engine tasks that are down: a gateway answers 503 for them, as HAProxy does.
+        self.dead_pins = set(dead_pins)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -57,7 +59,12 @@ class FakeOpenAI:
             def _authorised(self):
                 return self.headers.get("Authorization") == f"Bearer {fake.key}"
 
+            def _dead_pin(self):
+                return self.headers.get("X-Gpufleet-Pin") in fake.dead_pins
+
             def do_GET(self):
+                if self._dead_pin():
+                    return self._send(503, {"error": "no server is available"})
                 if self.path == "/health":
                     return self._send(200)
                 if not self._authorised():
@@ -70,6 +77,8 @@ class FakeOpenAI:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self._dead_pin():
+                    return self._send(503, {"error": "no server is available"})
                 if not self._authorised():
                     return self._send(401, {"error": "unauthorised"})
                 if self.path != "/v1/chat/completions" or body.get("model") not in fake.models:

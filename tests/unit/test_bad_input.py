@@ -75,15 +75,19 @@ def listener():
 def fleet(tmp_path, listener):
     """Write the inventory (+ its group data) for a case; returns a function doing so."""
     key = tmp_path / "api-key"
-    key.write_text("sk-test-key\n")
+    key.write_text("sk-test-key-0123456789\n")
     key.chmod(0o600)
+    engine_key = tmp_path / "engine-key"
+    engine_key.write_text("ek-test-key-0123456789\n")
+    engine_key.chmod(0o600)
 
     def write(group_lines: str = "", host2: dict | None = None, managers=("gpu-01",),
               models=(MODEL,)) -> Path:
         inventories = tmp_path / "inventories"
         (inventories / "group_data").mkdir(parents=True, exist_ok=True)
         (inventories / "group_data" / "fleet.py").write_text(
-            f"models = {list(models)!r}\nstack_api_key_file = {str(key)!r}\n" + group_lines)
+            f"models = {list(models)!r}\nstack_api_key_file = {str(key)!r}\n"
+            f"stack_engine_key_file = {str(engine_key)!r}\n" + group_lines)
         path = inventories / "fleet.py"
         path.write_text(INVENTORY.format(port=listener.port, host2=host2 or {},
                                          managers=list(managers)))
@@ -240,6 +244,23 @@ CASES = [
     ("no-api-key-file", {"group": "stack_api_key_file = None\n"},
      ["group_data/fleet.py (every host): key 'stack_api_key_file' = None: expected a file on the "
       "control machine holding the API key, since models are served"]),
+    ("no-engine-key-file", {"group": "stack_engine_key_file = None\n"},
+     ["group_data/fleet.py (every host): key 'stack_engine_key_file' = None: expected a file on "
+      "the control machine holding the engines' internal key, since models are served (make "
+      "one: openssl rand -hex 32 > FILE; chmod 600 FILE)"]),
+    ("client-key-readable-by-all", {"client_key": ("sk-alice-0123456789", 0o644)},
+     ["group_data/fleet.py (every host): key 'stack_client_keys[alice]' = '{tmp}/alice.key': "
+      "expected a private file (mode 0600 or 0400; this one is 0644): chmod 600 {tmp}/alice.key"]),
+    ("client-key-is-another-clients", {"client_key": ("sk-test-key-0123456789", 0o600)},
+     ["group_data/fleet.py (every host): key 'stack_client_keys[alice]' = '{tmp}/alice.key': "
+      "expected a key of its own; stack_api_key_file holds the same key"]),
+    ("tls-key-not-the-certificates", {"tls": "mismatch"},
+     ["group_data/fleet.py (every host): key 'stack_gateway_tls_key_file' = '{tmp}/tls/other.key': "
+      "expected the private key of the certificate in {tmp}/tls/gateway.pem (its first "
+      "certificate, CN=gateway.test.lab); this key belongs to another"]),
+    ("tls-certificate-expired", {"tls": "expired"},
+     ["group_data/fleet.py (every host): key 'stack_gateway_tls_cert_file' = '{tmp}/tls/gateway.pem': "
+      "expected a certificate valid now; CN=gateway.test.lab expired 2020-01-31 00:00 UTC"]),
     ("replicas-over-hosts", {"models": [model(replicas=4)]},
      ["models[0].replicas = 4: expected at most one replica per host of its groups (gpu_nodes: "
       "3 host(s) that stay in the Swarm)"]),
@@ -270,11 +291,37 @@ CASES = [
 ]
 
 
+def tls_files(directory: Path, kind: str) -> str:
+    """A certificate and key as the case wants them (the lab CA's tools), as group data lines."""
+    import datetime as dt
+
+    from scripts.lab import tls
+
+    directory.mkdir()
+    ca_key, ca_cert = tls.make_ca()
+    key = tls.new_key()
+    start = (dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc) if kind == "expired"
+             else ca_cert.not_valid_before_utc)
+    paths = tls.write_pair(directory, "gateway", tls.issue(ca_key, ca_cert, "gateway.test.lab", key,
+                                                             start, 30), key)
+    if kind == "mismatch":
+        paths["key"] = tls.write_pair(directory, "other", ca_cert, tls.new_key())["key"]
+    return (f"stack_gateway_tls_cert_file = {paths['cert']!r}\n"
+            f"stack_gateway_tls_key_file = {paths['key']!r}\n")
+
+
 def prepare(fleet, case: dict) -> tuple[Path, list[str]]:
     tmp = fleet.tmp
     group = case.get("group", "")
     if "mode" in case:
         (tmp / "api-key").write_text("sk-test-key\n")
+    if "client_key" in case:
+        value, mode = case["client_key"]
+        (tmp / "alice.key").write_text(value + "\n")
+        (tmp / "alice.key").chmod(mode)
+        group += f"stack_client_keys = {{'alice': {str(tmp / 'alice.key')!r}}}\n"
+    if "tls" in case:
+        group += tls_files(tmp / "tls", case["tls"])
     if "token" in case:
         (tmp / "hf-token").write_text(case["token"])
         (tmp / "hf-token").chmod(0o600)

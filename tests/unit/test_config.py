@@ -195,11 +195,12 @@ def test_a_bad_model_entry_is_named_by_its_path(defaults, entry, expected):
 
 
 API_KEY_FILE = "/etc/gpufleet/api-key"
+ENGINE_KEY_FILE = "/etc/gpufleet/engine-key"
 
 
 def test_models_are_accepted_and_names_must_be_unique(defaults):
-    assert problems_for(defaults, models=[GOOD_MODEL], stack_api_key_file=API_KEY_FILE) == []
-    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL], stack_api_key_file=API_KEY_FILE)
+    assert problems_for(defaults, models=[GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE) == []
+    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE)
     assert lines == ["host gpu-01: key 'models' = " + repr([GOOD_MODEL, GOOD_MODEL])
                      + ": expected one entry per model name; llama appear more than once"]
 
@@ -242,7 +243,7 @@ def test_a_served_model_needs_an_api_key_file(defaults):
 )
 def test_served_models_must_not_clash(defaults, second, extra, expected):
     models = [GOOD_MODEL, {**GOOD_MODEL, **second}]
-    lines = problems_for(defaults, models=models, stack_api_key_file=API_KEY_FILE, **extra)
+    lines = problems_for(defaults, models=models, stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, **extra)
     if expected is None:  # the gateway's own port
         assert lines == ["host gpu-01: key 'stack_gateway_port' = 8080: expected a port that no "
                          "served model uses (models[].port)"]
@@ -260,7 +261,7 @@ def test_served_models_must_not_clash(defaults, second, extra, expected):
     ],
 )
 def test_bad_serving_fields_are_named_by_their_path(defaults, field, value, expected):
-    lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE)
+    lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE)
     assert len(lines) == 1 and lines[0].startswith(f"host gpu-01: key 'models[0].{field}' = {value!r}:"), lines
     assert expected in lines[0], lines
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "drift-check.yml"
 UNITS = REPO / "templates" / "systemd"
 SECRETS = {"GPUFLEET_SSH_PRIVATE_KEY", "GPUFLEET_SSH_KNOWN_HOSTS", "GPUFLEET_HF_TOKEN",
-           "GPUFLEET_API_KEY"}
+           "GPUFLEET_API_KEY", "GPUFLEET_ENGINE_KEY"}
 
 
 def workflow():
@@ -70,7 +70,7 @@ def test_the_workflow_runs_the_real_command_line_and_uploads_both_reports():
     assert args.inventory == "inventories/prod.py"
     assert (args.json, args.markdown) == ("drift.json", "drift.md")
     keys = {pair.partition("=")[0] for pair in args.data}
-    assert {"ssh_key", "ssh_known_hosts_file", "stack_api_key_file", "hf_token_file"} <= keys
+    assert {"ssh_key", "ssh_known_hosts_file", "stack_api_key_file", "stack_engine_key_file", "hf_token_file"} <= keys
     upload = next(s for s in steps() if str(s.get("uses", "")).startswith("actions/upload-artifact"))
     assert upload["if"] == "always()"
     assert upload["with"]["path"].split() == ["drift.json", "drift.md"]

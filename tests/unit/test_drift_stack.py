@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from pyinfra.context import ctx_host
 
-from operations import phase, sizing, stack
+from operations import gateway as gw, phase, sizing, stack
 from operations.config import validate_host_data
 from operations.inventory_data import load_group_data
 from operations.swarm import SwarmNodes
@@ -30,11 +30,15 @@ def settings(tmp_path, monkeypatch):
     key = tmp_path / "api-key"
     key.write_text("k" * 32 + "\n")
     key.chmod(0o600)
+    engine_key = tmp_path / "engine-key"
+    engine_key.write_text("e" * 32 + "\n")
+    engine_key.chmod(0o600)
     return validate_host_data("gpu-01", {
         **load_group_data()["all"],
         "models": [{"name": "tiny", "repo_id": "org/tiny",
                     "revision": "4eab0cd005a1f7148f5d417d86428a174a186129"}],
         "stack_api_key_file": str(key),
+        "stack_engine_key_file": str(engine_key),
     })
 
 
@@ -43,7 +47,7 @@ def running_as_rendered(settings):
     secrets = {kind: name for kind, (name, _) in stack.wanted_secrets(settings).items()}
     served = [spec for spec in settings.models if spec.serve]
     nodes = [sizing.Node.from_swarm(node) for node in NODES["nodes"]]
-    gateway = stack.render_gateway(served, nodes, stack.gateway_listen_port(settings))
+    gateway = gw.render_gateway(served, nodes, gw.gateway_listen_port(settings))
     text = stack.render_stack(settings, nodes, secrets, gateway)
     services = []
     for name, want in stack.wanted_services(settings.stack_name, text).items():

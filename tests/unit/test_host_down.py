@@ -8,7 +8,7 @@ import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.operation import OperationMeta
 
-from operations import node_wait, phase, sizing, stack
+from operations import gateway as gw, node_wait, phase, sizing, stack
 from tests.unit.test_stack import NODES, SECRETS, model, settings as stack_settings
 
 
@@ -188,8 +188,8 @@ def test_a_node_going_down_changes_nothing_the_stack_renders():
     settings = served_settings()
     served = [spec for spec in settings.models if spec.serve]
     down = with_down(NODES, 1)
-    assert stack.render_gateway(served, down, 8080) == stack.render_gateway(served, NODES, 8080)
-    gateway = stack.render_gateway(served, NODES, 8080)
+    assert gw.render_gateway(served, down, 8080) == gw.render_gateway(served, NODES, 8080)
+    gateway = gw.render_gateway(served, NODES, 8080)
     assert (stack.render_stack(settings, down, SECRETS, gateway)
             == stack.render_stack(settings, NODES, SECRETS, gateway))
 
@@ -199,8 +199,8 @@ def test_a_drained_node_leaves_the_gateway():
     served = [spec for spec in settings.models if spec.serve]
     drained = [sizing.Node(**{**n.__dict__, "available": False, "active": False})
                if i == 1 else n for i, n in enumerate(NODES)]
-    assert NODES[1].addr not in stack.render_gateway(served, drained, 8080)
-    assert NODES[1].addr in stack.render_gateway(served, NODES, 8080)
+    assert NODES[1].addr not in gw.render_gateway(served, drained, 8080)
+    assert NODES[1].addr in gw.render_gateway(served, NODES, 8080)
 
 
 def test_placement_counts_only_ready_nodes():

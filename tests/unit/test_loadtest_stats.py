@@ -181,10 +181,15 @@ def test_errors_are_recorded_not_raised():
 def _inventory(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
+    key_file.chmod(0o600)
+    engine_file = tmp_path / "engine-key"
+    engine_file.write_text("ek-load-test-engine-key")
+    engine_file.chmod(0o600)
     model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "c" * 40}
     inventory = tmp_path / "inv.py"
     inventory.write_text(f"gpu_nodes = [('node-1', {{'models': [{model!r}], "
-                         f"'stack_api_key_file': {str(key_file)!r}}})]\n"
+                         f"'stack_api_key_file': {str(key_file)!r}, "
+                         f"'stack_engine_key_file': {str(engine_file)!r}}})]\n"
                          "swarm_managers = ['node-1']\n")
     return inventory
 

@@ -2,6 +2,7 @@
 against a fake OpenAI-style server (httpx.MockTransport, and one real socket on 127.0.0.1),
 the table and the JSON report."""
 
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -19,7 +20,7 @@ MODEL = {"name": "tiny-llama", "repo_id": "lab/tiny-llama", "revision": "a" * 40
 
 
 def settings(**overrides):
-    data = {**inventory_data.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k",
+    data = {**inventory_data.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek",
             "stack_publish_mode": "host", **overrides}
     return config.validate_host_data("test", data)
 
@@ -37,7 +38,10 @@ def test_host_mode_targets_each_engine_task_and_each_gateway_task():
     by_name = {t.name: t for t in targets}
     assert sorted(by_name) == ["engine tiny-llama@node-2", "engine tiny-llama@node-3",
                                "gateway@node-1"]
-    assert by_name["engine tiny-llama@node-2"].url == "http://172.29.114.12:8000"
+    # An engine task: through the gateway, pinned to it; its own port is only probed (auth).
+    assert by_name["engine tiny-llama@node-2"].url == "http://172.29.114.11:8080"
+    assert by_name["engine tiny-llama@node-2"].headers == (("X-Gpufleet-Pin", "tiny-llama@node-2"),)
+    assert by_name["engine tiny-llama@node-2"].direct_url == "http://172.29.114.12:8000"
     assert by_name["engine tiny-llama@node-2"].models == ("tiny-llama",)
     assert by_name["gateway@node-1"].url == "http://172.29.114.11:8080"
     assert by_name["gateway@node-1"].kind == "gateway"
@@ -60,7 +64,8 @@ def test_served_name_port_and_service_key_come_from_the_configuration():
     targets, problems = sm.stack_targets(settings(models=[model]), stack)
     assert problems == []
     engine = next(t for t in targets if t.kind == "engine")
-    assert engine.url.endswith(":9001") and engine.models == ("qwen",)
+    assert engine.direct_url.endswith(":9001") and engine.models == ("qwen",)
+    assert dict(engine.headers)["X-Gpufleet-Pin"] == f"qwen@{engine.node}"
     assert next(t for t in targets if t.kind == "gateway").models == ("qwen",)
 
 
@@ -194,11 +199,29 @@ def test_no_token_fails_the_completion():
     assert outcome(results)["completion tiny-llama"] == "FAIL"
 
 
-def test_ollama_auth_is_not_applicable_not_a_pass():
+def test_an_engine_port_that_answers_without_a_key_fails_auth_even_ollama():
+    # Ollama has no key of its own: only the engine firewall keeps its port from answering.
     results = check(FakeEngine(enforce_key=False), tgt=target(engine="ollama"))
-    assert outcome(results)["auth"] == "n/a"
-    assert sm.SmokeReport(results).ok
+    assert outcome(results)["auth"] == "FAIL"
     assert results[0].detail.startswith("200")  # /api/version answered
+
+
+def test_an_engine_port_closed_to_this_machine_passes_auth():
+    pinned = dataclasses.replace(target(), url="http://10.0.0.1:8080",
+                                 headers=(("X-Gpufleet-Pin", "tiny-llama@node-2"),),
+                                 direct_url="http://10.0.0.2:8000")
+    engine = FakeEngine()
+
+    def server(request):
+        if request.url.port == 8000:  # the engine's own port: the firewall resets it
+            raise httpx.ConnectError("connection refused", request=request)
+        assert request.headers["x-gpufleet-pin"] == "tiny-llama@node-2"
+        return engine(request)
+
+    results = check(server, tgt=pinned)
+    assert outcome(results) == {"health": "pass", "models": "pass",
+                                "completion tiny-llama": "pass", "auth": "pass"}
+    assert results[-1].detail.startswith("closed to this machine")
 
 
 def test_an_engine_that_is_down_fails_health_naming_the_endpoint():

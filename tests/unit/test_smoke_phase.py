@@ -44,9 +44,14 @@ def pyinfra(tmp_path, engine_port, gateway_port, key, *extra):
     (tmp_path / "deploy.py").write_text(DEPLOY.format(repo=str(REPO)))
     key_file = tmp_path / "key"
     key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    engine_key = tmp_path / "engine-key"
+    engine_key.write_text("ek-phase-test-engine-key\n")
+    engine_key.chmod(0o600)
     data = {"models": [{"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "d" * 40,
                         "port": engine_port}],
-            "stack_api_key_file": str(key_file), "stack_publish_mode": "host",
+            "stack_api_key_file": str(key_file), "stack_engine_key_file": str(engine_key),
+            "stack_publish_mode": "host",
             "stack_gateway_port": gateway_port, "smoke_deadline_s": 1}
     env = {**os.environ, "SMOKE_STACK": json.dumps(stack(engine_port)),
            "SMOKE_DATA": json.dumps(data)}
@@ -63,7 +68,8 @@ def ports(*servers):
 def test_a_passing_smoke_changes_nothing_and_prints_the_table(tmp_path):
     with FakeOpenAI(key=KEY) as engine, FakeOpenAI(key=KEY) as gateway:
         result = pyinfra(tmp_path, *ports(engine, gateway), KEY)
-        assert engine.requests == 1 and gateway.requests == 1  # one completion each
+        # One completion for the gateway and one for the engine task, pinned through it.
+        assert engine.requests == 0 and gateway.requests == 2
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "smoke passed: 2 endpoint(s), 8 check(s) passed, 0 failed" in output

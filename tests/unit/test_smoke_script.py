@@ -23,8 +23,13 @@ REVISION = "b" * 40
 def inventory(tmp_path, key=KEY, **data):
     key_file = tmp_path / "api-key"
     key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    engine_key = tmp_path / "engine-key"
+    engine_key.write_text("ek-script-test-engine-key\n")
+    engine_key.chmod(0o600)
     host_data = {"models": [{"name": "tiny-llama", "repo_id": "lab/tiny", "revision": REVISION}],
-                 "stack_api_key_file": str(key_file), "stack_publish_mode": "host", **data}
+                 "stack_api_key_file": str(key_file), "stack_engine_key_file": str(engine_key),
+                 "stack_publish_mode": "host", **data}
     path = tmp_path / "inv.py"
     path.write_text(f"gpu_nodes = [('node-1', {host_data!r})]\nswarm_managers = ['node-1']\n")
     return path
@@ -94,17 +99,21 @@ def test_a_wrong_key_exits_1_naming_endpoint_and_check(servers, tmp_path, capsys
     assert "sk-wrong" not in out + err
 
 
-def test_an_engine_down_exits_1_naming_it(servers, tmp_path, capsys):
-    script, _, gateway_port = servers
-    with socket.socket() as sock:  # a port nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        down = sock.getsockname()[1]
-    code, out, err, report = run(script, tmp_path, capsys, engine_port=down,
-                                 gateway_port=gateway_port)
+def test_an_engine_down_exits_1_naming_it(servers, tmp_path, capsys, monkeypatch):
+    script, engine_port, _ = servers
+    # The engine task is reached through the gateway, which answers 503 for it while it is down.
+    with FakeOpenAI(key=KEY, dead_pins={"tiny-llama@node-1"}) as gateway:
+        gateway_port = int(gateway.url.rsplit(":", 1)[1])
+        stack = stack_for(engine_port, gateway_port)
+        monkeypatch.setattr(fleet_access.Fleet, "read_from_manager",
+                            lambda self, fact, **kw: ("node-1", stack))
+        code, out, err, report = run(script, tmp_path, capsys, engine_port=engine_port,
+                                     gateway_port=gateway_port)
     assert code == 1
     (line,) = err.strip().splitlines()
     assert line.startswith(
-        f"smoke failed: engine tiny-llama@node-1 (http://127.0.0.1:{down}): health failed")
+        f"smoke failed: engine tiny-llama@node-1 (http://127.0.0.1:{gateway_port}): health failed")
+    assert "HTTP 503" in line
 
 
 def test_a_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from operations import stack
+from operations import gateway as gw, stack
 from operations.config import validate_host_data
 from operations.inventory_data import load_group_data
 from operations.sizing import GIB, Node
@@ -14,12 +14,13 @@ from operations.sizing import GIB, Node
 REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"
 NODES = [Node(f"gpu-{i:02d}", 8, "NVIDIA H100 80GB HBM3", 81559, 2048 * GIB, addr=f"10.20.0.{10 + i}")
          for i in (1, 2, 3)]
-SECRETS = {"api_key": "gpufleet_api_key_111111111111",
-           "gateway_auth": "gpufleet_gateway_auth_222222222222"}
+SECRETS = {"engine_key": "gpufleet_engine_key_111111111111",
+           "gateway_clients": "gpufleet_gateway_clients_222222222222",
+           "gateway_engine_auth": "gpufleet_gateway_engine_auth_444444444444"}
 
 
 def settings(models, **overrides):
-    data = {**load_group_data()["all"], "models": models, "stack_api_key_file": "/etc/k", **overrides}
+    data = {**load_group_data()["all"], "models": models, "stack_api_key_file": "/etc/k", "stack_engine_key_file": "/etc/ek", **overrides}
     return validate_host_data("gpu-01", data)
 
 
@@ -30,7 +31,7 @@ def model(name, **fields):
 def render(models, secrets=SECRETS, **overrides):
     s = settings(models, **overrides)
     served = [m for m in s.models if m.serve]
-    gateway = stack.render_gateway(served, NODES, stack.gateway_listen_port(s))
+    gateway = gw.render_gateway(served, NODES, gw.gateway_listen_port(s))
     text = stack.render_stack(s, NODES, secrets, gateway)
     return yaml.safe_load(text), text, gateway
 
@@ -54,12 +55,13 @@ def test_vllm_service_has_the_engine_arguments_weights_shm_gpus_and_secrets():
     assert {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": 3 * GIB}} in svc["volumes"]
     reservations = svc["deploy"]["resources"]["reservations"]["generic_resources"]
     assert reservations == [{"discrete_resource_spec": {"kind": "NVIDIA-GPU", "value": 2}}]
-    assert svc["secrets"] == [{"source": "api_key", "target": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
+    # The engines' internal key (no client holds it): operations/gateway_access.py.
+    assert svc["secrets"] == [{"source": "engine_key", "target": "engine_key", "uid": "0", "gid": "0", "mode": 0o400}]
     assert svc["healthcheck"]["start_period"] == "1200s"
     assert svc["stop_grace_period"] == "300s"  # time to finish in-flight requests after SIGTERM
     assert svc["deploy"]["update_config"]["failure_action"] == "rollback"
     # The key is read from the secret file inside the container, never from the stack file.
-    assert "cat /run/secrets/api_key" in svc["entrypoint"][2]
+    assert "cat /run/secrets/engine_key" in svc["entrypoint"][2]
     assert "VLLM_API_KEY=" not in json.dumps(svc["environment"])
 
 
@@ -73,7 +75,7 @@ def test_a_model_sets_how_long_its_replicas_may_drain():
 def test_dollars_are_escaped_for_the_stack_deploy_interpolation():
     doc, _, _ = render([model("m", engine_args=["--chat-template=$HOME/x"])])
     svc = doc["services"]["m"]
-    assert '"$$(cat /run/secrets/api_key)"' in svc["entrypoint"][2]
+    assert '"$$(cat /run/secrets/engine_key)"' in svc["entrypoint"][2]
     assert svc["command"][-1] == "--chat-template=$$HOME/x"
 
 
@@ -99,9 +101,9 @@ def test_other_engines_render_with_their_own_cli_and_health(engine, first_args, 
         assert svc["environment"]["OLLAMA_NOPRUNE"] == "1"
         assert {"type": "bind", "source": "/opt/models/.ollama/m", "target": "/models/m",
                 "read_only": True} in svc["volumes"]
-        assert "api_key" not in svc["entrypoint"][2]  # the gateway enforces the key
+        assert "engine_key" not in svc["entrypoint"][2]  # no key of its own: firewall + gateway
     else:
-        assert 'API_KEY="$$(cat /run/secrets/api_key)"' in svc["entrypoint"][2]
+        assert 'API_KEY="$$(cat /run/secrets/engine_key)"' in svc["entrypoint"][2]
 
 
 def test_several_models_each_get_a_service_and_a_gateway_route():
@@ -141,8 +143,8 @@ def test_secrets_are_named_by_content_and_rotation_changes_every_spec():
     assert stack.secret_name("gpufleet", "api_key", "k1") != stack.secret_name("gpufleet", "api_key", "k2")
     assert "k1" not in stack.secret_name("gpufleet", "api_key", "k1")
     doc1, _, _ = render([model("m")])
-    doc2, _, _ = render([model("m")], secrets={**SECRETS, "api_key": "gpufleet_api_key_333333333333"})
-    assert doc2["secrets"]["api_key"]["name"] == "gpufleet_api_key_333333333333"
+    doc2, _, _ = render([model("m")], secrets={**SECRETS, "engine_key": "gpufleet_engine_key_333333333333"})
+    assert doc2["secrets"]["engine_key"]["name"] == "gpufleet_engine_key_333333333333"
     for key in ("m", "gateway"):
         assert doc1["services"][key]["deploy"]["labels"]["gpufleet.spec"] != \
             doc2["services"][key]["deploy"]["labels"]["gpufleet.spec"]

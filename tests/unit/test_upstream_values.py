@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import docker_packages, engines, nvidia, nvidia_repos, ollama_store, stack
+from operations import docker_packages, engines, gateway as gw, nvidia, nvidia_repos, ollama_store, stack
 from operations.config import ConfigError
 from tests.unit.test_stack import NODES, model, settings
 
@@ -115,7 +115,7 @@ def test_the_import_hard_links_then_checks_then_moves_into_place():
 def test_each_backend_is_checked_on_a_route_its_engine_has():
     _, specs = served(model("a", port=8001), model("b", engine="tgi", port=8002),
                       model("c", engine="ollama", gguf_file="c.gguf", port=8003))
-    gateway = stack.render_gateway(specs, NODES, 8080)
+    gateway = gw.render_gateway(specs, NODES, 8080)
     backends = {block.split("\n", 1)[0]: block for block in gateway.split("\nbackend ")[1:]}
     assert "http-check send meth GET uri /health" in backends["be_a"]
     assert "http-check send meth GET uri /health" in backends["be_b"]
@@ -128,7 +128,7 @@ def test_each_backend_is_checked_on_a_route_its_engine_has():
 
 def test_several_models_route_on_the_json_model_of_a_body_read_whole():
     _, specs = served(model("a", port=8001), model("b", port=8002))
-    gateway = stack.render_gateway(specs, NODES, 8080, max_body_bytes=1024 * 1024)
+    gateway = gw.render_gateway(specs, NODES, 8080, max_body_bytes=1024 * 1024)
     assert "tune.bufsize 1065984" in gateway  # 1 MiB + headers room: the whole body fits
     assert "option http-buffer-request" in gateway
     assert "req.body,json_query('$.model')" in gateway
@@ -139,7 +139,7 @@ def test_several_models_route_on_the_json_model_of_a_body_read_whole():
 
 def test_one_model_reads_no_body():
     _, specs = served(model("a"))
-    gateway = stack.render_gateway(specs, NODES, 8080)
+    gateway = gw.render_gateway(specs, NODES, 8080)
     assert "http-buffer-request" not in gateway and "tune.bufsize" not in gateway
     assert "default_backend be_a" in gateway
 

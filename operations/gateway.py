@@ -1,0 +1,118 @@
+"""The gateway's HAProxy configuration, rendered from the served models, the Swarm's nodes and
+the gateway's access settings (operations/gateway_access.py): routes by model, checks each
+engine task's health, maps a client's key to its name, limits rates, speaks TLS, and lets the
+operator's own tools reach one engine task by name (pinning). Pure: the stack phase ships the
+result as a Swarm config named by its content hash.
+
+What a request meets, in order (templates/haproxy.cfg.j2):
+1. TLS (when configured); the gateway's own /health, open to anyone (a load balancer's probe);
+2. the client: the key after "Bearer " looked up in the gateway_clients map; none or unknown on
+   /v1/: 401. A rate-limited client over its requests per minute: 429;
+3. X-Gpufleet-Pin "<served name>@<node>", the operator's alone (403 for any other client): that
+   engine task, no retry elsewhere, its answer marked X-Gpufleet-Server;
+4. /v1/models answered by the gateway; otherwise the model's backend (by "model" in the body when
+   several are served), where the client's Authorization is replaced by the internal key.
+
+    text = render_gateway(served, nodes, listen_port=8080, access=GatewayAccess(tls=True))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from operations import engines, sizing
+from operations.gateway_access import OPERATOR_CLIENT, PIN_HEADER, SERVER_HEADER
+
+# The gateway's ports inside its container when Swarm's routing mesh publishes them
+# (unprivileged: HAProxy's image runs as a non-root user); on the host network it listens on
+# stack_gateway_port (and stack_gateway_http_redirect_port) itself.
+GATEWAY_CONTAINER_PORT = 8080
+REDIRECT_CONTAINER_PORT = 8081
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # group_data: stack_gateway_max_body_kb = 1024
+# Room in HAProxy's request buffer beside the body: the request line and headers (16 KiB, as
+# HAProxy's own default buffer) and tune.maxrewrite's reserve (1 KiB by default).
+GATEWAY_HEADER_ROOM = 16384 + 1024
+
+
+@dataclass(frozen=True)
+class GatewayAccess:
+    """What the gateway enforces beyond routing (from settings: access_for)."""
+
+    tls: bool = False
+    # Where plain HTTP is redirected from (the listening port) and to (the clients' HTTPS port).
+    redirect_listen_port: int | None = None
+    public_port: int = 8080
+    rate_limits: dict[str, int] = field(default_factory=dict)
+
+
+def access_for(settings) -> GatewayAccess:
+    host_mode = settings.stack_publish_mode == "host"
+    redirect = settings.stack_gateway_http_redirect_port
+    return GatewayAccess(
+        tls=bool(settings.stack_gateway_tls_cert_file),
+        redirect_listen_port=(redirect if host_mode else REDIRECT_CONTAINER_PORT) if redirect else None,
+        public_port=settings.stack_gateway_port,
+        rate_limits=dict(sorted(settings.stack_client_rate_limits.items())),
+    )
+
+
+def gateway_bufsize(max_body_bytes: int) -> int:
+    """tune.bufsize that holds a whole body of max_body_bytes with its headers: HAProxy sees at
+    most one buffer of a request (http-buffer-request waits for the body up to that size)."""
+    return max_body_bytes + GATEWAY_HEADER_ROOM
+
+
+def gateway_listen_port(settings) -> int:
+    return settings.stack_gateway_port if settings.stack_publish_mode == "host" else GATEWAY_CONTAINER_PORT
+
+
+def backend_id(model_name: str) -> str:
+    """HAProxy's name of a model's backend (letters, digits, _)."""
+    return "".join(c if c.isalnum() else "_" for c in model_name.lower()).strip("_") or "model"
+
+
+def pin_value(served_name: str, hostname: str) -> str:
+    """What the operator's tools send in X-Gpufleet-Pin to reach one engine task."""
+    return f"{served_name}@{hostname}"
+
+
+def _error_json(message: str, kind: str, code: int) -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}},
+                      separators=(",", ":"))
+
+
+def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
+                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                   access: GatewayAccess = GatewayAccess()) -> str:
+    """The HAProxy configuration: routes by model to every node that may run it, down ones too
+    (a node without a healthy task fails the health check), maps keys to clients, lists the
+    models. With more than one model, requests are routed on the "model" of their JSON body,
+    read whole (up to max_body_bytes; a larger one is refused with 413, never misrouted)."""
+    from operations.stack import TEMPLATES, _env
+
+    backends = []
+    for spec in served:
+        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
+                                         include_down=True)
+        bid = backend_id(spec.name)
+        servers = [{"name": node.hostname, "addr": node.addr,
+                    "pin": pin_value(spec.served_name, node.hostname), "pin_backend": f"pin_{bid}_{i}"}
+                   for i, node in enumerate(sorted(eligible, key=lambda n: n.hostname)) if node.addr]
+        backends.append({
+            "id": bid, "port": spec.port, "servers": servers,
+            "names": engines.request_names(spec),
+            "check": engines.gateway_check(spec),
+        })
+    models = {"object": "list", "data": [
+        {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
+    return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
+        backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
+        bufsize=gateway_bufsize(max_body_bytes), access=access, operator=OPERATOR_CLIENT,
+        pin_header=PIN_HEADER.lower(), server_header=SERVER_HEADER,
+        too_large_json=_error_json(
+            f"request body over {max_body_bytes} bytes, the most this gateway reads to route on "
+            "\"model\" (stack_gateway_max_body_kb)", "BadRequestError", 413),
+        too_many_json=_error_json("too many requests from this client (stack_client_rate_limits)",
+                                  "RateLimitError", 429),
+        models_json=json.dumps(models, separators=(",", ":")))
