@@ -14,6 +14,12 @@ What a request meets, in order (templates/haproxy.cfg.j2):
    several are served), where the client's Authorization is replaced by the internal key.
 
     text = render_gateway(served, nodes, listen_port=8080, access=GatewayAccess(tls=True))
+
+Rolling the gateway refuses no connection: on the host network a new gateway task starts beside
+the old one (start-first) and binds the same port (HAProxy sets SO_REUSEPORT); the old one then
+stops gracefully (SIGUSR1: it stops listening, finishes what it has). Connections the kernel had
+queued on the old listener are moved to the new one by net.ipv4.tcp_migrate_req (Linux 5.14+),
+which `gateway_handover` sets on every manager.
 """
 
 from __future__ import annotations
@@ -21,8 +27,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.server import Sysctl
+from pyinfra.operations import server
+
 from operations import engines, sizing
 from operations.gateway_access import OPERATOR_CLIENT, PIN_HEADER, SERVER_HEADER
+
+HANDOVER_SYSCTL = "net.ipv4.tcp_migrate_req"
+HANDOVER_FILE = "/etc/sysctl.d/60-gpufleet-gateway.conf"
 
 # The gateway's ports inside its container when Swarm's routing mesh publishes them
 # (unprivileged: HAProxy's image runs as a non-root user); on the host network it listens on
@@ -116,3 +130,24 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
         too_many_json=_error_json("too many requests from this client (stack_client_rate_limits)",
                                   "RateLimitError", 429),
         models_json=json.dumps(models, separators=(",", ":")))
+
+
+@operation()
+def gateway_handover():
+    """
+    Let a new gateway task take over the old one's queued connections (a manager setting):
+    net.ipv4.tcp_migrate_req = 1, now and at boot. A kernel without it (before 5.14) is said
+    and left alone: a roll may then reset a connection caught in the old task's accept queue.
+
+    **Example:**
+
+    .. code:: python
+
+        gateway_handover(name="Gateway hand-over between tasks")
+    """
+    if host.get_fact(Sysctl, keys=[HANDOVER_SYSCTL]).get(HANDOVER_SYSCTL) is None:
+        host.noop(f"this kernel has no {HANDOVER_SYSCTL} (Linux 5.14+): a gateway roll may reset "
+                  "connections queued on the old task")
+        return
+    yield from server.sysctl._inner(key=HANDOVER_SYSCTL, value=1, persist=True,
+                                    persist_file=HANDOVER_FILE)

@@ -168,21 +168,30 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
         "publish_mode": settings.stack_publish_mode,
         "endpoint_mode": "dnsrr" if host_mode else "vip",
         "uid": str(settings.stack_secret_uids.get("gateway", 99)),
-        # A host-mode port is held by the running task: its replacement can only start after.
-        "update_order": "stop-first" if host_mode else "start-first",
+        # Start-first in both modes: on the host network the new task binds the same port beside
+        # the old one (SO_REUSEPORT), which then stops gracefully (operations/gateway.py).
+        "update_order": "start-first",
         "config_name": f"{settings.stack_name}_haproxy_{content_hash(gateway_config)}",
         "config_file": posixpath.join(STACK_DIR, f"{settings.stack_name}.haproxy.cfg"),
         "service_labels": {LABEL_ROLE: "gateway"},
     }
     engines = plan_engines(settings, nodes, secrets)
-    shared = {"secrets": secrets, "monitor_s": settings.stack_update_monitor_s}
     for service in [*engines, front]:
+        # The versions of the secrets this service mounts, not all of them: a client's key
+        # rotated rolls the gateway alone, never the engines.
+        used = {kind: secrets[kind] for kind in secret_kinds(service)}
+        shared = {"secrets": used, "monitor_s": settings.stack_update_monitor_s}
         service["service_labels"][LABEL_SPEC] = content_hash(
             json.dumps({**service, **shared}, sort_keys=True))
     return _env(TEMPLATES).get_template("stack.yml.j2").render(
         engines=engines, gateway=front, monitor_s=settings.stack_update_monitor_s,
         secrets=[{"source": kind, "name": name} for kind, name in sorted(secrets.items())],
     )
+
+
+def secret_kinds(service: dict[str, Any]) -> list[str]:
+    """The secrets (by kind) a planned service mounts: an engine's are dicts, the gateway's names."""
+    return sorted(ref["source"] if isinstance(ref, dict) else ref for ref in service["secrets"])
 
 
 _VALID_SERVICE_KEYS = {
@@ -694,8 +703,12 @@ def stack(settings) -> PhaseResult:
                             manager=managers[0].name if managers else "a swarm_managers host")
         return PhaseResult([op])
     via = None if host.name == acting.name else acting.name
-    op = stack_deploy(name="Deploy the inference stack", settings=settings, manager=via)
-    return PhaseResult([op])
+    ops = []
+    if host in managers:  # the gateway runs on every manager
+        ops.append(gateway.gateway_handover(name="Gateway hand-over between tasks "
+                                                 f"({gateway.HANDOVER_SYSCTL})"))
+    ops.append(stack_deploy(name="Deploy the inference stack", settings=settings, manager=via))
+    return PhaseResult(ops)
 
 
 @operation()

@@ -130,24 +130,33 @@ def test_publish_modes():
     doc, _, gateway = render([model("m")], stack_publish_mode="host")
     gw = doc["services"]["gateway"]
     assert gw["networks"] == ["hostnet"] and "ports" not in gw and "bind :8080" in gateway
-    assert gw["deploy"]["endpoint_mode"] == "dnsrr" and gw["deploy"]["update_config"]["order"] == "stop-first"
+    # Start-first on the host network too: the new task binds beside the old (SO_REUSEPORT).
+    assert gw["deploy"]["endpoint_mode"] == "dnsrr" and gw["deploy"]["update_config"]["order"] == "start-first"
     doc, _, gateway = render([model("m")], stack_publish_mode="ingress", stack_gateway_port=443)
     gw = doc["services"]["gateway"]
     assert gw["ports"] == [{"target": 8080, "published": 443, "protocol": "tcp", "mode": "ingress"}]
+    assert gw["secrets"][0]["source"] == "gateway_clients" and "gateway_tls" not in doc["secrets"]
     assert gw["deploy"]["endpoint_mode"] == "vip" and "bind :8080" in gateway
     assert doc["networks"]["gateway"] == {"driver": "overlay"}
 
 
-def test_secrets_are_named_by_content_and_rotation_changes_every_spec():
+def test_secrets_are_named_by_content_and_rotation_changes_the_specs_that_use_them():
     assert stack.secret_name("gpufleet", "api_key", "k1") == stack.secret_name("gpufleet", "api_key", "k1")
     assert stack.secret_name("gpufleet", "api_key", "k1") != stack.secret_name("gpufleet", "api_key", "k2")
     assert "k1" not in stack.secret_name("gpufleet", "api_key", "k1")
     doc1, _, _ = render([model("m")])
-    doc2, _, _ = render([model("m")], secrets={**SECRETS, "engine_key": "gpufleet_engine_key_333333333333"})
+    doc2, _, _ = render([model("m")], secrets={**SECRETS, "engine_key": "gpufleet_engine_key_333333333333",
+                                               "gateway_engine_auth": "gpufleet_gateway_engine_auth_5"})
     assert doc2["secrets"]["engine_key"]["name"] == "gpufleet_engine_key_333333333333"
-    for key in ("m", "gateway"):
-        assert doc1["services"][key]["deploy"]["labels"]["gpufleet.spec"] != \
-            doc2["services"][key]["deploy"]["labels"]["gpufleet.spec"]
+
+    def spec(doc, key):
+        return doc["services"][key]["deploy"]["labels"]["gpufleet.spec"]
+
+    # The internal key rotated: engines and gateway both roll onto it.
+    assert spec(doc1, "m") != spec(doc2, "m") and spec(doc1, "gateway") != spec(doc2, "gateway")
+    # A client's key rotated (the gateway's client map): the gateway alone.
+    doc3, _, _ = render([model("m")], secrets={**SECRETS, "gateway_clients": "gpufleet_gateway_clients_9"})
+    assert spec(doc1, "m") == spec(doc3, "m") and spec(doc1, "gateway") != spec(doc3, "gateway")
 
 
 def test_rendering_is_stable():
