@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import stat
 from pathlib import Path
 
 from operations import rules
@@ -84,23 +83,6 @@ def engine_auth_map(engine_key: str) -> str:
 # --- The checks the inventory runs before any host is touched -----------------------------------
 
 
-def private_file_problem(path: str) -> str | None:
-    """A file on the control machine: there, a regular file, readable, and 0600/0400 (a TLS
-    private key: several lines, which secret_file_problem refuses for one-line secrets)."""
-    target = Path(os.path.expanduser(path))
-    try:
-        info = target.stat()
-        target.read_bytes()
-    except OSError as error:
-        return f"a readable file on the control machine ({error.strerror})"
-    if not stat.S_ISREG(info.st_mode):
-        return "a regular file on the control machine (this is not one)"
-    if info.st_mode & 0o077:
-        return (f"a private file (mode 0600 or 0400; this one is {stat.S_IMODE(info.st_mode):04o}): "
-                f"chmod 600 {path}")
-    return None
-
-
 def load_certificates(path: str):
     """The PEM certificates of a file, in order; ValueError with what is wrong."""
     from cryptography import x509
@@ -121,7 +103,12 @@ def tls_problems(cert_path: str, key_path: str, now: dt.datetime | None = None) 
     would refuse: unreadable, not PEM, key not private, not a pair, not valid now."""
     from cryptography.hazmat.primitives import serialization
 
-    problem = private_file_problem(key_path)
+    problem = rules.private_file_problem(key_path)
+    if problem is None:
+        try:
+            Path(os.path.expanduser(key_path)).read_bytes()
+        except OSError as error:
+            problem = f"a file this user can read on the control machine ({error.strerror})"
     if problem:
         return [("stack_gateway_tls_key_file", problem)]
     try:

@@ -162,8 +162,31 @@ def parse_data(items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], list
         if not sep or not key:
             problems.append(f"--data {item!r}: expected KEY=VALUE, e.g. --data nvidia_allow_reboot=true")
             continue
+        repeated = repeated_json_keys(text)
+        if repeated:
+            problems.append(f"--data {key}: key(s) {', '.join(repeated)} given more than once in "
+                            "one JSON object: expected each once (JSON keeps only the last, "
+                            "silently)")
+            continue
         data[key] = parse_cli_value(text)
     return data, problems
+
+
+def repeated_json_keys(text: str) -> list[str]:
+    """Keys that appear twice in one object of a JSON value (`{"alice": "/a", "alice": "/b"}`:
+    two clients of one name), which json.loads would merge without a word."""
+    repeated: list[str] = []
+
+    def pairs(items):
+        names = [name for name, _ in items]
+        repeated.extend(sorted({repr(n) for n in names if names.count(n) > 1}))
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except ValueError:
+        return []
+    return repeated
 
 
 _OVERRIDES: ContextVar[list[str] | None] = ContextVar("gpufleet_overrides", default=None)

@@ -174,9 +174,10 @@ def daemon_config_problem(config: dict[str, Any], data_root: str) -> str | None:
 
 # --- Files on the control machine -------------------------------------------------------------
 
-def secret_file_problem(path: str) -> str | None:
-    """A file holding a secret on the control machine: there, readable, not empty, and private
-    (no group or other permission bits: 0600 or 0400)."""
+def private_file_problem(path: str) -> str | None:
+    """A file on the control machine: there, a regular file, and private (no group or other
+    permission bits: 0600 or 0400). A TLS private key is checked with this alone (several
+    lines); a one-line secret with secret_file_problem."""
     target = Path(os.path.expanduser(path))
     try:
         info = target.stat()
@@ -187,6 +188,16 @@ def secret_file_problem(path: str) -> str | None:
     if info.st_mode & 0o077:
         return (f"a private file (mode 0600 or 0400; this one is {stat.S_IMODE(info.st_mode):04o}): "
                 f"chmod 600 {path}")
+    return None
+
+
+def secret_file_problem(path: str) -> str | None:
+    """A file holding a secret on the control machine: private (private_file_problem),
+    readable, not empty, one line."""
+    problem = private_file_problem(path)
+    if problem:
+        return problem
+    target = Path(os.path.expanduser(path))
     try:
         value = target.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:

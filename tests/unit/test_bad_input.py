@@ -261,6 +261,9 @@ CASES = [
     ("tls-certificate-expired", {"tls": "expired"},
      ["group_data/fleet.py (every host): key 'stack_gateway_tls_cert_file' = '{tmp}/tls/gateway.pem': "
       "expected a certificate valid now; CN=gateway.test.lab expired 2020-01-31 00:00 UTC"]),
+    ("client-named-twice", {"data": ['stack_client_keys={"alice": "/a", "alice": "/b"}']},
+     ["--data stack_client_keys: key(s) 'alice' given more than once in one JSON object: "
+      "expected each once (JSON keeps only the last, silently)"]),
     ("replicas-over-hosts", {"models": [model(replicas=4)]},
      ["models[0].replicas = 4: expected at most one replica per host of its groups (gpu_nodes: "
       "3 host(s) that stay in the Swarm)"]),
