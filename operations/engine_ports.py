@@ -29,7 +29,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, deploy, operation
 from pyinfra.operations import files
 
-from operations.phase import PhaseResult, fail_host, other_host_fact
+from operations.phase import PhaseResult, explain, fail_host, other_host_fact, unreachable
 from operations.swarm import SwarmInfo, _inventory_hosts, advertise_address
 
 CHAIN = "GPUFLEET-ENGINES"
@@ -174,15 +174,24 @@ def engine_firewall(ports: list[int], sources: list[str]):
     changed = False
     for path, text, mode in ((SCRIPT_PATH, SCRIPT, "0755"), (UNIT_PATH, UNIT_TEXT, "0644"),
                              (RULES_PATH, rules_file(ports, sources), "0644")):
+        said = False
         for command in files.put._inner(src=StringIO(text), dest=path, mode=mode):
+            if not said:
+                said = True
+                explain(f"engine ports: {path} differs from the rendered file")
             changed = True
             yield command
     if changed:
         yield StringCommand("systemctl daemon-reload")
     enabled = live["enabled"]
     if not enabled:
+        explain(f"engine ports: {UNIT} is not enabled (the chain would be gone after a reboot)")
         yield StringCommand("systemctl enable", UNIT)
-    if changed or live["rules"] != chain_rules(ports, sources) or not live["jump"]:
+    live_differs = live["rules"] != chain_rules(ports, sources) or not live["jump"]
+    if live_differs:
+        explain(f"engine ports: the live {CHAIN} chain is not the rendered one"
+                + ("" if live["jump"] else " (INPUT does not jump to it)"))
+    if changed or live_differs:
         yield StringCommand("systemctl restart", UNIT)
     elif enabled:
         host.noop(f"{CHAIN} admits {len(normalised(sources))} source(s) to port(s) "
@@ -227,10 +236,12 @@ def gateway_sources(settings, managers) -> list[str]:
     for other in managers:
         if other.data.get("swarm_retire"):
             continue
-        try:
-            info = other_host_fact(other, SwarmInfo)
-        except Exception:  # unreachable now: what its inventory data says it advertises
-            info = {}
+        info = {}
+        if not unreachable(other):  # pyinfra could not connect: not tried again per host
+            try:
+                info = other_host_fact(other, SwarmInfo)
+            except Exception:  # unreachable now: what its inventory data says it advertises
+                info = {}
         address = info.get("node_addr") or advertise_address(
             other.data.get("swarm_advertise_address"), other.data.get("ssh_hostname"),
             info.get("primary_address"))

@@ -235,27 +235,30 @@ def check_auth(client: httpx.Client, target: Target) -> CheckResult:
     """Without a key, refused: the gateway answers 401 (/v1/models); an engine task's own port
     refuses the connection (engine firewall) or answers 401 (its internal key: vLLM's
     /v1/models, TGI's chat completions), and never serves (Ollama has no key: only the firewall
-    keeps it from answering)."""
+    keeps it from answering). An engine's result names its own port in the detail."""
     method, path = target.auth_probe
     url = target.direct_url or target.url
+    where = f"{url}: " if target.direct_url else ""
     start = time.monotonic()
+
+    def result(outcome: str, detail: str, latency: float | None = None) -> CheckResult:
+        return CheckResult(target.name, target.url, "auth", outcome, where + detail,
+                           _ms(start) if latency is None else latency)
+
     try:
         response = client.request(method, url + path, timeout=REQUEST_TIMEOUT_S,
                                   json={} if method == "POST" else None,
                                   extensions={} if target.direct_url else target.extensions)
     except httpx.ConnectError as error:
         if target.direct_url:
-            return CheckResult(target.name, url, "auth", PASS,
-                               f"closed to this machine ({_why(error)[:60]})", _ms(start))
-        return CheckResult(target.name, url, "auth", FAIL, _why(error), _ms(start))
+            return result(PASS, f"closed to this machine ({_why(error)[:60]})")
+        return result(FAIL, _why(error))
     except httpx.HTTPError as error:
-        return CheckResult(target.name, url, "auth", FAIL, _why(error), _ms(start))
-    latency = _ms(start)
+        return result(FAIL, _why(error))
     if response.status_code != 401:
-        return CheckResult(target.name, url, "auth", FAIL,
-                           f"HTTP {response.status_code} from {method} {path} without a key "
-                           "(expected 401, or the port closed to this machine)", latency)
-    return CheckResult(target.name, url, "auth", PASS, f"401 without a key ({path})", latency)
+        return result(FAIL, f"HTTP {response.status_code} from {method} {path} without a key "
+                            "(expected 401, or the port closed to this machine)")
+    return result(PASS, f"401 without a key ({path})")
 
 
 def check_target(client: httpx.Client, target: Target, key: str | None, deadline_s: float,

@@ -221,7 +221,8 @@ def test_an_engine_port_closed_to_this_machine_passes_auth():
     results = check(server, tgt=pinned)
     assert outcome(results) == {"health": "pass", "models": "pass",
                                 "completion tiny-llama": "pass", "auth": "pass"}
-    assert results[-1].detail.startswith("closed to this machine")
+    assert results[-1].detail.startswith("http://10.0.0.2:8000: closed to this machine")
+    assert results[-1].url == "http://10.0.0.1:8080"  # reported with the task's other checks
 
 
 def test_an_engine_that_is_down_fails_health_naming_the_endpoint():
