@@ -1,8 +1,9 @@
 """The gateway's HAProxy configuration, rendered from the served models, the Swarm's nodes and
 the gateway's access settings (operations/gateway_access.py): routes by model, checks each
 engine task's health, maps a client's key to its name, limits rates, speaks TLS, and lets the
-operator's own tools reach one engine task by name (pinning). Pure: the stack phase ships the
-result as a Swarm config named by its content hash.
+operator's own tools reach one engine task by name (pinning). The rendering is pure: the stack
+phase ships its result as a Swarm config named by its content hash. One operation lives here
+too, the manager setting the gateway's roll relies on (gateway_handover, below).
 
 What a request meets, in order (templates/haproxy.cfg.j2):
 1. TLS (when configured); the gateway's own /health, open to anyone (a load balancer's probe);

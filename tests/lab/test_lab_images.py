@@ -106,7 +106,7 @@ def engine(tmp_path_factory, files):
     port = free_port()
     name = f"{LAB}-engine-test-{os.getpid()}"
     # The key reaches the container through the environment, never the command line.
-    env = {**os.environ, "VLLM_API_KEY": ENGINE_KEY}
+    env = {**os.environ, "VLLM_API_KEY": KEY}
     try:
         docker("run", "-d", "--name", name, "--hostname", "engine-task-1",
                "--label", f"gpufleet.lab={LAB}", "--label", "gpufleet.role=engine-test",
