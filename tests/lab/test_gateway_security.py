@@ -80,11 +80,13 @@ def secured(lab):
         assert all(e.returncode == 0 for e in edits), [e.stderr for e in edits]
         deploy(lab)
         yield lab
-    finally:
-        lab.cli("tls", "off")
-        lab.cli("unset", "all", "stack_gateway_http_redirect_port", "stack_client_rate_limits",
-                "stack_client_keys")
+    finally:  # the redirect port first: without TLS it is refused
+        unset = lab.cli("unset", "all", "stack_gateway_http_redirect_port",
+                        "stack_client_rate_limits", "stack_client_keys")
+        off = lab.cli("tls", "off")
+        assert unset.returncode == 0 and off.returncode == 0, unset.stderr + off.stderr
         deploy(lab)
+        assert "stack_gateway_tls_cert_file" not in settings(lab)
 
 
 def test_https_passes_the_smoke_tests_verified_against_the_lab_ca(secured, tmp_path):
@@ -96,6 +98,21 @@ def test_https_passes_the_smoke_tests_verified_against_the_lab_ca(secured, tmp_p
     report = json.loads(out.read_text())
     assert report["ok"] and all(e["url"].startswith("https://") for e in report["endpoints"])
     assert changed_operations(secured) == []  # TLS on, a second run changes nothing
+
+
+def test_the_load_test_verifies_the_gateway_and_sends_through_it_and_pinned(secured, tmp_path):
+    for target in ("gateway", "engines"):
+        out = tmp_path / target
+        result = subprocess.run([sys.executable, "scripts/loadtest.py", "inventories/lab.py",
+                                 "--target", target, "--requests", "8", "--concurrency", "2",
+                                 "--max-tokens", "4", "--out", str(out)], cwd=REPO,
+                                env=secured.env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        run = json.loads((out / "summary.json").read_text())["summaries"]["load"]
+        assert run["requests"] == 8 and run["errors"] == 0, run
+        if target == "engines":  # one endpoint per engine task (pinned), named by it
+            assert all(name.startswith("engine tiny-llama@") for name in
+                       json.loads((out / "summary.json").read_text())["meta"]["endpoints"].split(", "))
 
 
 def test_plain_http_is_redirected_and_the_https_port_speaks_no_plain_http(secured):
@@ -128,7 +145,11 @@ def test_each_named_client_works_and_bob_is_held_to_his_rate(secured):
     assert statuses[:BOB_PER_MIN - 1] == [200] * (BOB_PER_MIN - 1), statuses
     assert statuses[-1] == 429 and 429 in statuses[BOB_PER_MIN - 1:BOB_PER_MIN + 1], statuses
     assert get(secured, "/v1/models", alice).status_code == 200  # alice is not limited
-    logs = secured.ssh(manager(secured)["name"], "sudo docker service logs --raw gpufleet_gateway 2>&1")
+    # The gateway container's own log on the manager (`docker service logs` can wait on tasks
+    # of other nodes).
+    logs = secured.ssh(manager(secured)["name"],
+                       "sudo timeout 60 docker logs $(sudo docker ps -q --filter "
+                       "label=com.docker.swarm.service.name=gpufleet_gateway | head -1) 2>&1")
     named = [line for line in logs.stdout.splitlines() if "client=alice" in line or "client=bob" in line]
     assert any("client=alice" in line for line in named), logs.stdout[-2000:]
     assert sum("client=bob" in line and " 429 " in line for line in named) >= 5, named[-10:]
