@@ -30,7 +30,7 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand, deploy, operat
 from pyinfra.operations import files
 
 from operations.phase import PhaseResult, explain, fail_host, other_host_fact, unreachable
-from operations.swarm import SwarmInfo, SwarmNodes, _inventory_hosts, advertise_address
+from operations.swarm import SwarmInfo, _inventory_hosts, advertise_address
 
 CHAIN = "GPUFLEET-ENGINES"
 RULES_PATH = "/etc/gpufleet/engine-ports.rules"
@@ -231,10 +231,9 @@ def engine_firewall_off():
 def gateway_sources(settings, managers) -> list[str]:
     """The addresses engine ports admit: each manager's Swarm address (the gateway runs there),
     then stack_engine_allowed_sources. A manager's address: docker info's NodeAddr once it is in
-    the Swarm, else the one it will advertise (operations/swarm.advertise_address). The Swarm's
-    managers of now are admitted too: a node being demoted in this run still runs a gateway task
-    until Swarm moves it (the run after drops its address)."""
-    sources = current_swarm_managers(managers)
+    the Swarm, else the one it will advertise (operations/swarm.advertise_address). The
+    inventory's managers only: a role change or a host joining changes nothing elsewhere."""
+    sources = []
     for other in managers:
         if other.data.get("swarm_retire"):
             continue
@@ -253,22 +252,6 @@ def gateway_sources(settings, managers) -> list[str]:
                              "address from swarm_advertise_address, ssh_hostname or its default route)")
         sources.append(address)
     return sources + list(settings.stack_engine_allowed_sources)
-
-
-def current_swarm_managers(managers) -> list[str]:
-    """The addresses of the Swarm's manager nodes, as the first inventory manager that answers
-    lists them; [] before there is a Swarm."""
-    for other in managers:
-        if unreachable(other):
-            continue
-        try:
-            listed = other_host_fact(other, SwarmNodes)
-        except Exception:  # unreachable now: the next manager may answer
-            continue
-        if not listed["error"]:
-            return [node["addr"] for node in listed["nodes"]
-                    if node["role"] == "manager" and _ip_only(node["addr"])]
-    return []
 
 
 def _ip_only(address: str | None) -> str | None:
