@@ -260,6 +260,7 @@ def stack_targets(settings, stack: dict[str, Any]) -> tuple[list[Target], list[C
                 headers=((PIN_HEADER, pin_value(spec.served_name, node["hostname"])),),
                 direct_url=f"http://{node['addr']}:{spec.port}",
                 server_name=settings.stack_gateway_tls_server_name,
+                task=task["name"], task_state=task["state"],
             ))
     return targets + gateways, problems
 

@@ -64,6 +64,11 @@ class Target:
     direct_url: str = ""
     # The name the gateway's certificate is verified for (SNI), when not the address dialled.
     server_name: str | None = None
+    # An engine target's Swarm task and the state the manager last reported for it: a failed
+    # health check on a task still "starting" says so (Swarm's replacement for a task that
+    # stopped may land on another node, and that is the one then named).
+    task: str = ""
+    task_state: str = ""
 
     def request_headers(self, key: str | None) -> dict[str, str]:
         return {**dict(self.headers), **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -161,7 +166,14 @@ def check_health(client: httpx.Client, target: Target, deadline_s: float,
         pause = min(pause * 2, BACKOFF_MAX_S)
     return CheckResult(target.name, target.url, "health", FAIL,
                        f"no 200 from {path} within {deadline_s:g}s after {attempt} attempt(s) "
-                       f"(last: {last})", latency)
+                       f"(last: {last}){_task_not_running(target)}", latency)
+
+
+def _task_not_running(target: Target) -> str:
+    """What a failed health check adds when the stack listed the task as not running yet."""
+    if target.task and target.task_state and target.task_state != "running":
+        return f"; task {target.task} was {target.task_state}"
+    return ""
 
 
 def check_models(client: httpx.Client, target: Target, key: str | None) -> CheckResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,22 @@ class Lab:
     def pyinfra(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(REPO / ".venv" / "bin" / "pyinfra"), *args], cwd=REPO,
                               env=self.env, capture_output=True, text=True, timeout=900)
+
+    def changed_operations(self) -> list[str]:
+        """Deploy the lab inventory; the names of the operations that changed something."""
+        result = self.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
+                if op.get("success") and op.get("changed")]
+
+    def status_from(self, node: str, address: str, port: int, request: str) -> str:
+        """The status line a raw HTTP request gets from lab host `node` to address:port (bash's
+        /dev/tcp: lab hosts have no curl), or the connection's error."""
+        script = (f"exec 3<>/dev/tcp/{address}/{port} || exit 7; printf '{request}' >&3; "
+                  "head -1 <&3")
+        result = self.ssh(node, f"timeout 10 bash -c {shlex.quote(script)}")
+        return (result.stdout.strip()
+                or f"no answer (rc {result.returncode}: {result.stderr.strip()[-120:]})")
 
     def reload(self) -> None:
         self.state = json.loads((REPO / ".lab" / self.name / "hosts.json").read_text())

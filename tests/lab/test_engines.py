@@ -14,7 +14,6 @@ back at the end, for the tests after it.
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -53,13 +52,6 @@ def set_models(lab, models):
     assert done.returncode == 0, done.stderr
 
 
-def changed_operations(lab) -> list[str]:
-    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
-            if op.get("success") and op.get("changed")]
-
-
 def api_key(lab) -> str:
     return Path(lab.state["settings"]["stack_api_key_file"]).read_text().strip()
 
@@ -96,7 +88,7 @@ def test_the_tgi_stand_in_refuses_a_flag_tgi_does_not_have():
 
 
 def test_one_model_per_engine_converges_and_the_next_run_changes_nothing(mixed):
-    assert changed_operations(mixed) == []
+    assert mixed.changed_operations() == []
     store = mixed.ssh(mixed.hosts[0]["name"], "sudo find /opt/models/.ollama -type f | sort")
     assert "manifests/registry.ollama.ai/library/tiny-ollama/latest" in store.stdout, store.stdout
     # The GGUF file is the store's model blob by hard link: one copy on disk.
@@ -140,15 +132,6 @@ def pinned_task(lab, served: str, probe: str, expect) -> tuple[dict, dict]:
     raise AssertionError(f"no node runs a task of {served}")
 
 
-def status_from(lab, node: str, address: str, port: int, request: str) -> str:
-    """The status line a raw HTTP request gets from lab host `node` to address:port (bash's
-    /dev/tcp: lab hosts have no curl), or the connection's error."""
-    script = (f"exec 3<>/dev/tcp/{address}/{port} || exit 7; printf '{request}' >&3; "
-              "head -1 <&3")
-    result = lab.ssh(node, f"timeout 10 bash -c {shlex.quote(script)}")
-    return result.stdout.strip() or f"no answer (rc {result.returncode}: {result.stderr.strip()[-120:]})"
-
-
 def test_each_engine_answers_its_own_routes_on_its_task(mixed):
     """Beside the OpenAI routes the smoke tests use: TGI's /info and /generate, Ollama's
     /api/tags and /api/chat, on each engine's task, pinned through the gateway (which sends the
@@ -164,9 +147,9 @@ def test_each_engine_answers_its_own_routes_on_its_task(mixed):
     request = (f"POST /generate HTTP/1.0\\r\\nContent-Type: application/json\\r\\n"
                f"Content-Length: {len(body)}\\r\\n\\r\\n{body}")
     manager = mixed.hosts[0]["name"]  # a gateway node: the firewall admits it, the key does not
-    assert " 401 " in status_from(mixed, manager, node["address"], 8001, request)
+    assert " 401 " in mixed.status_from(manager, node["address"], 8001, request)
     worker = next(h["name"] for h in mixed.hosts if h["name"] not in (manager, node["name"]))
-    assert "HTTP/" not in status_from(mixed, worker, node["address"], 8001, request)
+    assert "HTTP/" not in mixed.status_from(worker, node["address"], 8001, request)
     with pytest.raises(httpx.ConnectError):  # nor this machine
         httpx.get(f"http://{node['address']}:8001/info", timeout=5)
     _, pin = pinned_task(mixed, "tiny-ollama", "/", lambda r: r.text == "Ollama is running")
@@ -293,4 +276,4 @@ def test_a_host_with_nvidias_own_repository_files_converges(lab):
     assert "nvidia-container-toolkit.list" not in listed
     updated = lab.ssh(node, "sudo apt-get update 2>&1")
     assert updated.returncode == 0 and "Conflicting" not in updated.stdout, updated.stdout[-2000:]
-    assert changed_operations(lab) == []
+    assert lab.changed_operations() == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
 import ssl
 import subprocess
 import sys
@@ -39,13 +38,6 @@ def deploy(lab, *extra) -> subprocess.CompletedProcess:
     result = lab.pyinfra("-y", *extra, "inventories/lab.py", "deploy.py")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return result
-
-
-def changed_operations(lab) -> list[str]:
-    result = lab.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
-            if op.get("success") and op.get("changed")]
 
 
 def key(path: str) -> str:
@@ -97,7 +89,7 @@ def test_https_passes_the_smoke_tests_verified_against_the_lab_ca(secured, tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["ok"] and all(e["url"].startswith("https://") for e in report["endpoints"])
-    assert changed_operations(secured) == []  # TLS on, a second run changes nothing
+    assert secured.changed_operations() == []  # TLS on, a second run changes nothing
 
 
 def test_the_load_test_verifies_the_gateway_and_sends_through_it_and_pinned(secured, tmp_path):
@@ -229,12 +221,9 @@ def test_engine_ports_answer_only_gateway_nodes_and_only_with_the_internal_key(s
                         "--format '{{.Node}}'").stdout.split()
     task = next(h for h in secured.hosts if h["name"] in nodes)
     request = "GET /v1/models HTTP/1.0\\r\\n\\r\\n"
-    script = (f"exec 3<>/dev/tcp/{task['address']}/8000 || exit 7; printf '{request}' >&3; "
-              "head -1 <&3")
 
     def status_from(node: str) -> str:
-        result = secured.ssh(node, f"timeout 10 bash -c {shlex.quote(script)}")
-        return result.stdout.strip() or f"no answer (rc {result.returncode})"
+        return secured.status_from(node, task["address"], 8000, request)
 
     assert " 401 " in status_from(manager(secured)["name"])  # a gateway node, without the key
     others = [h["name"] for h in secured.hosts if h["name"] not in (manager(secured)["name"], task["name"])]

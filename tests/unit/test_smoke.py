@@ -43,6 +43,9 @@ def test_host_mode_targets_each_engine_task_and_each_gateway_task():
     assert by_name["engine tiny-llama@node-2"].headers == (("X-Gpufleet-Pin", "tiny-llama@node-2"),)
     assert by_name["engine tiny-llama@node-2"].direct_url == "http://172.29.114.12:8000"
     assert by_name["engine tiny-llama@node-2"].models == ("tiny-llama",)
+    # Each engine target knows its task and the state the manager reported for it.
+    assert (by_name["engine tiny-llama@node-3"].task,
+            by_name["engine tiny-llama@node-3"].task_state) == ("gpufleet_tiny-llama.2", "starting")
     assert by_name["gateway@node-1"].url == "http://172.29.114.11:8080"
     assert by_name["gateway@node-1"].kind == "gateway"
 
@@ -192,6 +195,16 @@ def test_health_gives_up_at_the_deadline_and_skips_the_rest():
     assert "within 0.2s" in results[0].detail and "HTTP 503" in results[0].detail
     assert {r.result for r in results[1:]} == {"skipped"}
     assert len(sm.SmokeReport(results).failures()) == 1
+
+
+def test_a_failed_health_check_says_when_the_task_was_not_running_yet():
+    # Swarm's replacement for a stopped task may start on another node: its failure says so.
+    starting = dataclasses.replace(target(), task="gpufleet_tiny-llama.1", task_state="starting")
+    results = check(FakeEngine(unhealthy_for=10**6), deadline=0.2, tgt=starting)
+    assert results[0].detail.endswith("; task gpufleet_tiny-llama.1 was starting")
+    running = dataclasses.replace(starting, task_state="running")
+    results = check(FakeEngine(unhealthy_for=10**6), deadline=0.2, tgt=running)
+    assert "task" not in results[0].detail
 
 
 def test_no_token_fails_the_completion():
