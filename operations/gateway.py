@@ -3,7 +3,8 @@ the gateway's access settings (operations/gateway_access.py): routes by model, c
 engine task's health, maps a client's key to its name, limits rates, speaks TLS, and lets the
 operator's own tools reach one engine task by name (pinning). The rendering is pure: the stack
 phase ships its result as a Swarm config named by its content hash. One operation lives here
-too, the manager setting the gateway's roll relies on (gateway_handover, below).
+too, the manager setting the gateway's roll relies on (gateway_handover, below), and the one
+that stops a gateway task Swarm left on a node that is no longer a manager (gateway_strays).
 
 What a request meets, in order (templates/haproxy.cfg.j2):
 1. TLS (when configured); the gateway's own /health, open to anyone (a load balancer's probe);
@@ -29,12 +30,13 @@ import json
 from dataclasses import dataclass, field
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
 from pyinfra.facts.server import Sysctl
 from pyinfra.operations import server
 
 from operations import engines, sizing
 from operations.gateway_access import OPERATOR_CLIENT, PIN_HEADER, SERVER_HEADER
+from operations.phase import explain, read_fact
 
 HANDOVER_SYSCTL = "net.ipv4.tcp_migrate_req"
 HANDOVER_FILE = "/etc/sysctl.d/60-gpufleet-gateway.conf"
@@ -152,3 +154,63 @@ def gateway_handover():
         return
     yield from server.sysctl._inner(key=HANDOVER_SYSCTL, value=1, persist=True,
                                     persist_file=HANDOVER_FILE)
+
+
+class GatewayStrays(FactBase):
+    """The nodes, by hostname, where the gateway service has a task that should run although the
+    node is no longer a manager (its placement is node.role == manager); from a manager, in one
+    round trip. Empty off a manager or without the service.
+
+    .. code:: python
+
+        ["gpu-02"]
+    """
+
+    def command(self, service: str) -> StringCommand:
+        script = ('echo @@tasks; docker service ps "$1" --filter desired-state=running '
+                  "--format '{{.Node}}' 2>/dev/null; "
+                  "echo @@workers; docker node ls --filter role=worker --format '{{.Hostname}}' "
+                  "2>/dev/null; true")
+        return StringCommand("sh", "-c", QuoteString(script), "strays", QuoteString(service))
+
+    def process(self, output):
+        return parse_gateway_strays(output)
+
+
+def parse_gateway_strays(lines: list[str]) -> list[str]:
+    """Nodes in both sections of GatewayStrays' output: a gateway task on a worker."""
+    sections: dict[str, set[str]] = {"tasks": set(), "workers": set()}
+    current = None
+    for line in lines:
+        text = line.strip()
+        if text.startswith("@@"):
+            current = sections.get(text[2:])
+        elif text and current is not None:
+            current.add(text)
+    return sorted(sections["tasks"] & sections["workers"])
+
+
+@operation()
+def gateway_strays(service: str):
+    """
+    Stop the gateway's tasks on nodes that are no longer managers. Docker 20.10 can leave a
+    global service's task running on a node demoted from manager although its placement
+    (node.role == manager) no longer holds: in the lab one of two demoted nodes kept its task
+    for good, and it answers 503 (the engine ports admit only managers). Updating the service
+    with its spec unchanged makes Swarm's global orchestrator reconcile it: the stray task is
+    shut down and the managers' tasks keep running, not restarted.
+
+    + service: the gateway service, "<stack_name>_gateway"
+
+    **Example:**
+
+    .. code:: python
+
+        gateway_strays(name="Gateway tasks only on managers", service="gpufleet_gateway")
+    """
+    strays = read_fact(host, GatewayStrays, service=service)
+    if not strays:
+        host.noop(f"{service} runs on managers only")
+        return
+    explain(f"gateway: {service} still has a task on {', '.join(strays)}, no longer a manager")
+    yield StringCommand("docker service update --detach", QuoteString(service))

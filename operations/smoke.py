@@ -282,8 +282,9 @@ def gateway_targets(settings, stack, services, placed, problems) -> list[Target]
         return []
     before = len(problems)
     if settings.stack_publish_mode == "host":
-        # A gateway task left on a node demoted in this run is being removed by Swarm (and the
-        # engine ports no longer admit it): the managers' tasks are the gateway.
+        # A gateway task Swarm left on a node demoted in this run is stopped by the stack phase
+        # (gateway.gateway_strays) and the engine ports no longer admit it: the managers' tasks
+        # are the gateway.
         gateway_nodes = [node for _, node in placed(gateway) if node.get("role", "manager") == "manager"]
     else:
         gateway_nodes = [n for n in stack["nodes"] if n["role"] == "manager"

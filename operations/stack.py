@@ -708,6 +708,9 @@ def stack(settings) -> PhaseResult:
         ops.append(gateway.gateway_handover(name="Gateway hand-over between tasks "
                                                  f"({gateway.HANDOVER_SYSCTL})"))
     ops.append(stack_deploy(name="Deploy the inference stack", settings=settings, manager=via))
+    if via is None:
+        ops.append(gateway.gateway_strays(name="Gateway tasks only on managers",
+                                          service=f"{settings.stack_name}_gateway"))
     return PhaseResult(ops)
 
 

@@ -213,3 +213,10 @@ def test_managers_go_to_three_and_back_to_one(lab):
     result, results = deploy(lab)
     assert result.returncode == 0, result.stdout + result.stderr
     assert managers_now(lab)[0] == [lab.hosts[0]["name"]]
+    # The gateway (placed on managers) runs on the one manager left: a task Docker kept on a
+    # demoted node was stopped by the run, and the run after it changes nothing.
+    gateway_nodes = manager_json(lab, "sudo docker service ps gpufleet_gateway "
+                                      "--filter desired-state=running --format '{{json .Node}}'")
+    assert gateway_nodes == [lab.hosts[0]["name"]], gateway_nodes
+    result, results = deploy(lab)
+    assert hosts_changed(results) == set(), result.stdout[-3000:]
