@@ -106,7 +106,7 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
     (a node without a healthy task fails the health check), maps keys to clients, lists the
     models. With more than one model, requests are routed on the "model" of their JSON body,
     read whole (up to max_body_bytes; a larger one is refused with 413, never misrouted)."""
-    from operations.stack import TEMPLATES, _env
+    from operations.stack_render import TEMPLATES, _env
 
     backends = []
     for spec in served:

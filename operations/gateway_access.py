@@ -1,6 +1,6 @@
 """Who may use the gateway, and how it proves who it is: TLS, named client keys, and the internal
 key between the gateway and the engines. Pure functions over files on the control machine; the
-stack phase turns what they return into Docker secrets (operations/stack.py wanted_secrets), the
+stack phase turns what they return into Docker secrets (operations/stack_secrets.py wanted_secrets), the
 inventory check refuses what they find wrong before any host is touched.
 
 - TLS: `stack_gateway_tls_cert_file` (PEM, the server certificate first, then its chain) and

@@ -203,5 +203,5 @@ def secret_file_problem(path: str) -> str | None:
     except (OSError, UnicodeDecodeError) as error:
         return f"a file this user can read on the control machine ({getattr(error, 'strerror', error)})"
     if not value or "\n" in value:
-        return "a file holding the secret on one line (as operations/stack.py reads it)"
+        return "a file holding the secret on one line (as operations/stack_secrets.py reads it)"
     return None

@@ -46,7 +46,7 @@ from operations.smoke_checks import (  # noqa: F401  (the checks, used through t
     FAIL, NA, PASS, SKIPPED, CheckResult, SmokeReport, Target, check_health, check_target,
     read_api_key, run_checks, tls_context,
 )
-from operations.stack import service_key  # the stack's own naming: <stack>_<key>
+from operations.stack_render import service_key  # the stack's own naming: <stack>_<key>
 
 # Task states after which a task serves nothing until Swarm replaces it.
 TASK_ENDED = {"rejected", "failed", "complete", "shutdown", "orphaned", "remove"}

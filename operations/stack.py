@@ -36,267 +36,38 @@ whenever they landed on a node new to that network (seen on the lab, Docker 20.1
 update happens during a deploy. The routing mesh (stack_publish_mode "ingress") still works for
 the gateway, which holds no GPU.
 
+The stack file is rendered and checked in operations/stack_render.py, the secrets are read and
+created in operations/stack_secrets.py; this module reads the facts, deploys and waits.
+
     stack(settings)        # in deploy.py, after the swarm phase
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import posixpath
-import re
 import time
 from io import StringIO
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import jinja2
 import yaml
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import files
 
-from operations import engines, gateway, gateway_access, ollama_store, rules, sizing
+from operations import gateway, sizing
 from operations.phase import (
     PhaseResult, disturbed_nodes, explain, fail_host, fails_only_this_host, host_sudo,
     read_fact,
 )
 from operations.node_wait import wait_for_nodes, why_node_down
+from operations.stack_render import LABEL_SPEC, STACK_DIR, content_hash, render_stack, stack_problems
+from operations.stack_secrets import create_secret, wanted_secrets
 from operations.swarm import SwarmNodes, _inventory_hosts
-from operations.weights import MANIFEST_NAME, read_token
+from operations.weights import MANIFEST_NAME
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-STACK_DIR = "/etc/gpufleet/stack"
-
-LABEL_ROLE = "gpufleet.role"
-LABEL_MODEL = "gpufleet.model"
-LABEL_SERVED = "gpufleet.served-name"
-LABEL_PORT = "gpufleet.port"
-LABEL_ENGINE = "gpufleet.engine"
-LABEL_SPEC = "gpufleet.spec"
-LABEL_STACK = "gpufleet.stack"
-LABEL_SECRET = "gpufleet.secret"
-STACK_NAMESPACE = "com.docker.stack.namespace"
-
-# --- Pure logic -----------------------------------------------------------------------------
-
-
-def service_key(model_name: str) -> str:
-    """The stack's service key of a model: DNS-safe (tasks.<stack>_<key> is a DNS name)."""
-    return re.sub(r"[^a-z0-9-]", "-", model_name.lower()).strip("-") or "model"
-
-
-def content_hash(value: str, length: int = 12) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:length]
-
-
-def secret_name(stack: str, kind: str, value: str) -> str:
-    """Versioned by content: a changed value is a new secret (Swarm secrets are immutable).
-    12 hex digits of SHA-256 name a version without revealing anything usable of a random key."""
-    return f"{stack}_{kind}_{content_hash(kind + ':' + value)}"
-
-
-def _env(path: Path) -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(path)), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, autoescape=False)
-
-
-def served_dir(settings, spec) -> str:
-    """What a model's service mounts at engines.model_path: its weights, or its Ollama store."""
-    if spec.engine == "ollama":
-        return ollama_store.store_dir(settings.models_dir, spec.name)
-    return posixpath.join(settings.models_dir, spec.name)
-
-
-def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) -> list[dict[str, Any]]:
-    """Everything the stack template needs for each served model (pure)."""
-    planned = []
-    for spec in settings.models:
-        if not spec.serve:
-            continue
-        eligible = sizing.eligible_nodes(nodes, spec.tensor_parallel_size, spec.gpu_model,
-                                         include_down=True)
-        constraints = ["node.labels.gpufleet.gpu.count != 0"]
-        if spec.gpu_model:
-            constraints.append(f"node.labels.gpufleet.gpu.model == {spec.gpu_model}")
-        uid = str(settings.stack_secret_uids.get(spec.engine, 0))
-        engine_secrets = [{"source": "engine_key", "target": "engine_key", "uid": uid}]
-        if "hf_token" in secrets:
-            engine_secrets.append({"source": "hf_token", "target": "hf_token", "uid": uid})
-        labels = {LABEL_ROLE: "engine", LABEL_MODEL: spec.name, LABEL_SERVED: spec.served_name,
-                  LABEL_PORT: str(spec.port), LABEL_ENGINE: spec.engine}
-        planned.append({
-            "key": service_key(spec.name),
-            "image": spec.image or settings.stack_engine_images[spec.engine],
-            "entrypoint": engines.entrypoint(spec.engine),
-            "command": engines.command(spec),
-            "environment": engines.environment(spec),
-            "port": spec.port,
-            "weights_dir": served_dir(settings, spec),
-            "model_path": engines.model_path(spec),
-            "shm_bytes": sizing.shm_bytes(spec.tensor_parallel_size,
-                                          [n.memory_bytes for n in eligible], spec.shm_size_gb),
-            "secrets": engine_secrets,
-            "healthcheck": engines.container_healthcheck(spec),
-            "start_period_s": spec.health_start_period_s,
-            "stop_grace_period_s": spec.stop_grace_period_s,
-            "replicas": spec.replicas,
-            "gpus": spec.tensor_parallel_size,
-            "constraints": constraints,
-            "update_order": sizing.update_order(spec.replicas, spec.tensor_parallel_size, eligible),
-            "service_labels": labels,
-        })
-    return planned
-
-
-def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
-                 gateway_config: str) -> str:
-    """The stack file: services for the served models and the gateway. Each service carries a
-    hash of everything rendered for it (label gpufleet.spec), so a run can tell a service that
-    runs something else, whatever was changed by hand."""
-    host_mode = settings.stack_publish_mode == "host"
-    access = gateway.access_for(settings)
-    front = {
-        "image": settings.stack_gateway_image,
-        "listen_port": gateway.gateway_listen_port(settings),
-        "port": settings.stack_gateway_port,
-        "redirect_port": settings.stack_gateway_http_redirect_port,
-        "redirect_listen_port": access.redirect_listen_port,
-        "secrets": sorted(kind for kind in secrets if kind.startswith("gateway_")),
-        "publish_mode": settings.stack_publish_mode,
-        "endpoint_mode": "dnsrr" if host_mode else "vip",
-        "uid": str(settings.stack_secret_uids.get("gateway", 99)),
-        # Start-first in both modes: on the host network the new task binds the same port beside
-        # the old one (SO_REUSEPORT), which then stops gracefully (operations/gateway.py).
-        "update_order": "start-first",
-        "config_name": f"{settings.stack_name}_haproxy_{content_hash(gateway_config)}",
-        "config_file": posixpath.join(STACK_DIR, f"{settings.stack_name}.haproxy.cfg"),
-        "service_labels": {LABEL_ROLE: "gateway"},
-    }
-    engines = plan_engines(settings, nodes, secrets)
-    for service in [*engines, front]:
-        # The versions of the secrets this service mounts, not all of them: a client's key
-        # rotated rolls the gateway alone, never the engines.
-        used = {kind: secrets[kind] for kind in secret_kinds(service)}
-        shared = {"secrets": used, "monitor_s": settings.stack_update_monitor_s}
-        service["service_labels"][LABEL_SPEC] = content_hash(
-            json.dumps({**service, **shared}, sort_keys=True))
-    return _env(TEMPLATES).get_template("stack.yml.j2").render(
-        engines=engines, gateway=front, monitor_s=settings.stack_update_monitor_s,
-        secrets=[{"source": kind, "name": name} for kind, name in sorted(secrets.items())],
-    )
-
-
-def secret_kinds(service: dict[str, Any]) -> list[str]:
-    """The secrets (by kind) a planned service mounts: an engine's are dicts, the gateway's names."""
-    return sorted(ref["source"] if isinstance(ref, dict) else ref for ref in service["secrets"])
-
-
-_VALID_SERVICE_KEYS = {
-    "image", "entrypoint", "command", "environment", "hostname", "networks", "ports", "volumes",
-    "secrets", "configs", "healthcheck", "stop_grace_period", "labels", "deploy",
-}
-_VALID_DEPLOY_KEYS = {
-    "mode", "replicas", "endpoint_mode", "labels", "placement", "resources", "restart_policy",
-    "update_config", "rollback_config",
-}
-
-
-def stack_problems(text: str) -> list[str]:
-    """Structural checks of a rendered stack file, the ones a deploy would otherwise trip over
-    on the manager (or, worse, accept): every reference declared, sizes and counts sane, keys
-    the Swarm honours (shm_size, for one, it silently ignores)."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        return [f"stack file is not YAML: {error}"]
-    problems = []
-    if str(doc.get("version", "")) < "3.8":
-        problems.append("stack file version must be 3.8 or later (max_replicas_per_node)")
-    services = doc.get("services") or {}
-    if not services:
-        problems.append("stack file has no services")
-    declared_secrets = set(doc.get("secrets") or {})
-    declared_configs = set(doc.get("configs") or {})
-    declared_networks = set(doc.get("networks") or {})
-    published = {}
-    for key, svc in services.items():
-        unknown = set(svc) - _VALID_SERVICE_KEYS
-        if unknown:
-            problems.append(f"service {key}: keys Swarm would ignore or refuse: {sorted(unknown)}")
-        if not svc.get("image"):
-            problems.append(f"service {key}: no image")
-        deploy_ = svc.get("deploy") or {}
-        if set(deploy_) - _VALID_DEPLOY_KEYS:
-            problems.append(f"service {key}: unknown deploy keys {sorted(set(deploy_) - _VALID_DEPLOY_KEYS)}")
-        for ref in svc.get("secrets") or []:
-            if ref["source"] not in declared_secrets:
-                problems.append(f"service {key}: secret {ref['source']} is not declared")
-        for ref in svc.get("configs") or []:
-            if ref["source"] not in declared_configs:
-                problems.append(f"service {key}: config {ref['source']} is not declared")
-        for net in svc.get("networks") or []:
-            if net not in declared_networks:
-                problems.append(f"service {key}: network {net} is not declared")
-        for port in svc.get("ports") or []:
-            if port["published"] in published:
-                problems.append(f"service {key}: port {port['published']} also published by "
-                                f"{published[port['published']]}")
-            published[port["published"]] = key
-            if port.get("mode") == "ingress" and deploy_.get("endpoint_mode") == "dnsrr":
-                problems.append(f"service {key}: an ingress port needs endpoint_mode vip")
-        for volume in svc.get("volumes") or []:
-            if volume.get("type") == "tmpfs" and int((volume.get("tmpfs") or {}).get("size", 0)) <= 0:
-                problems.append(f"service {key}: tmpfs {volume.get('target')} has no size")
-        for resource in ((deploy_.get("resources") or {}).get("reservations") or {}).get("generic_resources") or []:
-            spec = resource.get("discrete_resource_spec") or {}
-            if spec.get("kind") != "NVIDIA-GPU" or int(spec.get("value", 0)) < 1:
-                problems.append(f"service {key}: generic resource {spec} is not NVIDIA-GPU >= 1")
-    return problems
-
-
-def read_control_secret(path: str | None, what: str) -> str:
-    """A secret from a file on the control machine, refused unless it is private and one line
-    (operations.rules.secret_file_problem: the rule the inventory check applies before
-    connecting; checked again here, where the value is read)."""
-    if not path:
-        raise OperationError(f"{what}: no file configured")
-    problem = rules.secret_file_problem(path)
-    if problem:
-        raise OperationError(f"{what} {path}: expected {problem}")
-    return Path(path).expanduser().read_text(encoding="utf-8").strip()
-
-
-def wanted_secrets(settings) -> dict[str, tuple[str, str]]:
-    """kind -> (versioned name, value), read on the control machine: the engines' internal key,
-    the gateway's client map, internal key map and TLS bundle, the Hub token."""
-    read_control_secret(settings.stack_api_key_file, "stack_api_key_file")
-    engine_key = read_control_secret(settings.stack_engine_key_file, "stack_engine_key_file")
-    values = {
-        "engine_key": engine_key,
-        "gateway_clients": gateway_access.clients_map(gateway_access.client_keys(settings)),
-        "gateway_engine_auth": gateway_access.engine_auth_map(engine_key),
-    }
-    if settings.stack_gateway_tls_cert_file:
-        values["gateway_tls"] = gateway_access.tls_bundle(settings.stack_gateway_tls_cert_file,
-                                                          settings.stack_gateway_tls_key_file)
-    token = read_token(settings.hf_token_file)
-    if token:
-        values["hf_token"] = token
-    return {kind: (secret_name(settings.stack_name, kind, value), value) for kind, value in values.items()}
-
-
-def secret_request(name: str, kind: str, stack: str, value: str) -> str:
-    """The raw Engine API request creating a secret (POST /secrets/create), fed on stdin."""
-    body = json.dumps({
-        "Name": name,
-        "Labels": {LABEL_STACK: stack, LABEL_SECRET: kind},
-        "Data": base64.b64encode(value.encode()).decode(),
-    }) + "\n"
-    return ("POST /secrets/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}")
+# --- Pure logic (the rendering itself: operations/stack_render.py) ----------------------------
 
 
 def service_drift(name: str, service: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
@@ -479,28 +250,6 @@ class ModelManifests(FactBase):
 
 
 # --- Execution helpers (FunctionCommand bodies) -------------------------------------------------
-
-_ENGINE_API_SCRIPT = (
-    "resp=$(docker system dial-stdio) || exit 1; "
-    "code=$(printf '%s\\n' \"$resp\" | head -n1 | cut -d' ' -f2); "
-    "if [ \"$code\" = \"$1\" ]; then exit 0; fi; "
-    "echo \"engine API answered HTTP $code: $(printf '%s\\n' \"$resp\" | tail -n1)\" >&2; exit 1"
-)
-
-
-def create_secret(state, host, stack: str, kind: str, name: str, value_of: Callable[[], str]) -> bool:
-    """Create one secret through the engine API, the request on stdin (see the module doc)."""
-    request = secret_request(name, kind, stack, value_of())
-    ok, output = host.run_shell_command(
-        StringCommand("sh", "-c", QuoteString(_ENGINE_API_SCRIPT), "api", "201"),
-        print_output=False, print_input=False, _stdin=[request], _sudo=host_sudo(host),
-    )
-    del request
-    if not ok:
-        return fail_host(state, host, f"secret {name}: " + " ".join(output.stderr.split()))
-    host.log_styled(f"created secret {name}")
-    return True
-
 
 def wait_converged(state, host, stack: str, timeout_s: int, watched: list[str] | None = None,
                    poll_s: float = 3.0) -> bool:

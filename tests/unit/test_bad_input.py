@@ -240,7 +240,7 @@ CASES = [
       "a private file (mode 0600 or 0400; this one is 0644): chmod 600 " + KEY_PATH]),
     ("hf-token-empty", {"token": ""},
      ["group_data/fleet.py (every host): key 'hf_token_file' = '{tmp}/hf-token': expected a file "
-      "holding the secret on one line (as operations/stack.py reads it)"]),
+      "holding the secret on one line (as operations/stack_secrets.py reads it)"]),
     ("no-api-key-file", {"group": "stack_api_key_file = None\n"},
      ["group_data/fleet.py (every host): key 'stack_api_key_file' = None: expected a file on the "
       "control machine holding the API key, since models are served"]),

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from pyinfra.context import ctx_host
 
-from operations import gateway as gw, phase, sizing, stack
+from operations import gateway as gw, phase, sizing, stack, stack_render, stack_secrets
 from operations.config import validate_host_data
 from operations.inventory_data import load_group_data
 from operations.swarm import SwarmNodes
@@ -44,22 +44,22 @@ def settings(tmp_path, monkeypatch):
 
 def running_as_rendered(settings):
     """StackState of a stack running exactly what this repository renders, converged."""
-    secrets = {kind: name for kind, (name, _) in stack.wanted_secrets(settings).items()}
+    secrets = {kind: name for kind, (name, _) in stack_secrets.wanted_secrets(settings).items()}
     served = [spec for spec in settings.models if spec.serve]
     nodes = [sizing.Node.from_swarm(node) for node in NODES["nodes"]]
     gateway = gw.render_gateway(served, nodes, gw.gateway_listen_port(settings))
-    text = stack.render_stack(settings, nodes, secrets, gateway)
+    text = stack_render.render_stack(settings, nodes, secrets, gateway)
     services = []
     for name, want in stack.wanted_services(settings.stack_name, text).items():
         services.append({
-            "name": name, "labels": {stack.LABEL_SPEC: want["spec"]},
+            "name": name, "labels": {stack_render.LABEL_SPEC: want["spec"]},
             "replicas": want["replicas"], "image": want["image"] + "@sha256:" + "ab" * 32,
             "secrets": list(want["secrets"]), "running": 1, "desired": 1,
             "update_state": "completed", "update_message": None,
         })
     return {"error": None, "services": sorted(services, key=lambda s: s["name"]),
             "secrets": sorted(secrets.values()),
-            "configs": [f"{settings.stack_name}_haproxy_{stack.content_hash(gateway)}"]}
+            "configs": [f"{settings.stack_name}_haproxy_{stack_render.content_hash(gateway)}"]}
 
 
 class _State:

@@ -8,7 +8,7 @@ import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.operation import OperationMeta
 
-from operations import gateway as gw, node_wait, phase, sizing, stack
+from operations import gateway as gw, node_wait, phase, sizing, stack_render
 from tests.unit.test_stack import NODES, SECRETS, model, settings as stack_settings
 
 
@@ -190,8 +190,8 @@ def test_a_node_going_down_changes_nothing_the_stack_renders():
     down = with_down(NODES, 1)
     assert gw.render_gateway(served, down, 8080) == gw.render_gateway(served, NODES, 8080)
     gateway = gw.render_gateway(served, NODES, 8080)
-    assert (stack.render_stack(settings, down, SECRETS, gateway)
-            == stack.render_stack(settings, NODES, SECRETS, gateway))
+    assert (stack_render.render_stack(settings, down, SECRETS, gateway)
+            == stack_render.render_stack(settings, NODES, SECRETS, gateway))
 
 
 def test_a_drained_node_leaves_the_gateway():

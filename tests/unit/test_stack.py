@@ -1,12 +1,11 @@
 """Rendering and planning of the inference stack (operations/stack.py), without a Swarm."""
 
 import json
-import os
 
 import pytest
 import yaml
 
-from operations import gateway as gw, stack
+from operations import gateway as gw, stack, stack_render, stack_secrets
 from operations.config import validate_host_data
 from operations.inventory_data import load_group_data
 from operations.sizing import GIB, Node
@@ -32,14 +31,14 @@ def render(models, secrets=SECRETS, **overrides):
     s = settings(models, **overrides)
     served = [m for m in s.models if m.serve]
     gateway = gw.render_gateway(served, NODES, gw.gateway_listen_port(s))
-    text = stack.render_stack(s, NODES, secrets, gateway)
+    text = stack_render.render_stack(s, NODES, secrets, gateway)
     return yaml.safe_load(text), text, gateway
 
 
 def test_vllm_service_has_the_engine_arguments_weights_shm_gpus_and_secrets():
     doc, text, _ = render([model("Llama-3.1-8B", tensor_parallel_size=2, max_model_len=8192,
                                  port=8001, engine_args=["--enable-prefix-caching"])])
-    assert stack.stack_problems(text) == []
+    assert stack_render.stack_problems(text) == []
     svc = doc["services"]["llama-3-1-8b"]
     assert svc["image"] == "vllm/vllm-openai:v0.11.0"
     assert svc["command"] == ["/models/Llama-3.1-8B", "--served-model-name", "Llama-3.1-8B",
@@ -89,7 +88,7 @@ def test_dollars_are_escaped_for_the_stack_deploy_interpolation():
 def test_other_engines_render_with_their_own_cli_and_health(engine, first_args, health):
     extra = {"gguf_file": "m-Q4_K_M.gguf"} if engine == "ollama" else {}
     doc, text, _ = render([model("m", engine=engine, **extra)])
-    assert stack.stack_problems(text) == []
+    assert stack_render.stack_problems(text) == []
     svc = doc["services"]["m"]
     assert svc["command"][:len(first_args)] == first_args
     assert svc["healthcheck"]["test"][0] == health
@@ -141,9 +140,9 @@ def test_publish_modes():
 
 
 def test_secrets_are_named_by_content_and_rotation_changes_the_specs_that_use_them():
-    assert stack.secret_name("gpufleet", "api_key", "k1") == stack.secret_name("gpufleet", "api_key", "k1")
-    assert stack.secret_name("gpufleet", "api_key", "k1") != stack.secret_name("gpufleet", "api_key", "k2")
-    assert "k1" not in stack.secret_name("gpufleet", "api_key", "k1")
+    assert stack_render.secret_name("gpufleet", "api_key", "k1") == stack_render.secret_name("gpufleet", "api_key", "k1")
+    assert stack_render.secret_name("gpufleet", "api_key", "k1") != stack_render.secret_name("gpufleet", "api_key", "k2")
+    assert "k1" not in stack_render.secret_name("gpufleet", "api_key", "k1")
     doc1, _, _ = render([model("m")])
     doc2, _, _ = render([model("m")], secrets={**SECRETS, "engine_key": "gpufleet_engine_key_333333333333",
                                                "gateway_engine_auth": "gpufleet_gateway_engine_auth_5"})
@@ -171,7 +170,7 @@ def test_stack_problems_catch_what_a_deploy_would_trip_over():
     doc["services"]["m"]["volumes"][1]["tmpfs"]["size"] = 0
     doc["services"]["gateway"]["ports"] = [{"target": 1, "published": 9000, "mode": "ingress"}]
     doc["services"]["m"]["ports"] = [{"target": 1, "published": 9000, "mode": "host"}]
-    problems = stack.stack_problems(yaml.safe_dump(doc))
+    problems = stack_render.stack_problems(yaml.safe_dump(doc))
     assert any("shm_size" in p for p in problems)
     assert any("secret nope is not declared" in p for p in problems)
     assert any("tmpfs /dev/shm has no size" in p for p in problems)
@@ -230,13 +229,13 @@ def test_control_secrets_must_be_private_files(tmp_path):
     key.write_text("sk-test\n")
     key.chmod(0o644)
     with pytest.raises(OperationError, match="private file .* this one is 0644.*chmod 600"):
-        stack.read_control_secret(str(key), "stack_api_key_file")
+        stack_secrets.read_control_secret(str(key), "stack_api_key_file")
     key.chmod(0o600)
-    assert stack.read_control_secret(str(key), "stack_api_key_file") == "sk-test"
+    assert stack_secrets.read_control_secret(str(key), "stack_api_key_file") == "sk-test"
 
 
 def test_secret_request_carries_the_value_only_in_the_body():
-    request = stack.secret_request("gpufleet_api_key_1", "api_key", "gpufleet", "sk-secret")
+    request = stack_secrets.secret_request("gpufleet_api_key_1", "api_key", "gpufleet", "sk-secret")
     head, body = request.split("\r\n\r\n", 1)
     assert "sk-secret" not in head and "sk-secret" not in body  # base64 in the body
     assert json.loads(body)["Labels"] == {"gpufleet.stack": "gpufleet", "gpufleet.secret": "api_key"}

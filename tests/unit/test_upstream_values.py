@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import docker_packages, engines, gateway as gw, nvidia, nvidia_repos, ollama_store, stack
+from operations import docker_packages, engines, gateway as gw, nvidia, nvidia_repos, ollama_store, stack_render
 from operations.config import ConfigError
 from tests.unit.test_stack import NODES, model, settings
 
@@ -62,7 +62,7 @@ def test_ollama_serves_its_store_read_only_with_pruning_off():
     s, (spec,) = served(model("m", engine="ollama", gguf_file="m-Q4_K_M.gguf", served_model_name="m"))
     env = engines.environment(spec)
     assert env["OLLAMA_MODELS"] == "/models/m" and env["OLLAMA_NOPRUNE"] == "1"
-    assert stack.served_dir(s, spec) == "/opt/models/.ollama/m"
+    assert stack_render.served_dir(s, spec) == "/opt/models/.ollama/m"
 
 
 def test_the_store_is_rebuilt_only_when_its_gguf_or_image_changes():
