@@ -4,9 +4,18 @@ Docker's companions (containerd.io "1.7.28" is "1.7.28-1~debian.12~bookworm").
 
     upstream_version("1:580.95.05-0ubuntu1")       # "580.95.05"
     resolve_pin_lines("containerd.io", "1.7.28")   # shell lines that set $v or fail
+    apt_install(["curl", "gnupg"], "--no-install-recommends")
 """
 
 from __future__ import annotations
+
+from pyinfra.facts.apt import noninteractive_apt
+
+
+def apt_install(packages: list[str], extra_args: str = "") -> str:
+    """`apt-get install` of `packages` without prompts (pyinfra's own noninteractive wrapper:
+    DEBIAN_FRONTEND and --force-confdef/--force-confold)."""
+    return f"{noninteractive_apt(('install ' + extra_args).strip())} {' '.join(packages)}"
 
 
 def upstream_version(apt_version: str | None) -> str | None:

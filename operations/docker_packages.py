@@ -23,10 +23,9 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FactBase, OperationError, QuoteString, StringCommand, operation
-from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt
 
-from operations.apt_pins import resolve_pin_lines, upstream_version
+from operations.apt_pins import apt_install, resolve_pin_lines, upstream_version
 from operations.phase import explain, fails_only_this_host
 
 DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
@@ -119,7 +118,7 @@ def install_script(missing: list[tuple[str, str | None]], extra_args: str) -> st
             continue
         lines += resolve_pin_lines(name, pin)
         lines.append(f"specs=\"$specs {name}=$v\"")
-    lines.append(f"{noninteractive_apt(('install ' + extra_args).strip())} $specs")
+    lines.append(apt_install(["$specs"], extra_args))
     return "\n".join(lines)
 
 
@@ -209,11 +208,6 @@ class EngineState(FactBase):
         return parse_engine_state(output)
 
 
-def _apt_install(packages: list[str], extra_args: str = "") -> str:
-    args = f"install {extra_args}".strip()
-    return f"{noninteractive_apt(args)} {' '.join(packages)}"
-
-
 def fetch_key_command(key_url: str, fingerprint: str) -> StringCommand:
     """Fetch Docker's key to a staged file, check it is the key with `fingerprint` (gpg), then
     move it into place; a key that is not it is refused and removed, never used."""
@@ -294,7 +288,7 @@ def install_engine(source: str, version: str, apt_url: str, fingerprint: str = "
             tools += [name for name in ("curl", "gpg") if name not in installed]
         if tools and (missing or not key_ok):
             yield "apt-get update"
-            yield _apt_install(tools, "--no-install-recommends")
+            yield apt_install(tools, "--no-install-recommends")
 
         if not key_ok:
             if state["apt_key"]:
@@ -323,7 +317,7 @@ def install_engine(source: str, version: str, apt_url: str, fingerprint: str = "
             yield StringCommand("sh", "-c", QuoteString(install_script(missing, " ".join(extra))))
         else:
             specs = [f"{name}={pin}" if pin else name for name, pin in missing]
-            yield _apt_install(specs, " ".join(extra))
+            yield apt_install(specs, " ".join(extra))
 
     to_hold = []
     if source == "docker":

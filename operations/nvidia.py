@@ -43,8 +43,8 @@ from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass
 from pyinfra.facts.files import File
 from pyinfra.operations import systemd
 
-from operations.apt_pins import resolve_pin_lines, upstream_version
-from operations.nvidia_repos import REPO_TOOL_PACKAGES, _apt_install, signed_flat_repository
+from operations.apt_pins import apt_install, resolve_pin_lines, upstream_version
+from operations.nvidia_repos import REPO_TOOL_PACKAGES, signed_flat_repository
 from operations.phase import PhaseResult, explain, fails_only_this_host, read_fact
 
 CUDA_KEYRING = "/etc/apt/keyrings/nvidia-cuda.gpg"
@@ -599,11 +599,11 @@ def driver_packages(
         ]
         if in_the_way or any(installed.get(name, {}).get("held") for name, _ in missing):
             extra.append("--allow-change-held-packages")
-        install = _apt_install(["$specs"] + ([headers] if want_headers else []), " ".join(extra))
+        install = apt_install(["$specs"] + ([headers] if want_headers else []), " ".join(extra))
         lines.append(install)
         yield "; ".join(lines)
     elif want_headers:
-        yield _apt_install([headers])
+        yield apt_install([headers])
 
     missing_names = {name for name, _ in missing}
     to_hold = [

@@ -15,9 +15,9 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from pyinfra.facts.apt import noninteractive_apt
 from pyinfra.operations import apt
 
+from operations.apt_pins import apt_install
 from operations.phase import explain
 
 # Needed to fetch and check a key: TLS roots, curl, gpg.
@@ -32,10 +32,6 @@ def key_fingerprint_ok(keyring: dict[str, Any], fingerprint: str) -> bool:
     if not keyring["fingerprints"]:
         return True
     return fingerprint.upper() in keyring["fingerprints"]
-
-
-def _apt_install(specs: list[str], extra_args: str = "") -> str:
-    return f"{noninteractive_apt(f'install {extra_args}'.strip())} {' '.join(specs)}"
 
 
 def install_key_command(url: str, keyring: str, fingerprint: str) -> StringCommand:
@@ -65,7 +61,7 @@ def tool_commands(packages: dict[str, Any], needed: bool) -> list[str]:
     missing = [name for name in REPO_TOOL_PACKAGES if name not in packages]
     if not needed or not missing:
         return []
-    return ["apt-get update", _apt_install(missing, "--no-install-recommends")]
+    return ["apt-get update", apt_install(missing, "--no-install-recommends")]
 
 
 # Where source files that name one of our repositories with another key are moved aside.

@@ -32,8 +32,9 @@ from pyinfra.api import (
     operation,
 )
 
+from operations.apt_pins import apt_install
 from operations.nvidia import NvidiaHost
-from operations.nvidia_repos import REPO_TOOL_PACKAGES, _apt_install, signed_flat_repository
+from operations.nvidia_repos import REPO_TOOL_PACKAGES, signed_flat_repository
 from operations.phase import PhaseResult, fails_only_this_host, read_fact
 
 TOOLKIT_KEYRING = "/etc/apt/keyrings/nvidia-container-toolkit.gpg"
@@ -277,7 +278,7 @@ def toolkit_packages(version: str):
         if any(installed.get(name, {}).get("held") for name in missing):
             extra.append("--allow-change-held-packages")
         yield "apt-get update"
-        yield _apt_install([f"{name}={version}" for name in TOOLKIT_PACKAGES], " ".join(extra))
+        yield apt_install([f"{name}={version}" for name in TOOLKIT_PACKAGES], " ".join(extra))
 
     to_hold = [
         name for name in TOOLKIT_PACKAGES
