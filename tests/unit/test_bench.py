@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from scripts import bench, bench_probe
+from scripts import bench, bench_probe, bench_report
 
 
 def deploy_run(kind, size, repeat, wall, commands, facts=10, uploads=0, changed=0, **extra):
@@ -43,26 +43,26 @@ def recorded(nochange_10=None):
 
 
 def test_spread_is_median_min_max_and_count_of_what_was_measured():
-    assert bench.spread([3, 1, 2, None]) == {"median": 2, "min": 1, "max": 3, "n": 3}
-    assert bench.spread([1, 2]) == {"median": 1.5, "min": 1, "max": 2, "n": 2}
-    assert bench.spread([]) is None and bench.spread([None]) is None
+    assert bench_report.spread([3, 1, 2, None]) == {"median": 2, "min": 1, "max": 3, "n": 3}
+    assert bench_report.spread([1, 2]) == {"median": 1.5, "min": 1, "max": 2, "n": 2}
+    assert bench_report.spread([]) is None and bench_report.spread([None]) is None
 
 
 def test_per_host_counters_are_the_fleet_mean_and_the_busiest_host():
     run = deploy_run("nochange", 3, 1, 30.0, [50, 50, 65])
-    assert bench.per_host(run, "commands") == (55.0, 65)
-    assert bench.per_host(run, "commands", "prepare") == (pytest.approx(82 / 3), 32)  # 25 + 25 + 32
-    assert bench.per_host({"size": 1, "counts": {}}, "commands") is None
+    assert bench_report.per_host(run, "commands") == (55.0, 65)
+    assert bench_report.per_host(run, "commands", "prepare") == (pytest.approx(82 / 3), 32)  # 25 + 25 + 32
+    assert bench_report.per_host({"size": 1, "counts": {}}, "commands") is None
 
 
 def test_deploy_summaries_per_size():
     runs = recorded()
-    nochange = bench.summarize_deploys(runs, "nochange")
+    nochange = bench_report.summarize_deploys(runs, "nochange")
     assert nochange[3]["wall_s"] == {"median": 32.0, "min": 30.0, "max": 34.0, "n": 2}
     assert nochange[3]["wall_per_host_s"]["median"] == pytest.approx(32 / 3)
     assert nochange[3]["commands_per_host"]["median"] == 55.0
     assert nochange[3]["commands_max_host"] == {"median": 60.0, "min": 55, "max": 65, "n": 2}
-    fresh = bench.summarize_deploys(runs, "fresh")
+    fresh = bench_report.summarize_deploys(runs, "fresh")
     assert fresh[1]["total_s"]["median"] == pytest.approx(121.0)
     assert fresh[3]["hub_copies"]["max"] == pytest.approx(1 + 1000 / 569_911)
     assert fresh[3]["lan_copies"]["median"] == pytest.approx(3.0)
@@ -72,15 +72,15 @@ def test_deploy_summaries_per_size():
 def test_a_failed_run_is_counted_as_failed_and_kept_out_of_the_figures():
     runs = recorded() + [{"kind": "nochange", "size": 3, "repeat": 3, "ok": False, "wall_s": 999.0,
                           "error": "node-2: preflight failed", "counts": {}}]
-    nochange = bench.summarize_deploys(runs, "nochange")
+    nochange = bench_report.summarize_deploys(runs, "nochange")
     assert nochange[3]["runs"] == 2 and nochange[3]["failed"] == 1
     assert nochange[3]["wall_s"]["max"] == 34.0
-    assert "node-2: preflight failed" in bench.render_markdown(
-        bench.build_report(runs, {}, {"sizes": [1, 3], "repeats": 2}, {}))
+    assert "node-2: preflight failed" in bench_report.render_markdown(
+        bench_report.build_report(runs, {}, {"sizes": [1, 3], "repeats": 2}, {}))
 
 
 def test_ratios_are_against_one_host():
-    report = bench.build_report(recorded(), {}, {}, {})
+    report = bench_report.build_report(recorded(), {}, {}, {})
     assert report["ratios"]["3"]["nochange_wall"] == pytest.approx(32 / 21)
     assert report["ratios"]["3"]["fresh_wall"] == pytest.approx(210 / 110)
     assert "1" not in report["ratios"]
@@ -91,7 +91,7 @@ def by_id(report):
 
 
 def test_targets_without_ten_hosts_say_not_measured_and_what_was():
-    targets = by_id(bench.build_report(recorded(), {}, {}, {"stack": "scripts/loadtest.py is not in this checkout"}))
+    targets = by_id(bench_report.build_report(recorded(), {}, {}, {"stack": "scripts/loadtest.py is not in this checkout"}))
     assert targets["nochange_ratio"]["status"] == "not measured"
     assert "largest measured: 3 hosts, ratio 1.52x" in targets["nochange_ratio"]["note"]
     # Every host must stay below 60: the busiest host of 3 issued 65 then 55 (median 60).
@@ -105,19 +105,19 @@ def test_targets_without_ten_hosts_say_not_measured_and_what_was():
 
 
 def test_a_missed_target_says_by_how_much():
-    targets = by_id(bench.build_report(recorded(nochange_10=63.0), {}, {}, {}))
+    targets = by_id(bench_report.build_report(recorded(nochange_10=63.0), {}, {}, {}))
     ratio = targets["nochange_ratio"]
     assert ratio["status"] == "missed" and ratio["value"] == pytest.approx(3.0)
     assert ratio["by"] == "1x over the limit (50% over)"
-    assert bench.verdict(60, 60, below=True)["status"] == "missed"  # "fewer than 60"
-    assert bench.verdict(1.1, 1.1, below=False)["status"] == "met"  # "within 1.1"
-    assert bench.verdict(None, 2, below=True)["status"] == "not measured"
+    assert bench_report.verdict(60, 60, below=True)["status"] == "missed"  # "fewer than 60"
+    assert bench_report.verdict(1.1, 1.1, below=False)["status"] == "met"  # "within 1.1"
+    assert bench_report.verdict(None, 2, below=True)["status"] == "not measured"
 
 
 def test_a_stack_run_with_failed_requests_misses_the_target():
     runs = recorded() + [{"kind": "stack", "size": 3, "repeat": 1, "ok": True, "converge_s": 40.0,
                           "requests": 500, "failed_requests": 2}]
-    target = by_id(bench.build_report(runs, {}, {}, {}))["failed_requests"]
+    target = by_id(bench_report.build_report(runs, {}, {}, {}))["failed_requests"]
     assert target["status"] == "missed" and target["value"] == 2
 
 
@@ -127,7 +127,7 @@ def test_the_markdown_report_names_the_machine_every_section_and_what_was_not_me
                "load_start": "1.0 1.0 1.0", "load_end": "2.0 2.0 2.0"}
     reasons = {"drift": "scripts/drift_check.py is not in this checkout",
                "stack": "scripts/loadtest.py is not in this checkout"}
-    text = bench.render_markdown(bench.build_report(recorded(), machine, {"sizes": [1, 3], "repeats": 2}, reasons))
+    text = bench_report.render_markdown(bench_report.build_report(recorded(), machine, {"sizes": [1, 3], "repeats": 2}, reasons))
     for heading in ("## Machine", "## Fresh provisioning", "## Second run (no change)",
                     "## Ratios against one host", "## Model weights", "## Drift check",
                     "## Stack update under load", "## Targets", "## Method"):
@@ -139,7 +139,7 @@ def test_the_markdown_report_names_the_machine_every_section_and_what_was_not_me
 
 
 def test_the_report_and_charts_are_written_from_recorded_runs(tmp_path):
-    report = bench.write_report(recorded(), {"cores": 2}, {"sizes": [1, 3], "repeats": 2}, {}, tmp_path)
+    report = bench_report.write_report(recorded(), {"cores": 2}, {"sizes": [1, 3], "repeats": 2}, {}, tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["fresh"]["3"]["runs"] == 2
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmarks")
     for chart in ("time_vs_hosts.png", "commands_per_host.png", "weights_bytes.png"):
@@ -198,12 +198,12 @@ def test_drift_runs_are_timed_and_drift_found_is_counted():
         {"kind": "drift", "size": 1, "repeat": 1, "ok": True, "drift_found": False, "wall_s": 5.0},
         {"kind": "drift", "size": 1, "repeat": 2, "ok": True, "drift_found": True, "wall_s": 7.0},
         {"kind": "drift", "size": 3, "repeat": 1, "ok": False, "wall_s": 2.0, "error": "unreachable"}]
-    report = bench.build_report(runs, {}, {}, {})
+    report = bench_report.build_report(runs, {}, {}, {})
     assert report["drift"][1]["wall_s"]["median"] == 6.0
     assert report["drift"][1]["drift_found"]["median"] == 1
     assert report["drift"][3]["runs"] == 0
     assert "drift" not in report["not_measured"]
-    assert "| 1 | 2 | 6.0 (5.0-7.0) | 1 |" in bench.render_markdown(report)
+    assert "| 1 | 2 | 6.0 (5.0-7.0) | 1 |" in bench_report.render_markdown(report)
 
 
 def test_a_failed_deploy_says_which_operation_failed_on_which_host():
@@ -234,8 +234,8 @@ def test_the_stack_section_gives_failures_by_kind_and_failed_runs():
          "latency_p95_s": 0.8},
         {"kind": "stack", "size": 3, "repeat": 2, "ok": False, "converge_s": None,
          "requests": 300, "failed_requests": 0, "error": "the deploy exited 1"}]
-    report = bench.build_report(runs, {}, {}, {})
-    markdown = bench.render_markdown(report)
+    report = bench_report.build_report(runs, {}, {}, {})
+    markdown = bench_report.render_markdown(report)
     assert "| 3 | 1 | 40.0 | 48.0 | 500 | 2 | 0.80 | HTTP 503 x2 |" in markdown  # ok runs only
     assert "- 3 hosts: a run failed: the deploy exited 1" in markdown
     assert "(stack-update-3/latency_over_time.png)" in markdown
