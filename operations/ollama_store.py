@@ -30,7 +30,8 @@ from pyinfra.api import FactBase, QuoteString, StringCommand, deploy, operation
 from pyinfra.api.exceptions import OperationError
 
 from operations.phase import explain, fails_only_this_host
-from operations.weights import MANIFEST_NAME, STAGING_DIR, models_for_host
+from operations.weights import models_for_host
+from operations.weights_plan import MANIFEST_NAME, STAGING_DIR
 
 STORE_ROOT = ".ollama"
 # Written beside the store by this phase: what it was built from (not read by Ollama).

@@ -65,7 +65,7 @@ from operations.node_wait import wait_for_nodes, why_node_down
 from operations.stack_render import LABEL_SPEC, STACK_DIR, content_hash, render_stack, stack_problems
 from operations.stack_secrets import create_secret, wanted_secrets
 from operations.swarm import SwarmNodes, _inventory_hosts
-from operations.weights import MANIFEST_NAME
+from operations.weights_plan import MANIFEST_NAME
 
 # --- Pure logic (the rendering itself: operations/stack_render.py) ----------------------------
 

@@ -24,7 +24,7 @@ from pyinfra.api.exceptions import OperationError
 from operations import gateway_access, rules
 from operations.phase import fail_host, host_sudo
 from operations.stack_render import LABEL_SECRET, LABEL_STACK, secret_name
-from operations.weights import read_token
+from operations.weights_plan import read_token
 
 
 def read_control_secret(path: str | None, what: str) -> str:
