@@ -34,7 +34,7 @@ from pyinfra.api import FactBase, QuoteString, StringCommand, operation
 from pyinfra.facts.server import Sysctl
 from pyinfra.operations import server
 
-from operations import engines, sizing
+from operations import engines, gateway_access, sizing
 from operations.gateway_access import OPERATOR_CLIENT, PIN_HEADER, SERVER_HEADER
 from operations.phase import explain, read_fact
 
@@ -61,6 +61,8 @@ class GatewayAccess:
     redirect_listen_port: int | None = None
     public_port: int = 8080
     rate_limits: dict[str, int] = field(default_factory=dict)
+    # Every client's name (the operator's first): each gets its request counter on /metrics.
+    clients: tuple[str, ...] = ()
 
 
 def access_for(settings) -> GatewayAccess:
@@ -71,7 +73,21 @@ def access_for(settings) -> GatewayAccess:
         redirect_listen_port=(redirect if host_mode else REDIRECT_CONTAINER_PORT) if redirect else None,
         public_port=settings.stack_gateway_port,
         rate_limits=dict(sorted(settings.stack_client_rate_limits.items())),
+        clients=tuple(gateway_access.client_key_files(settings)),
     )
+
+
+def client_metrics_format(clients: tuple[str, ...]) -> str:
+    """The body of the gateway's /metrics, in Prometheus' text format, as an HAProxy log-format
+    string inside double quotes: one counter per client, read from the client_requests table
+    (a name with no entry yet reads 0). Client names are [a-z][a-z0-9_-]*: nothing to escape."""
+    metric = gateway_access.METRIC_CLIENT_REQUESTS
+    lines = [f"# HELP {metric} Requests from each named client at this gateway task since it "
+             "started (an entry idle for 24 h starts again at 0).",
+             f"# TYPE {metric} counter"]
+    lines += [f'{metric}{{client=\\"{name}\\"}} %[str({name}),table_http_req_cnt(client_requests)]'
+              for name in clients]
+    return "".join(line + "\\n" for line in lines)
 
 
 def gateway_bufsize(max_body_bytes: int) -> int:
@@ -127,6 +143,7 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
         backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
         bufsize=gateway_bufsize(max_body_bytes), access=access, operator=OPERATOR_CLIENT,
         pin_header=PIN_HEADER.lower(), server_header=SERVER_HEADER,
+        client_metrics=client_metrics_format(access.clients),
         too_large_json=_error_json(
             f"request body over {max_body_bytes} bytes, the most this gateway reads to route on "
             "\"model\" (stack_gateway_max_body_kb)", "BadRequestError", 413),

@@ -147,6 +147,20 @@ def tls_bundle(cert_path: str, key_path: str) -> str:
     return f"{cert}\n{key}\n"
 
 
+# The gateway's /metrics: one request counter per client, answered from one HAProxy buffer
+# (16 KiB by default, a part of it for headers and HAProxy's reserve: 300 clients answered 500 in
+# the lab). A client's line is at most its name plus this much, with a 20-digit count.
+METRIC_CLIENT_REQUESTS = "gpufleet_gateway_client_requests_total"
+METRICS_BODY_MAX_BYTES = 12 * 1024
+METRICS_HEAD_BYTES = 256  # the HELP and TYPE lines
+_METRIC_LINE_BYTES = len(METRIC_CLIENT_REQUESTS + '{client=""} \n') + 20
+
+
+def metrics_body_bytes(clients) -> int:
+    """The most bytes the gateway's /metrics answer takes for these client names."""
+    return METRICS_HEAD_BYTES + sum(_METRIC_LINE_BYTES + len(name) for name in clients)
+
+
 def access_problems(settings) -> list[tuple[str, str]]:
     """Every problem with the gateway's credentials in one host's settings, as (key, line)."""
     found: list[tuple[str, str]] = []
@@ -160,6 +174,14 @@ def access_problems(settings) -> list[tuple[str, str]]:
                           f"key 'stack_client_rate_limits' has client {name!r} = {limit}: expected "
                           f"a client of stack_client_keys (or {OPERATOR_CLIENT!r})"))
     found += _key_file_problems(settings)
+    clients = list(client_key_files(settings))
+    if metrics_body_bytes(clients) > METRICS_BODY_MAX_BYTES:
+        found.append(("stack_client_keys",
+                      f"key 'stack_client_keys' has {len(clients) - 1} clients: expected fewer, so "
+                      "that the gateway's /metrics (a line per client) fits in "
+                      f"{METRICS_BODY_MAX_BYTES // 1024} KiB, one HAProxy buffer (about "
+                      f"{(METRICS_BODY_MAX_BYTES - METRICS_HEAD_BYTES) // (_METRIC_LINE_BYTES + 10)} clients "
+                      "of 10-character names)"))
     if settings.stack_gateway_tls_cert_file or settings.stack_gateway_tls_key_file:
         if not (settings.stack_gateway_tls_cert_file and settings.stack_gateway_tls_key_file):
             missing = ("stack_gateway_tls_key_file" if settings.stack_gateway_tls_cert_file

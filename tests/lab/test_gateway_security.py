@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -146,6 +147,15 @@ def test_each_named_client_works_and_bob_is_held_to_his_rate(secured):
     assert any("client=alice" in line for line in named), logs.stdout[-2000:]
     assert sum("client=bob" in line and " 429 " in line for line in named) >= 5, named[-10:]
     assert alice not in logs.stdout and bob not in logs.stdout
+    # The same by name on the gateway's /metrics (the operator's key): bob's refused requests
+    # are counted too.
+    metrics = get(secured, "/metrics", key(s["stack_api_key_file"]))
+    assert metrics.status_code == 200, metrics.text
+    counts = {m[0]: int(m[1]) for m in re.findall(
+        r'^gpufleet_gateway_client_requests_total\{client="(\w+)"\} (\d+)$', metrics.text, re.M)}
+    assert counts["bob"] >= BOB_PER_MIN + 5 and counts["alice"] >= 2, counts
+    assert alice not in metrics.text and bob not in metrics.text
+    assert get(secured, "/metrics", alice).status_code == 403
 
 
 def test_revoking_one_client_under_a_steady_load_fails_no_request_of_the_others(secured):

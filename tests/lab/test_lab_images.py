@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -403,7 +404,9 @@ def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
                                           "stack_engine_key_file": "/etc/engine-key"})
     nodes = [Node(name, 2, "NVIDIA H100 80GB HBM3", 81559, 64 * GIB, addr=addr)
              for name, addr in addresses.items()]
-    return gw.render_gateway([m for m in settings.models if m.serve], nodes, 8080)
+    # carol: a client with a key file but no request yet (her counter reads 0).
+    access = gw.GatewayAccess(clients=("operator", "alice", "carol"))
+    return gw.render_gateway([m for m in settings.models if m.serve], nodes, 8080, access=access)
 
 
 ONE_MODEL = [{"name": "tiny-llama"}]
@@ -486,6 +489,19 @@ def test_stacks_gateway_routes_to_the_engines_of_every_node(tmp_path, files, mod
         assert http("GET", base + "/health", key=KEY, headers={"X-Gpufleet-Pin": "nope@x"})[0] == 404
         # The gateway's own health: 200 only while every model has a healthy engine.
         assert http("GET", base + "/health", key=None)[0] == 200
+        # Requests per client by name, in Prometheus' text format, for the operator's key only;
+        # alice's two (one refused) are counted, a key the gateway does not know is not.
+        status, headers, raw = http("GET", base + "/metrics")
+        text = raw.decode()
+        assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4", text
+        counts = dict(re.findall(r'^gpufleet_gateway_client_requests_total\{client="([a-z]+)"\} '
+                                 r"(\d+)$", text, re.M))
+        assert counts["alice"] == "2" and counts["carol"] == "0" and int(counts["operator"]) > 2
+        assert all(line.startswith("# ") or re.fullmatch(r'\w+\{client="[a-z]+"\} \d+', line)
+                   for line in text.splitlines()), text
+        assert not {KEY, ALICE, ENGINE_KEY} & set(re.split(r'[\s"]', text))
+        assert http("GET", base + "/metrics", key=ALICE)[0] == 403
+        assert http("GET", base + "/metrics", key=None)[0] == 401
     finally:
         for name in containers:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)

@@ -47,7 +47,8 @@ def running_as_rendered(settings):
     secrets = {kind: name for kind, (name, _) in stack_secrets.wanted_secrets(settings).items()}
     served = [spec for spec in settings.models if spec.serve]
     nodes = [sizing.Node.from_swarm(node) for node in NODES["nodes"]]
-    gateway = gw.render_gateway(served, nodes, gw.gateway_listen_port(settings))
+    gateway = gw.render_gateway(served, nodes, gw.gateway_listen_port(settings),
+                                settings.stack_gateway_max_body_kb * 1024, gw.access_for(settings))
     text = stack_render.render_stack(settings, nodes, secrets, gateway)
     services = []
     for name, want in stack.wanted_services(settings.stack_name, text).items():

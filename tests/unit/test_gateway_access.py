@@ -121,9 +121,36 @@ def test_the_gateway_speaks_tls_redirects_and_limits_rates_when_told(tmp_path, p
     assert "bind :8079\n" in text and ":8443%[capture.req.uri] code 308" in text
     assert "sc_http_req_rate(0) gt 120" in text and "status 429" in text
     plain = gw.render_gateway(list(s.models), NODES, 8080)
-    assert "ssl crt" not in plain and "http_redirect" not in plain and "stick-table" not in plain
+    assert "ssl crt" not in plain and "http_redirect" not in plain and "http_req_rate" not in plain
     # The key never reaches the configuration: only the secrets' paths.
     assert "sk-operator" not in text and "ek-engine" not in text
+
+
+def test_metrics_count_each_named_clients_requests_for_the_operator_alone(tmp_path):
+    s = settings(tmp_path, stack_client_keys={"bob": key_file(tmp_path, "bob", "sk-bob-0123456789ab"),
+                                              "alice": key_file(tmp_path, "a", "sk-alice-0123456789")})
+    access = gw.access_for(s)
+    assert access.clients == ("operator", "alice", "bob")
+    text = gw.render_gateway(list(s.models), NODES, 8080, access=access)
+    assert "http-request track-sc1 var(txn.client) table client_requests if authorised" in text
+    assert "stick-table type string len 32 size 1k expire 24h store http_req_cnt" in text
+    metrics = next(line for line in text.splitlines() if "lf-string" in line)
+    assert metrics.endswith(" if metrics !pinned")
+    for name in access.clients:  # one counter per client, by name: keys are never in the config
+        assert (f'gpufleet_gateway_client_requests_total{{client=\\"{name}\\"}} '
+                f"%[str({name}),table_http_req_cnt(client_requests)]\\n") in metrics
+    assert "sk-" not in text
+    assert "403" in next(line for line in text.splitlines() if "if metrics !pinned !operator" in line)
+
+
+def test_more_clients_than_metrics_can_answer_in_one_buffer_are_refused(tmp_path):
+    many = {f"client-{i:03d}": key_file(tmp_path, f"c{i}", f"sk-client-{i:03d}-0123456789")
+            for i in range(160)}
+    found = ga.access_problems(settings(tmp_path, stack_client_keys=many))
+    assert [key for key, _ in found] == ["stack_client_keys"]
+    assert found[0][1].startswith("key 'stack_client_keys' has 160 clients: expected fewer")
+    fewer = dict(list(many.items())[:140])
+    assert ga.access_problems(settings(tmp_path, stack_client_keys=fewer)) == []
 
 
 def test_every_engine_task_can_be_pinned_and_gets_the_internal_key(tmp_path):
