@@ -85,7 +85,9 @@ def _dist(values: list[float]) -> dict[str, float | None]:
 
 def summarize(records: list[Record]) -> dict[str, Any]:
     """Counts, latency and TTFT distributions (seconds), throughput over the run's wall time
-    (first request's start to last request's end), and errors by kind."""
+    (first request's start to last request's end), and errors by kind, with the first of each
+    kind as it came (when after the start, which endpoint, the whole message): what someone
+    reading the report needs to find the failure in the gateway's or the engine's log."""
     ok = [r for r in records if r.ok]
     if records:
         start = min(r.timestamp for r in records)
@@ -95,16 +97,20 @@ def summarize(records: list[Record]) -> dict[str, Any]:
         wall = 0.0
     tokens = sum(r.tokens for r in ok)
     errors: dict[str, int] = {}
-    for r in records:
+    first: dict[str, str] = {}
+    for r in sorted(records, key=lambda r: r.timestamp):
         if not r.ok:
             kind = r.error.split(":", 1)[0] if r.error else f"HTTP {r.status}"
             errors[kind] = errors.get(kind, 0) + 1
+            first.setdefault(kind, f"at +{r.timestamp - start:.1f} s, {r.endpoint}: "
+                                   f"{r.error or f'HTTP {r.status}'}")
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     return {
         "requests": len(records),
         "ok": len(ok),
         "errors": len(records) - len(ok),
         "error_kinds": dict(sorted(errors.items())),
+        "error_first": dict(sorted(first.items())),
         "wall_s": wall,
         "latency_s": _dist([r.latency_s for r in ok]),
         "ttft_s": _dist(ttfts),
@@ -290,6 +296,8 @@ def markdown_report(summaries: dict[str, dict[str, Any]], meta: dict[str, Any],
         lines += ["", "## Errors", ""]
         for name, kinds in errors.items():
             lines.append(f"- {name}: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
+            for kind, example in summaries[name].get("error_first", {}).items():
+                lines.append(f"  - first {kind} {example}")
     if scenarios:
         lines += ["", "## Scenarios", "",
                   "CPU % (mean of the samples) and memory (peak) summed over the stack's "

@@ -195,6 +195,20 @@ def set_models(lab, models):
     assert done.returncode == 0, done.stderr
 
 
+def gateway_trouble(lab):
+    """The gateway's log lines of requests that did not end cleanly (HAProxy's termination
+    state other than ---- or a local answer, LR--): which side closed, at which stage."""
+    logs = lab.ssh(lab.hosts[0]["name"],
+                   "sudo timeout 60 docker logs $(sudo docker ps -q --filter "
+                   "label=com.docker.swarm.service.name=gpufleet_gateway | head -1) 2>&1")
+    if logs.returncode != 0:
+        return f"\ngateway log not read: {(logs.stdout + logs.stderr)[-300:]}"
+    lines = [line for line in logs.stdout.splitlines()
+             if (m := re.search(r" ([-A-Za-z]{4}) \d+/\d+/\d+/\d+/\d+ ", line))
+             and m.group(1) not in ("----", "LR--")]
+    return "\ngateway, requests not ended cleanly:\n" + "\n".join(lines[-20:])
+
+
 def test_a_rolling_update_under_load_fails_no_request(deployed, tmp_path):
     """The engine's setting changes and the deploy rolls every replica (stop-first, one at a
     time) while four streamed requests are always in flight through the gateway: the gateway
@@ -219,7 +233,7 @@ def test_a_rolling_update_under_load_fails_no_request(deployed, tmp_path):
     assert meta["during_exit_code"] == 0, (out / "during.log").read_text()[-3000:]
     assert '"0.85"' in rolled and rolled != before, "the deploy did not roll the engine"
     assert meta["during_covered"] is True
-    assert result.returncode == 0 and meta["failed_during"] == 0, printed
+    assert result.returncode == 0 and meta["failed_during"] == 0, printed + gateway_trouble(deployed)
     assert json.loads((out / "summary.json").read_text())["summaries"]["load"]["requests"] > 40
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert smoke_until_it_passes(deployed).returncode == 0

@@ -52,6 +52,7 @@ def test_summary_counts_throughput_over_wall_time_and_excludes_errors_from_laten
     s = ls.summarize(records)
     assert (s["requests"], s["ok"], s["errors"]) == (10, 9, 1)
     assert s["error_kinds"] == {"HTTP 503": 1}
+    assert s["error_first"] == {"HTTP 503": "at +9.0 s, http://10.0.0.1:8080: HTTP 503"}
     assert s["wall_s"] == pytest.approx(39.0)  # first start to the 503's end
     assert s["latency_s"]["p99"] == pytest.approx(0.5)  # the 30 s error is not a latency
     assert s["tokens_out"] == 180
@@ -272,3 +273,18 @@ def test_during_and_scenarios_are_refused_together(tmp_path):
         lt.parse_args([str(_inventory(tmp_path)), "--out", str(tmp_path), "--scenarios",
                        "--during", "true"])
     assert refused.value.code == 2
+
+
+def test_the_report_gives_the_first_failure_of_each_kind_whole():
+    # What a reader needs to find it in the gateway's log: when, where, and the whole message.
+    cut = "RemoteProtocolError: peer closed connection without sending complete message body"
+    records = [rec(0, 0.5), rec(4, 0.2, status=0, tokens=0, error=cut),
+               rec(7, 0.2, status=0, tokens=0, error="RemoteProtocolError: later"),
+               rec(9, 0.1, status=502, tokens=0)]
+    s = ls.summarize(records)
+    assert s["error_kinds"] == {"HTTP 502": 1, "RemoteProtocolError": 2}
+    assert s["error_first"]["RemoteProtocolError"] == f"at +4.0 s, http://10.0.0.1:8080: {cut}"
+    from scripts.loadmetrics import field_metrics
+    text = ls.markdown_report({"load": {**s, "metrics": field_metrics(records, {})}}, {})
+    assert f"first RemoteProtocolError at +4.0 s, http://10.0.0.1:8080: {cut}" in text
+    assert "later" not in text
