@@ -118,13 +118,16 @@ class StreamRead:
     tokens: int
     prompt_tokens: int
     complete: bool
+    # An error event in the stream (vLLM sends `data: {"error": ...}` then [DONE] when a request
+    # fails after its 200, an engine shut down under it included): a failed request.
+    error: str = ""
 
 
 async def _read_stream(response: httpx.Response, started: float) -> StreamRead:
     """An SSE stream: the arrival of every chunk carrying content (TTFT is the first, ITLs the
     gaps between the next ones), tokens from the usage of the last chunk (else the number of
     content chunks); complete when the stream ended with `data: [DONE]` (a stream cut short by
-    an engine going away may still end cleanly at the HTTP level)."""
+    an engine going away may still end cleanly at the HTTP level); an error event is kept."""
     read = StreamRead([], 0, 0, False)
     usage = None
     async for line in response.aiter_lines():
@@ -138,6 +141,9 @@ async def _read_stream(response: httpx.Response, started: float) -> StreamRead:
             event = json.loads(payload)
         except ValueError:
             continue
+        if isinstance(event, dict) and event.get("error") and not read.error:
+            failure = event["error"]
+            read.error = str(failure.get("message") if isinstance(failure, dict) else failure)
         for choice in event.get("choices") or []:
             if (choice.get("delta") or {}).get("content") or choice.get("text"):
                 read.chunk_times.append(time.perf_counter() - started)
@@ -169,7 +175,9 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
                     if read.chunk_times:
                         ttft = read.chunk_times[0]
                         itl = [b - a for a, b in zip(read.chunk_times, read.chunk_times[1:])]
-                    if not read.complete:
+                    if read.error:
+                        error = f"StreamError: {read.error}"[:200]
+                    elif not read.complete:
                         error = "IncompleteStream: the stream ended before data: [DONE]"
                 else:
                     await response.aread()

@@ -15,10 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     def __init__(self, models=("tiny-llama",), key="sk-test", tokens=4, token_delay_s=0.0,
-                 fail_every=0, cut_streams=False, dead_pins=()):
+                 fail_every=0, cut_streams=False, dead_pins=(), error_streams=False):
         self.models, self.key, self.tokens = list(models), key, tokens
         self.token_delay_s, self.fail_every = token_delay_s, fail_every
         self.cut_streams = cut_streams  # streams end cleanly but before `data: [DONE]`
+        # Streams end with vLLM's error event, then [DONE] (a request aborted after its 200).
+        self.error_streams = error_streams
         self.requests = 0
         # Pinned engine tasks that are down: a gateway answers 503 for them, as HAProxy does.
         self.dead_pins = set(dead_pins)
@@ -103,6 +105,13 @@ class FakeOpenAI:
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
                 if fake.cut_streams:  # an engine that went away mid-stream
+                    self.close_connection = True
+                    return
+                if fake.error_streams:
+                    error = {"error": {"object": "error", "message": "engine shut down",
+                                       "type": "InternalServerError", "code": 500}}
+                    self.wfile.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                    self.wfile.flush()
                     self.close_connection = True
                     return
                 usage = {"choices": [], "usage": {"completion_tokens": fake.tokens}}

@@ -222,6 +222,15 @@ def test_a_stream_cut_before_done_is_a_failed_request():
     assert ls.summarize(records)["error_kinds"] == {"IncompleteStream": 3}
 
 
+def test_a_stream_that_carries_an_error_event_is_a_failed_request_even_with_done():
+    # vLLM answers a request that fails after its 200 with `data: {"error": ...}`, then [DONE].
+    with FakeOpenAI(key=KEY, tokens=3, error_streams=True) as server:
+        records = asyncio.run(lt.run_load([lt.Endpoint(server.url, ("tiny-llama",))], KEY,
+                                          requests=2, concurrency=1, max_seconds=30))
+    assert [r.status for r in records] == [200, 200] and not any(r.ok for r in records)
+    assert {r.error for r in records} == {"StreamError: engine shut down"}
+
+
 # --- A command under load (--during) --------------------------------------------------------
 
 
