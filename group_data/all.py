@@ -93,8 +93,8 @@ swarm_drain_timeout_s = 300
 # Each entry of `models` with serve=True (the default) becomes one engine service. Keys of an
 # entry for serving: engine ("vllm" | "tgi" | "ollama"), served_model_name, replicas,
 # tensor_parallel_size, max_model_len, gpu_memory_utilization, port, engine_args, shm_size_gb,
-# gpu_model, health_start_period_s, stop_grace_period_s, image (README.md, "models", describes
-# each).
+# gpu_model, health_start_period_s, stop_grace_period_s, drain_port (vLLM), image (README.md,
+# "models", describes each).
 # Swarm stack name: services are <stack_name>_gateway and <stack_name>_<model>.
 stack_name = "gpufleet"
 # Engine images, pinned by tag (add @sha256:... to pin the digest too).

@@ -76,6 +76,9 @@ def _raise_rule(key: str, problem: str | None) -> None:
 
 
 ImageRef = Annotated[str, _checked(rules.image_problem)]
+# A vLLM replica's drain agent listens here, above its own port, unless drain_port says.
+DRAIN_PORT_OFFSET = 10000
+
 ServicePort = Annotated[int, Field(ge=1, le=65535), _checked(rules.reserved_port_problem)]
 AdvertiseAddress = Annotated[str, _checked(rules.advertise_address_problem)]
 
@@ -139,6 +142,9 @@ class ModelSpec(BaseModel):
     # Host port of each replica, published in host mode (one replica per node): the direct
     # address of an engine task, which the smoke tests check beside the gateway.
     port: Annotated[int, Field(ge=1024, le=65535), _checked(rules.reserved_port_problem)] = 8000
+    # vLLM only: the port of the replica's drain agent (operations/drain_agent.py), which the
+    # gateway's agent check asks whether the replica is being stopped; None: port + 10000.
+    drain_port: Annotated[int, Field(ge=1024, le=65535), _checked(rules.reserved_port_problem)] | None = None
     # Further engine flags, verbatim (e.g. ["--enable-prefix-caching"]).
     engine_args: list[Annotated[str, Field(pattern=r"^[^\n]+$")]] = []
     # /dev/shm of each replica in GiB; None: operations.sizing.shm_bytes decides.
@@ -162,11 +168,21 @@ class ModelSpec(BaseModel):
     def served_name(self) -> str:
         return self.served_model_name or self.name
 
+    @property
+    def agent_port(self) -> int | None:
+        """The drain agent's port: vLLM replicas only (the engine that aborts at SIGTERM)."""
+        if self.engine != "vllm":
+            return None
+        return self.drain_port or self.port + DRAIN_PORT_OFFSET
+
     @model_validator(mode="after")
     def _engine_args_unmanaged(self) -> "ModelSpec":
         _raise_rule("engine_args", rules.engine_args_problem(self.engine, self.engine_args))
         _raise_rule("gguf_file", rules.gguf_file_problem(self.engine, self.serve, self.gguf_file,
                                                          self.allow_patterns))
+        if self.drain_port is not None and self.engine != "vllm":
+            _raise_rule("drain_port", f"no drain_port for engine {self.engine!r} (only vLLM "
+                                      "replicas run the drain agent)")
         return self
 
 
@@ -311,6 +327,24 @@ class Settings(BaseModel):
                 "expected a port that neither the gateway nor a served model uses",
                 {"key": "stack_gateway_http_redirect_port"},
             )
+        ports.add(self.stack_gateway_http_redirect_port)
+        for spec in served:
+            if spec.agent_port is None:
+                continue
+            taken = ports | {other.agent_port for other in served if other is not spec}
+            if spec.agent_port > 65535 or spec.agent_port in taken:
+                raise PydanticCustomError(
+                    "serving_clash",
+                    "expected models[].drain_port for {name}: its default, port + 10000 = "
+                    "{value}, is {why}; give a free port in 1024-65535",
+                    {"key": "models", "name": spec.name, "value": spec.agent_port,
+                     "why": "above 65535" if spec.agent_port > 65535 else "in use by another port of the stack"},
+                ) if spec.drain_port is None else PydanticCustomError(
+                    "serving_clash",
+                    "expected a drain_port for {name} that no other port of the stack uses; "
+                    "{value} is taken",
+                    {"key": "models", "name": spec.name, "value": spec.agent_port},
+                )
         if self.stack_gateway_http_redirect_port and not self.stack_gateway_tls_cert_file:
             raise PydanticCustomError(
                 "serving_clash",

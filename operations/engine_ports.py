@@ -280,10 +280,17 @@ def engine_firewall_refuse(reason: str):
     yield FunctionCommand(fail_host, (reason,), {})
 
 
+def guarded_ports(settings) -> list[int]:
+    """The served models' ports, and each vLLM replica's drain agent port
+    (operations/drain_agent.py): only the gateway asks it."""
+    return [port for spec in settings.models if spec.serve
+            for port in (spec.port, spec.agent_port) if port]
+
+
 @deploy("Engine ports")
 def engine_ports(settings) -> PhaseResult:
     """On every node that may run an engine: its ports admit only the gateway nodes."""
-    ports = [spec.port for spec in settings.models if spec.serve]
+    ports = guarded_ports(settings)
     if not settings.stack_engine_firewall or not ports:
         return PhaseResult([engine_firewall_off(name="No engine port firewall (nothing to guard)"
                                                 if not ports else

@@ -66,9 +66,32 @@ def _compose_escape(text: str) -> str:
     return text.replace("$", "$$")
 
 
-def entrypoint(engine: str) -> list[str]:
-    """A shell wrapper that exports the engine's secrets from /run/secrets, then execs it."""
-    export, run = _SECRET_EXPORTS[engine]
+# vLLM aborts the requests in flight at SIGTERM: its tasks run under the drain agent
+# (operations/drain_agent.py, a Swarm config at this path), which tells the gateway to send no
+# more, waits for the engine to finish what it has, then stops it.
+DRAIN_AGENT_PATH = "/usr/local/lib/gpufleet/drain_agent.py"
+# How often each gateway asks an engine task's agent; after a stop, the agent waits the notice
+# (two asks and a margin) before counting what the engine still holds.
+DRAIN_AGENT_INTER_S = 1
+DRAIN_NOTICE_S = 3
+# Left to the engine's own shutdown within stop_grace_period_s, after the drain's deadline.
+DRAIN_SHUTDOWN_MARGIN_S = 5
+
+
+def drains(spec) -> bool:
+    """Whether the model's tasks run under the drain agent (those with an agent port)."""
+    return spec.agent_port is not None
+
+
+def entrypoint(spec) -> list[str]:
+    """A shell wrapper that exports the engine's secrets from /run/secrets, then execs the
+    engine, or for vLLM the drain agent with the engine as its child."""
+    export, run = _SECRET_EXPORTS[spec.engine]
+    if drains(spec):
+        deadline = spec.stop_grace_period_s - DRAIN_SHUTDOWN_MARGIN_S
+        run = (f"exec python3 {DRAIN_AGENT_PATH} --agent-port {spec.agent_port} --engine-port "
+               f"{spec.port} --notice {DRAIN_NOTICE_S} --deadline {deadline} -- "
+               + run.removeprefix("exec "))
     script = "set -e; " + export + _HF_TOKEN_EXPORT + run
     return ["/bin/sh", "-c", _compose_escape(script), "engine"]
 

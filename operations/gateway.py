@@ -136,11 +136,13 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
             "id": bid, "port": spec.port, "servers": servers,
             "names": engines.request_names(spec),
             "check": engines.gateway_check(spec),
+            "agent_port": spec.agent_port,
         })
     models = {"object": "list", "data": [
         {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
     return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
         backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
+        agent_inter_s=engines.DRAIN_AGENT_INTER_S,
         bufsize=gateway_bufsize(max_body_bytes), access=access, operator=OPERATOR_CLIENT,
         pin_header=PIN_HEADER.lower(), server_header=SERVER_HEADER,
         client_metrics=client_metrics_format(access.clients),

@@ -62,7 +62,9 @@ from operations.phase import (
     read_fact,
 )
 from operations.node_wait import wait_for_nodes, why_node_down
-from operations.stack_render import LABEL_SPEC, STACK_DIR, content_hash, render_stack, stack_problems
+from operations.stack_render import (
+    LABEL_SPEC, STACK_DIR, content_hash, drain_config, render_stack, stack_problems,
+)
 from operations.stack_secrets import create_secret, wanted_secrets
 from operations.swarm import SwarmNodes, _inventory_hosts
 from operations.weights_plan import MANIFEST_NAME
@@ -387,10 +389,14 @@ def stack_deploy(settings, manager: str | None = None):
 
     config_path = posixpath.join(STACK_DIR, f"{stack}.haproxy.cfg")
     stack_path = posixpath.join(STACK_DIR, f"{stack}.yml")
+    drain = drain_config(stack) if any(spec.agent_port for spec in served) else None
+    uploads = [(config_path, gateway_config), (stack_path, text)]
+    if drain:  # before the stack file that names it
+        uploads.insert(0, (drain["file"], drain["text"]))
     for command in files.directory._inner(path=STACK_DIR, mode="0755"):
         changed = True
         yield command
-    for path, content in ((config_path, gateway_config), (stack_path, text)):
+    for path, content in uploads:
         said = False
         for command in files.put._inner(src=StringIO(content), dest=path, mode="0644"):
             changed = True
@@ -424,8 +430,9 @@ def stack_deploy(settings, manager: str | None = None):
         changed = True
 
     stale_secrets = sorted(set(current["secrets"]) - set(names.values()))
-    config_name = f"{stack}_haproxy_{content_hash(gateway_config)}"
-    stale_configs = sorted(set(current["configs"]) - {config_name})
+    config_names = {f"{stack}_haproxy_{content_hash(gateway_config)}"} | (
+        {drain["name"]} if drain else set())
+    stale_configs = sorted(set(current["configs"]) - config_names)
     if stale_secrets or stale_configs:
         explain("stack: no longer used, to remove: " + ", ".join(stale_secrets + stale_configs))
     if stale_secrets:

@@ -61,6 +61,14 @@ def _env(path: Path) -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)
 
 
+def drain_config(stack: str) -> dict[str, str]:
+    """The drain agent as a Swarm config of the stack: named by content (configs are
+    immutable), from the file on the manager that the stack phase writes; `text` is that file."""
+    text = (Path(__file__).resolve().parent / "drain_agent.py").read_text()
+    return {"name": f"{stack}_drain_agent_{content_hash(text)}", "text": text,
+            "file": posixpath.join(STACK_DIR, f"{stack}.drain_agent.py")}
+
+
 def served_dir(settings, spec) -> str:
     """What a model's service mounts at engines.model_path: its weights, or its Ollama store."""
     if spec.engine == "ollama":
@@ -88,7 +96,8 @@ def plan_engines(settings, nodes: list[sizing.Node], secrets: dict[str, str]) ->
         planned.append({
             "key": service_key(spec.name),
             "image": spec.image or settings.stack_engine_images[spec.engine],
-            "entrypoint": engines.entrypoint(spec.engine),
+            "entrypoint": engines.entrypoint(spec),
+            "drain_agent": engines.drains(spec),
             "command": engines.command(spec),
             "environment": engines.environment(spec),
             "port": spec.port,
@@ -133,8 +142,11 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
         "config_file": posixpath.join(STACK_DIR, f"{settings.stack_name}.haproxy.cfg"),
         "service_labels": {LABEL_ROLE: "gateway"},
     }
-    engines = plan_engines(settings, nodes, secrets)
-    for service in [*engines, front]:
+    planned = plan_engines(settings, nodes, secrets)
+    drain = drain_config(settings.stack_name) if any(e["drain_agent"] for e in planned) else None
+    for service in planned:  # the agent's version is part of what a draining engine runs
+        service["drain_agent"] = drain["name"] if service["drain_agent"] else None
+    for service in [*planned, front]:
         # The versions of the secrets this service mounts, not all of them: a client's key
         # rotated rolls the gateway alone, never the engines.
         used = {kind: secrets[kind] for kind in secret_kinds(service)}
@@ -142,7 +154,9 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
         service["service_labels"][LABEL_SPEC] = content_hash(
             json.dumps({**service, **shared}, sort_keys=True))
     return _env(TEMPLATES).get_template("stack.yml.j2").render(
-        engines=engines, gateway=front, monitor_s=settings.stack_update_monitor_s,
+        engines=planned, gateway=front, monitor_s=settings.stack_update_monitor_s,
+        drain=drain and {"name": drain["name"], "file": drain["file"]},
+        drain_path=engines.DRAIN_AGENT_PATH,
         secrets=[{"source": kind, "name": name} for kind, name in sorted(secrets.items())],
     )
 

@@ -112,8 +112,10 @@ def test_several_models_each_get_a_service_and_a_gateway_route():
     # Routed on the JSON body's top-level "model", read whole (issue 25: not a regex on a part).
     assert "use_backend be_b if { var(txn.model) -m str org/b-chat }" in gateway
     assert "http-request set-var(txn.model) req.body,json_query('$.model')" in gateway
-    assert "    server gpu-01 10.20.0.11:8001 check\n    server gpu-02 10.20.0.12:8001 check" in gateway
-    assert "server gpu-03 10.20.0.13:8002 check" in gateway
+    agent = "agent-check agent-port 18001 agent-inter 1s"
+    assert (f"    server gpu-01 10.20.0.11:8001 check {agent}\n"
+            f"    server gpu-02 10.20.0.12:8001 check {agent}") in gateway
+    assert "server gpu-03 10.20.0.13:8002 check agent-check agent-port 18002 " in gateway
     # An unknown model gets a 404 from a backend (http-request rules would run before routing).
     assert "default_backend unknown_model" in gateway and "backend unknown_model" in gateway
     assert '\\"id\\":\\"org/b-chat\\"' in gateway
@@ -240,3 +242,65 @@ def test_secret_request_carries_the_value_only_in_the_body():
     assert "sk-secret" not in head and "sk-secret" not in body  # base64 in the body
     assert json.loads(body)["Labels"] == {"gpufleet.stack": "gpufleet", "gpufleet.secret": "api_key"}
     assert f"Content-Length: {len(body.encode())}" in head
+
+
+# --- The drain agent (operations/drain_agent.py) -------------------------------------------
+
+
+def test_a_vllm_task_runs_under_the_drain_agent_shipped_as_a_config_of_its_own():
+    doc, text, gateway = render([model("m", port=8001, stop_grace_period_s=120)])
+    assert stack_render.stack_problems(text) == []
+    svc = doc["services"]["m"]
+    # The agent is PID 1 (exec), the engine its child, with the deadline under the grace period.
+    assert svc["entrypoint"][2].endswith(
+        "exec python3 /usr/local/lib/gpufleet/drain_agent.py --agent-port 18001 --engine-port "
+        '8001 --notice 3 --deadline 115 -- vllm serve "$$@"')
+    assert svc["configs"] == [{"source": "drain_agent", "mode": 0o444,
+                               "target": "/usr/local/lib/gpufleet/drain_agent.py"}]
+    source = (stack_render.Path(stack_render.__file__).parent / "drain_agent.py").read_text()
+    name = f"gpufleet_drain_agent_{stack_render.content_hash(source)}"
+    assert doc["configs"]["drain_agent"] == {"name": name,
+                                            "file": "/etc/gpufleet/stack/gpufleet.drain_agent.py"}
+    # The gateway asks each task's agent every second, beside the health check.
+    assert "server gpu-01 10.20.0.11:8001 check agent-check agent-port 18001 agent-inter 1s" in gateway
+
+
+def test_a_changed_drain_agent_is_a_new_config_and_rolls_the_engines(monkeypatch):
+    before, _, _ = render([model("m")])
+    real = stack_render.Path.read_text
+    monkeypatch.setattr(stack_render.Path, "read_text",
+                        lambda self, *a, **k: real(self, *a, **k) + ("\n# v2" if self.name == "drain_agent.py" else ""))
+    after, _, _ = render([model("m")])
+    assert after["configs"]["drain_agent"]["name"] != before["configs"]["drain_agent"]["name"]
+    label = stack_render.LABEL_SPEC
+    assert after["services"]["m"]["labels"][label] != before["services"]["m"]["labels"][label]
+    assert after["services"]["gateway"]["labels"][label] == before["services"]["gateway"]["labels"][label]
+
+
+def test_tgi_and_ollama_tasks_have_no_drain_agent_and_without_vllm_no_config():
+    doc, _, gateway = render([model("t", engine="tgi", port=8001),
+                              model("o", engine="ollama", port=8002, gguf_file="o.gguf")])
+    assert "drain_agent" not in json.dumps(doc)
+    assert "configs" not in doc["services"]["t"] and "configs" not in doc["services"]["o"]
+    assert "agent-check" not in gateway
+
+
+def test_drain_port_is_the_models_port_plus_10000_unless_given_and_never_clashes():
+    s = settings([model("a", port=8001), model("b", port=8002, drain_port=9100)])
+    assert [m.agent_port for m in s.models] == [18001, 9100]
+    assert settings([model("t", engine="tgi")]).models[0].agent_port is None
+    with pytest.raises(Exception, match="drain_port for a: its default, port \\+ 10000 = 18001"):
+        settings([model("a", port=8001), model("b", port=18001)])
+    with pytest.raises(Exception, match="above 65535"):
+        settings([model("a", port=60000)])
+    with pytest.raises(Exception, match="drain_port for a that no other port"):
+        settings([model("a", port=8001, drain_port=8002), model("b", port=8002)])
+    with pytest.raises(Exception, match="no drain_port for engine 'tgi'"):
+        settings([model("t", engine="tgi", drain_port=9100)])
+
+
+def test_the_engine_firewall_guards_the_drain_agents_ports_too():
+    from operations import engine_ports
+    s = settings([model("a", port=8001), model("t", engine="tgi", port=8002),
+                  model("off", port=8003, serve=False)])
+    assert engine_ports.guarded_ports(s) == [8001, 18001, 8002]
