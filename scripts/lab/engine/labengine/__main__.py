@@ -49,8 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     app = EngineApp(config, engine)
     log.info("Starting vLLM-compatible API server (lab stand-in) on http://%s:%d",
              config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
-                lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    # At SIGTERM the requests in flight are aborted at once, as vLLM 0.11's API server does
+    # (vllm-project/vllm#34730): what the deploy's drain agent (operations/drain_agent.py) is
+    # for. A graceful wait here would hide a rolling update that cuts streams on real vLLM.
+    class AbortingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                app.abort_in_flight(f"signal {sig}")
+            super().handle_exit(sig, frame)
+
+    AbortingServer(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+        lifespan="on", timeout_keep_alive=5, timeout_graceful_shutdown=0)).run()
     return 0
 
 

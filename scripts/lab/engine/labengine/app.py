@@ -50,6 +50,10 @@ class Metrics:
             "# HELP vllm:num_requests_running Number of requests running (lab CPU engine).",
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{{{m}}} {self.running}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting (lab CPU engine: none, "
+            "a request runs as it comes).",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{m}}} 0",
             "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{m}}} {self.prompt_tokens}",
@@ -77,6 +81,8 @@ class EngineApp:
         self.engine = engine
         self.ready = engine is not None
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
+        self.in_flight: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.hostname = hostname or socket.gethostname()
         self.metrics = Metrics(config.served_name)
         self.created = protocol.now()
@@ -90,6 +96,7 @@ class EngineApp:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self.loop = asyncio.get_running_loop()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     self.executor.shutdown(wait=False, cancel_futures=True)
@@ -106,6 +113,16 @@ class EngineApp:
                                    "/v1/completions", "/v1/chat/completions") else "none"
         key = (handler, method, f"{status // 100}xx")
         self.metrics.http[key] = self.metrics.http.get(key, 0) + 1
+
+    def abort_in_flight(self, why: str) -> None:
+        """vLLM 0.11 at SIGTERM: every request in flight is aborted (its connection closed
+        mid-answer by the server), none finished. Safe from a signal handler."""
+        if self.loop is None:
+            return
+        log.warning("LAB STAND-IN: %s: aborting %d request(s) in flight, as vLLM 0.11 does",
+                    why, len(self.in_flight))
+        for task in list(self.in_flight):
+            self.loop.call_soon_threadsafe(task.cancel)
 
     def _headers(self, content_type: bytes | None, length: int | None = None) -> list:
         headers = [(b"x-lab-stand-in", STAND_IN.encode()),
@@ -230,6 +247,8 @@ class EngineApp:
         prompt_tokens = sum(len(ids) for ids, _, _ in prompts)
         self.metrics.running += 1
         self.metrics.prompt_tokens += prompt_tokens * request.sampling.n
+        task = asyncio.current_task()
+        self.in_flight.add(task)
 
         async def watch():
             while True:
@@ -261,6 +280,7 @@ class EngineApp:
             return 500
         finally:
             self.metrics.running -= 1
+            self.in_flight.discard(task)
             watcher.cancel()
 
     async def _generate(self, prompt_ids, request: Request, limit: int, rng, gone,
