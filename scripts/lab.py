@@ -40,7 +40,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.lab import fleet, images, services  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab import fleet, host_edits, images, services  # noqa: E402  (needs the repo root on sys.path)
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
@@ -196,6 +196,14 @@ def up(lab: str, count: int, deploy: bool) -> int:
     count = max(count, fleet.existing_host_count(lab))
     hosts = fleet.planned_hosts(lab, subnet, count)
     states = fleet.container_states(lab)
+    foreign = fleet.foreign_hosts([h.container for h in hosts if h.container in states],
+                                  key.with_suffix(".pub").read_bytes())
+    if foreign:
+        raise LabError(
+            f"{', '.join(foreign)}: made with another SSH key than this lab's "
+            f"({key.relative_to(REPO_ROOT)}: made anew, or from another checkout), so no SSH "
+            f"reaches them: `python3 scripts/lab.py --name {lab} down` removes them (their "
+            "Docker data and weights too), or use another --name / LAB_NAME")
     for index, host in enumerate(hosts, start=1):
         state = states.get(host.container)
         if state is None:
@@ -423,16 +431,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ssh":
             return ssh(lab, args.node, args.remote_command)
         if args.command == "set":
-            return edit(lab, lambda s: fleet.set_host_data(s, args.node, args.assignments))
+            return edit(lab, lambda s: host_edits.set_host_data(s, args.node, args.assignments))
         if args.command == "unset":
-            return edit(lab, lambda s: fleet.unset_host_data(s, args.node, args.keys))
+            return edit(lab, lambda s: host_edits.unset_host_data(s, args.node, args.keys))
         if args.command in ("forget", "remember"):
             forgotten = args.command == "forget"
-            return edit(lab, lambda s: fleet.set_forgotten(s, args.node, forgotten))
+            return edit(lab, lambda s: host_edits.set_forgotten(s, args.node, forgotten))
         if args.command == "tls":
             return edit(lab, lambda s: set_tls(lab, s, args.mode == "on"))
         if args.command == "managers":
-            return edit(lab, lambda s: fleet.set_manager_count(s, args.count))
+            return edit(lab, lambda s: host_edits.set_manager_count(s, args.count))
         return down(lab, args.purge_images)
     except (LabError, images.ImageError) as error:
         print(f"lab: error: {error}", file=sys.stderr)

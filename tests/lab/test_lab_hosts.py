@@ -83,6 +83,31 @@ def test_the_deploy_users_key_is_its_own(lab):
         assert result.stdout.split() == ["ops", "600"], result.stdout + result.stderr
 
 
+def test_up_refuses_hosts_its_lost_key_made_in_one_line_and_touches_nothing(lab, tmp_path):
+    """The lab's state directory lost its key (removed by hand, another checkout): `up` makes a
+    new one, which the existing hosts do not admit. It says so, instead of waiting on SSH."""
+    from pathlib import Path
+
+    state = Path(__file__).resolve().parents[2] / ".lab" / lab.name
+    kept = {name: (state / name).read_bytes() for name in ("id_ed25519", "id_ed25519.pub")}
+    before = {h["container"]: _container_id(h["container"]) for h in lab.hosts}
+    try:
+        for name in kept:
+            (state / name).unlink()
+        result = lab.cli("up", "--hosts", "3", "--no-deploy")
+    finally:
+        for name, content in kept.items():
+            (state / name).write_bytes(content)
+            (state / name).chmod(0o600 if name == "id_ed25519" else 0o644)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "gpulab" in line and "node-1" in line and "another SSH key" in line
+    assert f"--name {lab.name} down" in line
+    assert {c: _container_id(c) for c in before} == before
+    assert lab.ssh("node-1", "true").returncode == 0  # the kept key still reaches them
+
+
 def test_ssh_to_an_unknown_node_is_a_clear_error(lab):
     result = lab.cli("ssh", "node-9", "true")
     assert result.returncode == 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scripts.lab import fleet, images
+from scripts.lab import fleet, host_edits, images
 
 
 def test_replicas_are_capped_at_the_lab_host_count_only_when_they_do_not_fit():
@@ -220,57 +220,57 @@ def _state():
 
 
 def test_assignments_are_json_when_they_parse_else_strings():
-    assert fleet.parse_assignment("swarm_retire=true") == ("swarm_retire", True)
-    assert fleet.parse_assignment("swarm_drain_timeout_s=30") == ("swarm_drain_timeout_s", 30)
-    assert fleet.parse_assignment('swarm_node_labels={"rack": "a1"}') == (
+    assert host_edits.parse_assignment("swarm_retire=true") == ("swarm_retire", True)
+    assert host_edits.parse_assignment("swarm_drain_timeout_s=30") == ("swarm_drain_timeout_s", 30)
+    assert host_edits.parse_assignment('swarm_node_labels={"rack": "a1"}') == (
         "swarm_node_labels", {"rack": "a1"})
-    assert fleet.parse_assignment("models_dir=/data/models") == ("models_dir", "/data/models")
+    assert host_edits.parse_assignment("models_dir=/data/models") == ("models_dir", "/data/models")
     for bad in ("swarm_retire", "Bad=1", "=1", "ssh_port=22", "lab_container=x"):
         with pytest.raises(fleet.LabError):
-            fleet.parse_assignment(bad)
+            host_edits.parse_assignment(bad)
 
 
 def test_set_and_unset_edit_one_hosts_data():
-    state = fleet.set_host_data(_state(), "node-4", ["swarm_retire=true", "models_dir=/m"])
+    state = host_edits.set_host_data(_state(), "node-4", ["swarm_retire=true", "models_dir=/m"])
     assert state["hosts"][3]["data"] == {"swarm_retire": True, "models_dir": "/m"}
     assert "data" not in state["hosts"][0]
-    state = fleet.unset_host_data(state, "node-4", ["models_dir"])
+    state = host_edits.unset_host_data(state, "node-4", ["models_dir"])
     assert state["hosts"][3]["data"] == {"swarm_retire": True}
-    state = fleet.unset_host_data(state, "node-4", ["swarm_retire"])
+    state = host_edits.unset_host_data(state, "node-4", ["swarm_retire"])
     assert "data" not in state["hosts"][3]
     with pytest.raises(fleet.LabError, match="no data key"):
-        fleet.unset_host_data(state, "node-4", ["swarm_retire"])
+        host_edits.unset_host_data(state, "node-4", ["swarm_retire"])
     with pytest.raises(fleet.LabError, match="no host node-9"):
-        fleet.set_host_data(state, "node-9", ["swarm_retire=true"])
+        host_edits.set_host_data(state, "node-9", ["swarm_retire=true"])
 
 
 def test_set_edits_several_hosts_or_all_in_one_edit():
     """A key the stack reads fleet-wide must change everywhere at once: the inventory refuses
     an edit that leaves hosts disagreeing (scripts/lab.py validates every edit)."""
-    state = fleet.set_host_data(_state(), "node-1,node-3", ["models_dir=/m"])
+    state = host_edits.set_host_data(_state(), "node-1,node-3", ["models_dir=/m"])
     assert [h.get("data") for h in state["hosts"]] == [{"models_dir": "/m"}, None,
                                                        {"models_dir": "/m"}, None]
-    state = fleet.set_host_data(state, "all", ["models_dir=/n"])
+    state = host_edits.set_host_data(state, "all", ["models_dir=/n"])
     assert {h["data"]["models_dir"] for h in state["hosts"]} == {"/n"}
     with pytest.raises(fleet.LabError, match="no host node-9"):
-        fleet.set_host_data(_state(), "node-1,node-9", ["models_dir=/m"])
-    state = fleet.unset_host_data(state, "all", ["models_dir"])
+        host_edits.set_host_data(_state(), "node-1,node-9", ["models_dir=/m"])
+    state = host_edits.unset_host_data(state, "all", ["models_dir"])
     assert all("data" not in h for h in state["hosts"])
     with pytest.raises(fleet.LabError, match="node-1 has no data key models_dir"):
-        fleet.unset_host_data(state, "all", ["models_dir"])
+        host_edits.unset_host_data(state, "all", ["models_dir"])
 
 
 def test_manager_count_is_bounded_by_the_listed_hosts():
-    state = fleet.set_forgotten(_state(), "node-4", True)
-    assert fleet.set_manager_count(state, 3)["swarm_managers"] == 3
+    state = host_edits.set_forgotten(_state(), "node-4", True)
+    assert host_edits.set_manager_count(state, 3)["swarm_managers"] == 3
     with pytest.raises(fleet.LabError):
-        fleet.set_manager_count(state, 4)  # node-4 is forgotten: 3 listed
+        host_edits.set_manager_count(state, 4)  # node-4 is forgotten: 3 listed
     with pytest.raises(fleet.LabError):
-        fleet.set_manager_count(state, 0)
+        host_edits.set_manager_count(state, 0)
 
 
 def test_up_keeps_the_operators_edits():
-    old = fleet.set_forgotten(fleet.set_host_data(_state(), "node-2", ["swarm_retire=true"]),
+    old = host_edits.set_forgotten(host_edits.set_host_data(_state(), "node-2", ["swarm_retire=true"]),
                               "node-3", True)
     old["swarm_managers"] = 3
     new = {**_state(), "hosts": _state()["hosts"] + [
@@ -296,10 +296,10 @@ def _lab_inventory(state, monkeypatch):
 
 
 def test_the_lab_inventory_applies_host_data_and_leaves_forgotten_hosts_out(monkeypatch):
-    state = fleet.set_host_data(_state(), "node-4", ["swarm_retire=true"])
-    state = fleet.set_forgotten(state, "node-2", True)
+    state = host_edits.set_host_data(_state(), "node-4", ["swarm_retire=true"])
+    state = host_edits.set_forgotten(state, "node-2", True)
     state["settings"] = {"swarm_drain_timeout_s": 60}
-    state = fleet.set_host_data(state, "node-3", ["swarm_drain_timeout_s=30"])
+    state = host_edits.set_host_data(state, "node-3", ["swarm_drain_timeout_s=30"])
     inventory = _lab_inventory(state, monkeypatch)
     hosts = dict(inventory["gpu_nodes"])
     assert list(hosts) == ["node-1", "node-3", "node-4"]
@@ -310,9 +310,18 @@ def test_the_lab_inventory_applies_host_data_and_leaves_forgotten_hosts_out(monk
 
 
 def test_the_lab_inventory_takes_the_first_n_listed_hosts_as_managers(monkeypatch):
-    state = fleet.set_manager_count(fleet.set_forgotten(_state(), "node-2", True), 3)
+    state = host_edits.set_manager_count(host_edits.set_forgotten(_state(), "node-2", True), 3)
     assert _lab_inventory(state, monkeypatch)["swarm_managers"] == ["node-1", "node-3", "node-4"]
     # A retiring manager is refused before any connection, as in a real inventory.
-    state = fleet.set_host_data(state, "node-4", ["swarm_retire=true"])
+    state = host_edits.set_host_data(state, "node-4", ["swarm_retire=true"])
     with pytest.raises(SystemExit):
         _lab_inventory(state, monkeypatch)
+
+
+def test_hosts_that_do_not_admit_the_labs_key_are_foreign(monkeypatch):
+    ours = b"ssh-ed25519 AAAAC3NzaOURS gpulab-deploy\n"
+    keys = {"lab-node-1": ours, "lab-node-2": b"ssh-ed25519 AAAAC3NzaOLD gpulab-deploy\n",
+            "lab-node-3": b"# two keys\nssh-rsa AAAAB3Nza other\nssh-ed25519 AAAAC3NzaOURS renamed\n",
+            "lab-node-4": None}  # nothing to read: not a host this check can judge
+    monkeypatch.setattr(fleet, "authorized_keys", keys.get)
+    assert fleet.foreign_hosts(list(keys), ours) == ["lab-node-2"]
