@@ -332,19 +332,22 @@ class Settings(BaseModel):
             if spec.agent_port is None:
                 continue
             taken = ports | {other.agent_port for other in served if other is not spec}
-            if spec.agent_port > 65535 or spec.agent_port in taken:
+            if spec.agent_port <= 65535 and spec.agent_port not in taken:
+                continue
+            if spec.drain_port is not None:  # given, so in range: taken
                 raise PydanticCustomError(
-                    "serving_clash",
-                    "expected models[].drain_port for {name}: its default, port + 10000 = "
-                    "{value}, is {why}; give a free port in 1024-65535",
-                    {"key": "models", "name": spec.name, "value": spec.agent_port,
-                     "why": "above 65535" if spec.agent_port > 65535 else "in use by another port of the stack"},
-                ) if spec.drain_port is None else PydanticCustomError(
                     "serving_clash",
                     "expected a drain_port for {name} that no other port of the stack uses; "
                     "{value} is taken",
                     {"key": "models", "name": spec.name, "value": spec.agent_port},
                 )
+            raise PydanticCustomError(
+                "serving_clash",
+                "expected models[].drain_port for {name}: its default, port + 10000 = "
+                "{value}, is {why}; give a free port in 1024-65535",
+                {"key": "models", "name": spec.name, "value": spec.agent_port,
+                 "why": "above 65535" if spec.agent_port > 65535 else "in use by another port of the stack"},
+            )
         if self.stack_gateway_http_redirect_port and not self.stack_gateway_tls_cert_file:
             raise PydanticCustomError(
                 "serving_clash",

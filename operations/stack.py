@@ -63,7 +63,7 @@ from operations.phase import (
 )
 from operations.node_wait import wait_for_nodes, why_node_down
 from operations.stack_render import (
-    LABEL_SPEC, STACK_DIR, content_hash, drain_config, render_stack, stack_problems,
+    LABEL_SPEC, STACK_DIR, content_hash, drain_for, render_stack, stack_problems,
 )
 from operations.stack_secrets import create_secret, wanted_secrets
 from operations.swarm import SwarmNodes, _inventory_hosts
@@ -389,7 +389,7 @@ def stack_deploy(settings, manager: str | None = None):
 
     config_path = posixpath.join(STACK_DIR, f"{stack}.haproxy.cfg")
     stack_path = posixpath.join(STACK_DIR, f"{stack}.yml")
-    drain = drain_config(stack) if any(spec.agent_port for spec in served) else None
+    drain = drain_for(settings)
     uploads = [(config_path, gateway_config), (stack_path, text)]
     if drain:  # before the stack file that names it
         uploads.insert(0, (drain["file"], drain["text"]))

@@ -69,6 +69,13 @@ def drain_config(stack: str) -> dict[str, str]:
             "file": posixpath.join(STACK_DIR, f"{stack}.drain_agent.py")}
 
 
+def drain_for(settings) -> dict[str, str] | None:
+    """The drain config when a served model runs under the agent (engines.drains), else None."""
+    if any(engines.drains(spec) for spec in settings.models if spec.serve):
+        return drain_config(settings.stack_name)
+    return None
+
+
 def served_dir(settings, spec) -> str:
     """What a model's service mounts at engines.model_path: its weights, or its Ollama store."""
     if spec.engine == "ollama":
@@ -143,7 +150,7 @@ def render_stack(settings, nodes: list[sizing.Node], secrets: dict[str, str],
         "service_labels": {LABEL_ROLE: "gateway"},
     }
     planned = plan_engines(settings, nodes, secrets)
-    drain = drain_config(settings.stack_name) if any(e["drain_agent"] for e in planned) else None
+    drain = drain_for(settings)
     for service in planned:  # the agent's version is part of what a draining engine runs
         service["drain_agent"] = drain["name"] if service["drain_agent"] else None
     for service in [*planned, front]:
