@@ -371,7 +371,7 @@ def save_state(lab: str, state: dict) -> Path:
     return path
 
 
-# --- Operator edits of the lab inventory (scripts/lab/host_edits.py makes them) ------------------------------------------------
+# --- Operator edits of the lab inventory (made by scripts/lab/host_edits.py) -----------------
 # An operator changes a real fleet by editing its inventory: host data, removing a host, the
 # managers group. These give the lab the same edits, kept in hosts.json, which
 # inventories/lab.py reads: per-host "data" (merged into that host's data, wins over the

@@ -65,6 +65,12 @@ class Lab:
     def ssh(self, node: str, command: str) -> subprocess.CompletedProcess:
         return self.cli("ssh", node, command, timeout=120)
 
+    def gateway_log(self, node: str) -> subprocess.CompletedProcess:
+        """The log of the gateway container on manager `node` (`docker service logs` can wait
+        on the tasks of other nodes)."""
+        return self.ssh(node, "sudo timeout 60 docker logs $(sudo docker ps -q --filter "
+                              "label=com.docker.swarm.service.name=gpufleet_gateway | head -1) 2>&1")
+
     def pyinfra(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(REPO / ".venv" / "bin" / "pyinfra"), *args], cwd=REPO,
                               env=self.env, capture_output=True, text=True, timeout=900)

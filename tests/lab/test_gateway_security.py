@@ -138,11 +138,7 @@ def test_each_named_client_works_and_bob_is_held_to_his_rate(secured):
     assert statuses[:BOB_PER_MIN - 1] == [200] * (BOB_PER_MIN - 1), statuses
     assert statuses[-1] == 429 and 429 in statuses[BOB_PER_MIN - 1:BOB_PER_MIN + 1], statuses
     assert get(secured, "/v1/models", alice).status_code == 200  # alice is not limited
-    # The gateway container's own log on the manager (`docker service logs` can wait on tasks
-    # of other nodes).
-    logs = secured.ssh(manager(secured)["name"],
-                       "sudo timeout 60 docker logs $(sudo docker ps -q --filter "
-                       "label=com.docker.swarm.service.name=gpufleet_gateway | head -1) 2>&1")
+    logs = secured.gateway_log(manager(secured)["name"])
     named = [line for line in logs.stdout.splitlines() if "client=alice" in line or "client=bob" in line]
     assert any("client=alice" in line for line in named), logs.stdout[-2000:]
     assert sum("client=bob" in line and " 429 " in line for line in named) >= 5, named[-10:]

@@ -198,9 +198,7 @@ def set_models(lab, models):
 def gateway_trouble(lab):
     """The gateway's log lines of requests that did not end cleanly (HAProxy's termination
     state other than ---- or a local answer, LR--): which side closed, at which stage."""
-    logs = lab.ssh(lab.hosts[0]["name"],
-                   "sudo timeout 60 docker logs $(sudo docker ps -q --filter "
-                   "label=com.docker.swarm.service.name=gpufleet_gateway | head -1) 2>&1")
+    logs = lab.gateway_log(lab.hosts[0]["name"])
     if logs.returncode != 0:
         return f"\ngateway log not read: {(logs.stdout + logs.stderr)[-300:]}"
     lines = [line for line in logs.stdout.splitlines()
