@@ -20,7 +20,7 @@ from typing import Callable
 
 import httpx
 
-from operations import smoke as sm
+from operations.smoke_checks import completion_tokens
 from scripts import loadstats as ls
 
 PROMPT = "Write one sentence about GPUs."
@@ -187,7 +187,7 @@ async def one_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str,
             status = response.status_code
             if status == 200:
                 answer = response.json()
-                tokens = sm.completion_tokens(answer)
+                tokens = completion_tokens(answer)
                 prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
     except (httpx.HTTPError, ValueError) as failure:
         error = f"{type(failure).__name__}: {failure}"[:200]

@@ -157,6 +157,16 @@ def test_streamed_load_measures_ttft_and_tokens_and_stops_at_the_count():
     assert all(0 < r.ttft_s < r.latency_s for r in records)
 
 
+def test_non_streamed_load_counts_the_answers_tokens():
+    # `--no-stream` (and the drills' plain requests) read the whole answer's usage.
+    with FakeOpenAI(key=KEY, tokens=3) as server:
+        records = asyncio.run(lt.run_load([lt.Endpoint(server.url, ("tiny-llama",))], KEY,
+                                          requests=4, concurrency=2, max_seconds=30,
+                                          stream=False))
+    assert len(records) == 4 and all(r.ok for r in records), [r.error for r in records]
+    assert all(r.tokens == 3 and r.ttft_s is None for r in records)
+
+
 def test_load_stops_at_its_time_limit():
     with FakeOpenAI(key=KEY, tokens=2, token_delay_s=0.2) as server:
         started = time.monotonic()
