@@ -263,6 +263,12 @@ def test_a_vllm_task_runs_under_the_drain_agent_shipped_as_a_config_of_its_own()
                                             "file": "/etc/gpufleet/stack/gpufleet.drain_agent.py"}
     # The gateway asks each task's agent every second, beside the health check.
     assert "server gpu-01 10.20.0.11:8001 check agent-check agent-port 18001 agent-inter 1s" in gateway
+    # A task its checks mark down is hung or gone (a stopping one is drained first): the
+    # requests still on it are ended at once, not after `timeout server` (15 minutes).
+    assert "default-server inter 2s fall 2 rise 1 on-marked-down shutdown-sessions\n" in gateway
+    # The request is held whole, so a retry can replay it when its engine dies before answering.
+    backend = gateway.split("\nbackend be_m\n", 1)[1].split("\nbackend ", 1)[0]
+    assert "    option http-buffer-request\n" in backend
 
 
 def test_a_changed_drain_agent_is_a_new_config_and_rolls_the_engines(monkeypatch):
@@ -283,6 +289,10 @@ def test_tgi_and_ollama_tasks_have_no_drain_agent_and_without_vllm_no_config():
     assert "drain_agent" not in json.dumps(doc)
     assert "configs" not in doc["services"]["t"] and "configs" not in doc["services"]["o"]
     assert "agent-check" not in gateway
+    # Without an agent a stopping task closes its port while it finishes its requests: the
+    # checks mark it down then, and its sessions must be left to end on their own.
+    assert "shutdown-sessions" not in gateway
+    assert gateway.count("default-server inter 2s fall 2 rise 1\n") == 2
 
 
 def test_drain_port_is_the_models_port_plus_10000_unless_given_and_never_clashes():
