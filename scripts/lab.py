@@ -52,6 +52,7 @@ HOST_TOOLS = {
     "ssh-keygen": "openssh-client",
     "ssh-keyscan": "openssh-client",
     "gpg": "gnupg",
+    "tc": "iproute2",  # the drills shape a lab host's link (scripts/drill/lab.py)
     "apt-ftparchive": "apt-utils",  # the stand-in apt repositories are indexed with it
 }
 
