@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.drill.lab import changed_operations
+
 REPO = Path(__file__).resolve().parents[2]
 LAB_CLI = [sys.executable, str(REPO / "scripts" / "lab.py")]
 
@@ -27,7 +29,7 @@ LAB_CLI = [sys.executable, str(REPO / "scripts" / "lab.py")]
 # order of a fleet's life, not alphabetically: fresh hosts first, then the first deploys, the
 # stack, what runs against a serving fleet, and the Swarm's membership changes last.
 LAB_ORDER = ["test_lab_hosts", "test_lab_images", "test_run", "test_run_weights", "test_stack",
-             "test_fleet_fit", "test_smoke_loadtest", "test_engines", "test_gateway_security", "test_drift", "test_host_down", "test_swarm"]
+             "test_fleet_fit", "test_smoke_loadtest", "test_drills", "test_engines", "test_gateway_security", "test_drift", "test_host_down", "test_swarm"]
 
 
 def pytest_collection_modifyitems(items):
@@ -79,8 +81,7 @@ class Lab:
         """Deploy the lab inventory; the names of the operations that changed something."""
         result = self.pyinfra("--json", "-y", "inventories/lab.py", "deploy.py")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
-                if op.get("success") and op.get("changed")]
+        return changed_operations(json.loads(result.stdout))
 
     def status_from(self, node: str, address: str, port: int, request: str) -> str:
         """The status line a raw HTTP request gets from lab host `node` to address:port (bash's
