@@ -21,7 +21,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, OperationError, QuoteString, StringCommand, operation
 from pyinfra.operations import apt
 
@@ -208,6 +208,29 @@ class EngineState(FactBase):
         return parse_engine_state(output)
 
 
+# The first Docker Engine whose swarmkit keeps GPU tasks on a node when the node is updated
+# (moby/moby#44378, fixed by moby/swarmkit#3082).
+SWARM_GPU_FIX = (23, 0)
+
+
+def swarm_gpu_warning(installed: dict[str, dict[str, Any]]) -> str | None:
+    """What an engine older than SWARM_GPU_FIX does to a GPU fleet, when the host has one."""
+    for name in ("docker-ce", "docker.io"):
+        version = (upstream_version((installed.get(name) or {}).get("version")) or "").split("+")[0]
+        if not version:
+            continue
+        try:
+            numbers = tuple(int(part) for part in version.split(".")[:2])
+        except ValueError:
+            return None
+        if numbers < SWARM_GPU_FIX:
+            return (f"Docker Engine {version} ({name}) is older than 23.0: Swarm rejects every "
+                    "GPU task on a node whenever the node is updated (a label, a promotion) and "
+                    "on every node when a manager becomes leader (moby/moby#44378); use "
+                    "docker_engine_source \"docker\"")
+    return None
+
+
 def fetch_key_command(key_url: str, fingerprint: str) -> StringCommand:
     """Fetch Docker's key to a staged file, check it is the key with `fingerprint` (gpg), then
     move it into place; a key that is not it is refused and removed, never used."""
@@ -329,6 +352,10 @@ def install_engine(source: str, version: str, apt_url: str, fingerprint: str = "
         ]
         if to_hold:
             yield StringCommand("apt-mark hold", *to_hold)
+
+    warning = swarm_gpu_warning(installed)
+    if warning and not missing:
+        logger.warning(f"{host.name}: {warning}")
 
     if not missing and not to_hold and (key_ok or source != "docker"):
         listed = ", ".join(f"{name} {installed[name]['version']}" for name, _ in wanted)

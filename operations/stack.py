@@ -32,7 +32,8 @@ node object is updated ("assigned node no longer meets constraints": it tests
 genericresource.HasResource where it means the opposite), and the allocator updates a node when
 it first gives it an address on an overlay network, so GPU tasks on overlay networks were killed
 whenever they landed on a node new to that network (seen on the lab, Docker 20.10; any
-`docker node update`, a label change included, does the same). With the host network no such
+`docker node update`, a label change included, does the same; moby/moby#44378, fixed in Docker
+23.0 by moby/swarmkit#3082). With the host network no such
 update happens during a deploy. The routing mesh (stack_publish_mode "ingress") still works for
 the gateway, which holds no GPU.
 

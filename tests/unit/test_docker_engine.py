@@ -236,3 +236,15 @@ def test_parse_engine_state_ignores_packages_not_installed():
         "docker-ce-cli": {"version": "5:28.5.2-1~debian.12~bookworm", "held": True},
     }
     assert state["distro"] == DEBIAN_12
+
+
+def test_an_engine_older_than_23_is_named_for_what_it_does_to_gpu_tasks():
+    from operations.docker_packages import swarm_gpu_warning
+
+    debian = swarm_gpu_warning({"docker.io": {"version": "20.10.24+dfsg1-1+deb12u1", "held": False}})
+    assert debian.startswith("Docker Engine 20.10.24 (docker.io) is older than 23.0")
+    assert "moby/moby#44378" in debian
+    assert swarm_gpu_warning({"docker-ce": {"version": "5:28.5.2-1~debian.12~bookworm"}}) is None
+    assert swarm_gpu_warning({"docker.io": {"version": "26.1.3-0ubuntu1~24.04.1"}}) is None
+    assert swarm_gpu_warning({"docker-ce": {"version": "5:23.0.0-1~debian.12~bookworm"}}) is None
+    assert swarm_gpu_warning({}) is None
