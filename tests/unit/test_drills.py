@@ -2,9 +2,9 @@
 fake OpenAI server (failover to the next gateway only when a connection is refused), and the
 pyinfra --json and gateway log reading they rely on."""
 
-import asyncio
 import json
 import socket
+import time
 
 from scripts.drill import report, verdict as v
 from scripts.drill.lab import changed_operations, parse_docker_time
@@ -127,6 +127,16 @@ def test_dockers_nanosecond_timestamps_are_read():
     assert parse_docker_time("2027-01-15T08:00:07Z") == T + 7.0
 
 
+def run_for_a_while(load: BackgroundLoad, count: int = 8) -> list[DrillRequest]:
+    """Let the load send `count` requests (at most 10 s), then stop it. time.sleep, not an event
+    loop: the fixture harness's gevent patching makes the load's thread a greenlet of this one."""
+    for _ in range(200):
+        if len(load.requests) >= count:
+            break
+        time.sleep(0.05)
+    return load.stop()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,8 +148,7 @@ def test_the_load_sends_both_kinds_and_fails_over_only_from_a_refused_connection
         dead = Endpoint(f"http://127.0.0.1:{_closed_port()}", ("tiny-llama",))
         live = Endpoint(server.url, ("tiny-llama",))
         load = BackgroundLoad([dead, live], KEY, per_kind=1, max_seconds=20).start()
-        asyncio.run(asyncio.sleep(0.5))
-        requests = load.stop()
+        requests = run_for_a_while(load)
     assert load.problem == ""
     assert requests and all(r.ok for r in requests), [r.record.error for r in requests[:3]]
     assert {r.stream for r in requests} == {True, False}
@@ -151,8 +160,7 @@ def test_a_request_that_reached_a_gateway_is_never_sent_again():
     with FakeOpenAI(key=KEY, fail_every=2) as server:
         load = BackgroundLoad([Endpoint(server.url, ("tiny-llama",))], KEY, per_kind=1,
                               max_seconds=20).start()
-        asyncio.run(asyncio.sleep(0.5))
-        requests = load.stop()
+        requests = run_for_a_while(load)
         sent = server.requests
     assert len(requests) == sent  # one request each, failures included
     assert any(not r.ok and r.record.status == 503 for r in requests)
