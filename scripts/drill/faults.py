@@ -22,7 +22,7 @@ import httpx
 import yaml
 
 from scripts.drill import verdict as v
-from scripts.drill.lab import DrillLab
+from scripts.drill.lab import DrillLab, require
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,6 @@ class Drill:
 
 def _now() -> float:
     return time.time()
-
-
-def _ok(done, what: str) -> None:
-    if done.returncode != 0:
-        raise RuntimeError(f"{what}: {(done.stderr or done.stdout).strip()[-300:]}")
 
 
 def engine_node(lab: DrillLab) -> tuple[str, str]:
@@ -69,7 +64,7 @@ def engine_killed(lab: DrillLab) -> dict:
     node, service = engine_node(lab)
     container = lab.task_container(node, service)
     at = _now()
-    _ok(lab.ssh(node, f"docker kill {container}"), "docker kill")
+    require(lab.ssh(node, f"docker kill {container}"), "docker kill")
     return {"fault_at": at, "struck_by": _now(), "node": node,
             "detail": f"SIGKILL to {service}'s container on {node}"}
 
@@ -81,7 +76,7 @@ def engine_hung(lab: DrillLab) -> dict:
     manager = lab.fleet.managers[0]
     container = lab.task_container(node, service)
     at = _now()
-    _ok(lab.ssh(node, f"docker pause {container}"), "docker pause")
+    require(lab.ssh(node, f"docker pause {container}"), "docker pause")
     struck_by = _now()
     down_at = None
     for _ in range(60):
@@ -91,7 +86,7 @@ def engine_hung(lab: DrillLab) -> dict:
         time.sleep(1)
     time.sleep(max(0.0, (down_at or _now()) + v.HUNG_END_WITHIN_S + 2 - _now()))
     thawed_at = _now()
-    _ok(lab.ssh(node, f"docker unpause {container}"), "docker unpause")
+    require(lab.ssh(node, f"docker unpause {container}"), "docker unpause")
     # A frozen engine takes requests until the gateway marks it down: the fault strikes every
     # request in flight until then (hung_check holds the gateway to its side of the target).
     return {"fault_at": at, "struck_by": down_at or struck_by, "node": node, "manager": manager,
@@ -114,7 +109,7 @@ def hung_check(lab: DrillLab, requests: list, facts: dict) -> dict:
 def docker_restarted(lab: DrillLab) -> dict:
     node, _ = engine_node(lab)
     at = _now()
-    _ok(lab.ssh(node, "systemctl restart docker", timeout=300), "systemctl restart docker")
+    require(lab.ssh(node, "systemctl restart docker", timeout=300), "systemctl restart docker")
     return {"fault_at": at, "struck_by": _now(), "node": node, "detail": f"systemctl restart docker on {node}"}
 
 
@@ -123,10 +118,10 @@ def host_stopped(lab: DrillLab) -> dict:
     then powered on."""
     node, _ = engine_node(lab)
     at = _now()
-    _ok(lab.docker("stop", "-t", "60", lab.container(node), timeout=120), "docker stop")
+    require(lab.docker("stop", "-t", "60", lab.container(node), timeout=120), "docker stop")
     struck_by = _now()
     time.sleep(20)
-    _ok(lab.docker("start", lab.container(node)), "docker start")
+    require(lab.docker("start", lab.container(node)), "docker start")
     return {"fault_at": at, "struck_by": struck_by, "node": node,
             "detail": f"{node} shut down, off 20 s, started"}
 
@@ -146,7 +141,7 @@ def leader_lost(lab: DrillLab) -> dict:
     again once another manager has been elected leader."""
     old = leader(lab)
     at = _now()
-    _ok(lab.docker("kill", lab.container(old)), "docker kill")
+    require(lab.docker("kill", lab.container(old)), "docker kill")
     struck_by = _now()
     others = [m for m in lab.fleet.managers if m != old]
     elected_at, new = None, None
@@ -161,7 +156,7 @@ def leader_lost(lab: DrillLab) -> dict:
             elected_at = _now()
             break
         time.sleep(1)
-    _ok(lab.docker("start", lab.container(old)), "docker start")
+    require(lab.docker("start", lab.container(old)), "docker start")
     return {"fault_at": at, "struck_by": struck_by, "node": old, "new_leader": new,
             "elected_after_s": round(elected_at - at, 1) if elected_at else None,
             "detail": f"leader {old} powered off; {new or 'no manager'} elected"
@@ -172,7 +167,7 @@ def gateway_killed(lab: DrillLab) -> dict:
     node = lab.fleet.managers[-1]
     container = lab.task_container(node, f"{lab.settings.stack_name}_gateway")
     at = _now()
-    _ok(lab.ssh(node, f"docker kill {container}"), "docker kill")
+    require(lab.ssh(node, f"docker kill {container}"), "docker kill")
     return {"fault_at": at, "struck_by": _now(), "node": node,
             "detail": f"SIGKILL to the gateway's container on {node}"}
 
@@ -186,7 +181,7 @@ def _worker_without_weights(lab: DrillLab) -> str:
     node, _ = engine_node(lab)
     models = lab.fleet.settings(node).models_dir
     names = " ".join(f"{models}/{m.name}" for m in lab.fleet.settings(node).models)
-    _ok(lab.ssh(node, f"rm -rf -- {names}"), "rm -rf model directories")
+    require(lab.ssh(node, f"rm -rf -- {names}"), "rm -rf model directories")
     return node
 
 
@@ -221,12 +216,22 @@ def weights_corrupted(lab: DrillLab) -> dict:
     settings = lab.fleet.settings(node)
     path = f"{settings.models_dir}/{settings.models[0].name}/model.safetensors"
     at = _now()
-    _ok(lab.ssh(node, f"size=$(stat -c %s {path}) && printf DRILLBAD | dd of={path} bs=1 "
+    require(lab.ssh(node, f"size=$(stat -c %s {path}) && printf DRILLBAD | dd of={path} bs=1 "
                       "seek=$((size / 2)) conv=notrunc status=none"), "overwrite")
     drift = lab.drift_check()
     return {"fault_at": at, "node": node, "drift_check_exit": drift.returncode,
             "drift_check_names_it": node in drift.stdout and "model.safetensors" in drift.stdout,
             "detail": f"8 bytes overwritten in {path} on {node}"}
+
+
+def drift_named_it(lab: DrillLab, requests: list, facts: dict) -> dict:
+    """The drift check saw the damage: exit 2, naming the host and the file."""
+    return {"ok": facts["drift_check_exit"] == 2 and facts["drift_check_names_it"]}
+
+
+def run_said_why(lab: DrillLab, requests: list, facts: dict) -> dict:
+    """The broken run failed (never a silent success) and said why."""
+    return {"ok": facts["broken_run_exit"] not in (0, None) and bool(facts["broken_run_says"])}
 
 
 def interrupted(phase: str, at_operation: str, signum: int) -> Callable[[DrillLab], dict]:
@@ -272,7 +277,7 @@ def prepare_work(lab: DrillLab, phase: str) -> str:
     else:
         changed = [{**models[0], "gpu_memory_utilization": 0.85}, *models[1:]]
         done = lab.lab_cli("set", "all", f"models={json.dumps(changed)}")
-    _ok(done, "lab.py set models")
+    require(done, "lab.py set models")
     return lab.fleet.managers[0]
 
 
@@ -332,10 +337,10 @@ DRILLS = [
           v.Allowance(), leader_lost, managers=3),
     Drill("hub-failing", "the Hub cuts the weights mid-download, then answers 500",
           "no request fails; the run fails on the hosts that need the Hub and says so",
-          v.NONE, hub_failing, broken_run=True),
+          v.NONE, hub_failing, check=run_said_why, broken_run=True),
     Drill("weights-corrupted", "a weights file corrupted on one host",
           "no request fails; the drift check names it; the next run repairs it",
-          v.NONE, weights_corrupted),
+          v.NONE, weights_corrupted, check=drift_named_it),
     Drill("run-sigint-weights", "the operator's run interrupted (SIGINT) in the weights phase",
           "no request fails; no half-written file where it would be used",
           v.NONE, interrupted("weights", "Model weights | Model", signal.SIGINT),

@@ -90,13 +90,13 @@ class DrillLab:
         """What `node` receives, shaped to `rate` (tbf on the host side of its veth; netem is
         not available here): a transfer to it then lasts long enough to be cut in the middle."""
         index = self.docker("exec", self.container(node), "cat", "/sys/class/net/eth0/iflink")
-        _check(index, "the lab host's link")
+        require(index, "the lab host's link")
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
         device = next((line.split(": ")[1].split("@")[0] for line in links.stdout.splitlines()
                        if line.split(":")[0] == index.stdout.strip()), None)
         if device is None:
             raise RuntimeError(f"no device with index {index.stdout.strip()} for {node}")
-        _check(subprocess.run(["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
+        require(subprocess.run(["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
                                "burst", "32kbit", "latency", "400ms"], capture_output=True, text=True),
                f"tc on {device}")
         try:
@@ -161,7 +161,7 @@ class DrillLab:
             wanted = (services.get(name) or {}).get("replicas") or 0
             if len(running) < wanted:
                 return False, f"{name}: {len(running)} of {wanted} replicas running"
-        results = sm.run_checks([t for t in targets], self.key, deadline_s=3.0,
+        results = sm.run_checks(targets, self.key, deadline_s=3.0,
                                 ca_file=self.settings.stack_gateway_ca_file)
         failed = [r for r in results if r.failed]
         return (not failed), (failed[0].failure_line() if failed else "")
@@ -233,7 +233,7 @@ class DrillLab:
         code = run.wait(timeout=60)
         return Deploy(code if sent else None, time.monotonic() - start, [], "".join(lines))
 
-    def drift_check(self) -> subprocess.CompletedProcess:
+    def driftrequire(self) -> subprocess.CompletedProcess:
         """scripts/drift_check.py on the lab inventory: exit 2 names what drifted."""
         return subprocess.run([sys.executable, str(REPO / "scripts" / "drift_check.py"),
                                DEPLOY[0]], cwd=REPO, env=os.environ, capture_output=True,
@@ -258,7 +258,8 @@ class DrillLab:
         return events
 
 
-def _check(done: subprocess.CompletedProcess, what: str) -> None:
+def require(done: subprocess.CompletedProcess, what: str) -> None:
+    """RuntimeError naming `what` and the command's last words when it failed."""
     if done.returncode != 0:
         raise RuntimeError(f"{what}: {(done.stderr or done.stdout).strip()[-300:]}")
 
