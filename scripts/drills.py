@@ -118,6 +118,9 @@ def run_drill(lab: DrillLab, drill: f.Drill) -> dict:
         requests = load.stop()
     fault_at = facts.get("fault_at", time.time())
     result["requests"] = verdict.judge(requests, fault_at, drill.allowance, facts.get("struck_by"))
+    result["timeline"] = report.timeline(requests, fault_at, facts.get("struck_by"),
+                                         fault_at + result["recovered_s"]
+                                         if result.get("recovered_s") is not None else None)
     if load.problem:
         result["error"] = result.get("error") or f"the load stopped: {load.problem}"
     result["detail"] = facts.get("detail", "")

@@ -85,12 +85,66 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def timeline(requests, fault_at: float, struck_by: float | None, healed_at: float | None) -> dict:
+    """What the chart draws of one drill: each request's start and latency, relative to the
+    fault, whether it failed; the fault's window; when the fleet was healthy again."""
+    return {"points": [(round(r.started - fault_at, 3), round(r.record.latency_s * 1000, 1), r.ok)
+                       for r in requests],
+            "struck_s": round((struck_by or fault_at) - fault_at, 3),
+            "healed_s": round(healed_at - fault_at, 3) if healed_at else None}
+
+
+def chart(path: Path, results: list[dict]) -> Path | None:
+    """drills.png: a panel per drill, latency of every request against seconds from the fault
+    (failed ones as red crosses), the fault's window in orange, the fleet healthy again in
+    green."""
+    drawn = [r for r in results if (r.get("timeline") or {}).get("points")]
+    if not drawn:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = (len(drawn) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(15, 3.2 * rows), squeeze=False)
+    for ax, result in zip(axes.flat, drawn):
+        line = result["timeline"]
+        good = [(t, ms) for t, ms, ok in line["points"] if ok]
+        bad = [(t, ms) for t, ms, ok in line["points"] if not ok]
+        if good:
+            ax.scatter(*zip(*good), s=4, alpha=0.5)
+        if bad:
+            ax.scatter(*zip(*bad), s=40, marker="x", color="red")
+        ax.axvspan(0, max(line["struck_s"], 0.2), color="orange", alpha=0.3)
+        if line["healed_s"] is not None:
+            ax.axvline(line["healed_s"], color="green", linestyle="--")
+        ax.set_yscale("log")
+        ax.set_title(f"{result['drill']}: {'pass' if passed(result) else 'FAIL'} "
+                     f"({result['requests']['failed']} failed)", fontsize=10)
+        ax.set_xlabel("s from the fault", fontsize=8)
+        ax.set_ylabel("latency (ms)", fontsize=8)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def write(out: Path, results: list[dict], meta: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "drills.md", out / "drills.json"
-    md.write_text(markdown(results, meta) + "\n")
-    js.write_text(json.dumps({"meta": meta, "drills": results,
+    md, js, png = out / "drills.md", out / "drills.json", out / "drills.png"
+    drawn = chart(png, results)
+    text = markdown(results, meta)
+    if drawn:
+        text = text.replace("\n## Each drill\n", "\n![every request of every drill](drills.png)\n\n"
+                            "## Each drill\n", 1)
+    md.write_text(text + "\n")
+    kept = [{k: v for k, v in r.items() if k != "timeline"} for r in results]
+    js.write_text(json.dumps({"meta": meta, "drills": kept,
                               "passed": [r["drill"] for r in results if passed(r)],
                               "failed": [r["drill"] for r in results if not passed(r)]},
                              indent=2, default=str) + "\n")
-    return [md, js]
+    return [md, js] + ([drawn] if drawn else [])

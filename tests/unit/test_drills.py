@@ -113,6 +113,20 @@ def test_the_report_has_a_row_per_drill_and_the_json_every_measure(tmp_path):
     assert "- node: node-2" in markdown
     data = json.loads(paths[1].read_text())
     assert data["passed"] == ["engine-killed"] and data["failed"] == ["leader-lost"]
+    assert len(paths) == 2  # no timeline: no chart
+
+
+def test_the_chart_draws_every_request_around_the_fault_and_stays_out_of_the_json(tmp_path):
+    requests = [req(-1.0, 0.1), req(0.1, 0.2, error=CUT), req(2.0, 0.1)]
+    drawn = result(timeline=report.timeline(requests, T, T + 0.5, T + 12.0))
+    assert drawn["timeline"]["points"][1] == (0.1, 200.0, False)
+    assert drawn["timeline"]["struck_s"] == 0.5 and drawn["timeline"]["healed_s"] == 12.0
+    meta = {"when": "w", "lab": "l", "hosts": 3, "replicas": "m x2", "command": "", "load": "",
+            "seconds": 1}
+    md, js, png = report.write(tmp_path, [drawn], meta)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "![every request of every drill](drills.png)" in md.read_text()
+    assert "timeline" not in json.loads(js.read_text())["drills"][0]
 
 
 def test_pyinfras_json_names_changed_hosts_under_success():
