@@ -144,11 +144,14 @@ def test_dockers_nanosecond_timestamps_are_read():
 def run_for_a_while(load: BackgroundLoad, count: int = 8) -> list[DrillRequest]:
     """Let the load send `count` requests (at most 10 s), then stop it. time.sleep, not an event
     loop: the fixture harness's gevent patching makes the load's thread a greenlet of this one."""
-    for _ in range(200):
-        if len(load.requests) >= count:
-            break
-        time.sleep(0.05)
-    return load.stop()
+    try:
+        for _ in range(200):
+            if len(load.requests) >= count:
+                break
+            time.sleep(0.05)
+    finally:  # a load left running would hold its event loop past this test
+        requests = load.stop()
+    return requests
 
 
 def _closed_port() -> int:

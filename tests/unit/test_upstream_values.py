@@ -137,11 +137,14 @@ def test_several_models_route_on_the_json_model_of_a_body_read_whole():
             and "{ req.body_size gt 1048576 } || { req.body_len gt 1048576 }" in gateway)
 
 
-def test_one_model_reads_no_body():
+def test_one_model_routes_without_reading_the_body():
     _, specs = served(model("a"))
     gateway = gw.render_gateway(specs, NODES, 8080)
-    assert "http-buffer-request" not in gateway and "tune.bufsize" not in gateway
-    assert "default_backend be_a" in gateway
+    frontend = gateway.split("\nfrontend openai\n", 1)[1].split("\nbackend ", 1)[0]
+    assert "http-buffer-request" not in frontend and "json_query" not in gateway
+    assert "tune.bufsize" not in gateway and "default_backend be_a" in gateway
+    # The engine backend still holds a request (up to one buffer) so a retry can replay it.
+    assert "option http-buffer-request" in gateway.split("\nbackend be_a\n", 1)[1]
 
 
 # --- 5. NVIDIA's own repository files with another Signed-By ------------------------------
