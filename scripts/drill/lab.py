@@ -233,7 +233,7 @@ class DrillLab:
         code = run.wait(timeout=60)
         return Deploy(code if sent else None, time.monotonic() - start, [], "".join(lines))
 
-    def driftrequire(self) -> subprocess.CompletedProcess:
+    def drift_check(self) -> subprocess.CompletedProcess:
         """scripts/drift_check.py on the lab inventory: exit 2 names what drifted."""
         return subprocess.run([sys.executable, str(REPO / "scripts" / "drift_check.py"),
                                DEPLOY[0]], cwd=REPO, env=os.environ, capture_output=True,

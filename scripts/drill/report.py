@@ -68,6 +68,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         lines.append(f"- requests: {q['sent']} sent ({q['streamed']} streamed), {q['failed']} "
                      f"failed, {q['failed_in_flight']} of them in flight at the fault, "
                      f"{q['failed_over']} sent to another gateway after a refused connection")
+        if q.get("beyond_target_s"):
+            start, end = q["beyond_target_s"]
+            lines.append(f"  - failures beyond the target from {start:+.1f} s to {end:+.1f} s "
+                         "after the fault")
         for failure in q.get("failures", []):
             lines.append(f"  - {failure}")
         for key, value in sorted((r.get("facts") or {}).items()):

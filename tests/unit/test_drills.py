@@ -33,6 +33,8 @@ def test_a_fault_may_cost_only_what_was_in_flight_when_it_struck():
     assert judged["in_flight_at_fault"] == 2  # the first two overlap the instant
     assert judged["failed_in_flight"] == 1 and judged["failed_beyond_target"] == 1
     assert judged["failures"][1].startswith("stream started +1.0s")
+    assert judged["beyond_target_s"] == [1.0, 1.1]
+    assert v.judge(requests[:1], T + 1.0, v.Allowance())["beyond_target_s"] is None
 
 
 def test_the_fault_window_widens_what_was_in_flight():
