@@ -108,7 +108,8 @@ def run_drill(lab: DrillLab, drill: f.Drill) -> dict:
         say(f"{drill.name}: {facts.get('detail', 'done')}; waiting for the fleet to heal")
         healed_in, why = lab.wait_healthy(HEAL_DEADLINE_S)
         healed_at = time.time()
-        result["recovered_s"] = round(healed_at - facts["fault_at"], 1) if healed_in is not None else None
+        result["recovered_s"] = (round(healed_at - facts["fault_at"], 1)
+                                 if healed_in is not None else None)
         if healed_in is None:
             result["error"] = f"not healthy {HEAL_DEADLINE_S:g} s after the fault: {why}"
         time.sleep(SETTLE_S)

@@ -40,10 +40,6 @@ class Drill:
     broken_run: bool = False
 
 
-def _now() -> float:
-    return time.time()
-
-
 def engine_node(lab: DrillLab) -> tuple[str, str]:
     """(node, service) of an engine task on a node that runs no gateway when there is one: the
     fault then hits the engine alone."""
@@ -63,9 +59,9 @@ def engine_node(lab: DrillLab) -> tuple[str, str]:
 def engine_killed(lab: DrillLab) -> dict:
     node, service = engine_node(lab)
     container = lab.task_container(node, service)
-    at = _now()
+    at = time.time()
     require(lab.ssh(node, f"docker kill {container}"), "docker kill")
-    return {"fault_at": at, "struck_by": _now(), "node": node,
+    return {"fault_at": at, "struck_by": time.time(), "node": node,
             "detail": f"SIGKILL to {service}'s container on {node}"}
 
 
@@ -75,17 +71,17 @@ def engine_hung(lab: DrillLab) -> dict:
     node, service = engine_node(lab)
     manager = lab.fleet.managers[0]
     container = lab.task_container(node, service)
-    at = _now()
+    at = time.time()
     require(lab.ssh(node, f"docker pause {container}"), "docker pause")
-    struck_by = _now()
+    struck_by = time.time()
     down_at = None
     for _ in range(60):
         down_at = v.marked_down(lab.gateway_events(manager, at - 5), node, at)
         if down_at:
             break
         time.sleep(1)
-    time.sleep(max(0.0, (down_at or _now()) + v.HUNG_END_WITHIN_S + 2 - _now()))
-    thawed_at = _now()
+    time.sleep(max(0.0, (down_at or time.time()) + v.HUNG_END_WITHIN_S + 2 - time.time()))
+    thawed_at = time.time()
     require(lab.ssh(node, f"docker unpause {container}"), "docker unpause")
     # A frozen engine takes requests until the gateway marks it down: the fault strikes every
     # request in flight until then (hung_check holds the gateway to its side of the target).
@@ -108,18 +104,19 @@ def hung_check(lab: DrillLab, requests: list, facts: dict) -> dict:
 
 def docker_restarted(lab: DrillLab) -> dict:
     node, _ = engine_node(lab)
-    at = _now()
+    at = time.time()
     require(lab.ssh(node, "systemctl restart docker", timeout=300), "systemctl restart docker")
-    return {"fault_at": at, "struck_by": _now(), "node": node, "detail": f"systemctl restart docker on {node}"}
+    return {"fault_at": at, "struck_by": time.time(), "node": node,
+            "detail": f"systemctl restart docker on {node}"}
 
 
 def host_stopped(lab: DrillLab) -> dict:
     """The host shut down (systemd stops its services, Docker its containers), off for 20 s,
     then powered on."""
     node, _ = engine_node(lab)
-    at = _now()
+    at = time.time()
     require(lab.docker("stop", "-t", "60", lab.container(node), timeout=120), "docker stop")
-    struck_by = _now()
+    struck_by = time.time()
     time.sleep(20)
     require(lab.docker("start", lab.container(node)), "docker start")
     return {"fault_at": at, "struck_by": struck_by, "node": node,
@@ -140,20 +137,21 @@ def leader_lost(lab: DrillLab) -> dict:
     """The leader's host loses power (SIGKILL to the whole container: no shutdown). Powered on
     again once another manager has been elected leader."""
     old = leader(lab)
-    at = _now()
+    at = time.time()
     require(lab.docker("kill", lab.container(old)), "docker kill")
-    struck_by = _now()
+    struck_by = time.time()
     others = [m for m in lab.fleet.managers if m != old]
     elected_at, new = None, None
     for _ in range(90):
         try:
-            done = lab.ssh(others[0], "docker node ls --format '{{.Hostname}} {{.ManagerStatus}}'", 10)
+            done = lab.ssh(others[0],
+                           "docker node ls --format '{{.Hostname}} {{.ManagerStatus}}'", 10)
             new = next((line.split()[0] for line in done.stdout.splitlines()
                         if line.endswith(" Leader") and not line.startswith(old + " ")), None)
         except Exception:  # a manager busy electing may not answer in time
             new = None
         if new:
-            elected_at = _now()
+            elected_at = time.time()
             break
         time.sleep(1)
     require(lab.docker("start", lab.container(old)), "docker start")
@@ -166,9 +164,9 @@ def leader_lost(lab: DrillLab) -> dict:
 def gateway_killed(lab: DrillLab) -> dict:
     node = lab.fleet.managers[-1]
     container = lab.task_container(node, f"{lab.settings.stack_name}_gateway")
-    at = _now()
+    at = time.time()
     require(lab.ssh(node, f"docker kill {container}"), "docker kill")
-    return {"fault_at": at, "struck_by": _now(), "node": node,
+    return {"fault_at": at, "struck_by": time.time(), "node": node,
             "detail": f"SIGKILL to the gateway's container on {node}"}
 
 
@@ -198,7 +196,7 @@ def hub_failing(lab: DrillLab) -> dict:
     with httpx.Client(timeout=10) as client:
         for fault in faults:
             client.post(f"{hub}/_lab/faults", json=fault).raise_for_status()
-        at = _now()
+        at = time.time()
         try:
             run = lab.deploy()
         finally:
@@ -215,7 +213,7 @@ def weights_corrupted(lab: DrillLab) -> dict:
     node, _ = engine_node(lab)
     settings = lab.fleet.settings(node)
     path = f"{settings.models_dir}/{settings.models[0].name}/model.safetensors"
-    at = _now()
+    at = time.time()
     require(lab.ssh(node, f"size=$(stat -c %s {path}) && printf DRILLBAD | dd of={path} bs=1 "
                       "seek=$((size / 2)) conv=notrunc status=none"), "overwrite")
     drift = lab.drift_check()
@@ -239,7 +237,7 @@ def interrupted(phase: str, at_operation: str, signum: int) -> Callable[[DrillLa
     there (prepare_work)."""
     def act(lab: DrillLab) -> dict:
         node = prepare_work(lab, phase)
-        at = _now()
+        at = time.time()
         facts: dict = {"fault_at": at, "node": node,
                        "detail": f"{signal.Signals(signum).name} to the run at '{at_operation}'"}
         if phase == "weights":

@@ -52,7 +52,8 @@ class DrillLab:
         os.environ["LAB_NAME"] = name  # the lab inventory reads it
         self.state = lab_fleet.read_state(name)
         if not self.state:
-            raise RuntimeError(f"lab {name} is not up: run `python3 scripts/lab.py --name {name} up`")
+            raise RuntimeError(f"lab {name} is not up: "
+                               f"run `python3 scripts/lab.py --name {name} up`")
         self.reload()
 
     def reload(self) -> None:
@@ -75,7 +76,8 @@ class DrillLab:
     def ssh(self, node: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """`command` through sh on a lab host, as root (sudo)."""
         host = next(h for h in self.state["hosts"] if h["name"] == node)
-        options = lab_fleet.ssh_options(Path(self.state["ssh_key"]), Path(self.state["known_hosts"]))
+        options = lab_fleet.ssh_options(Path(self.state["ssh_key"]),
+                                        Path(self.state["known_hosts"]))
         return subprocess.run(
             ["ssh", *options, "-T", f"{self.state['ssh_user']}@{host['address']}",
              f"sudo sh -c {shlex.quote(command)}"],
@@ -96,9 +98,9 @@ class DrillLab:
                        if line.split(":")[0] == index.stdout.strip()), None)
         if device is None:
             raise RuntimeError(f"no device with index {index.stdout.strip()} for {node}")
-        require(subprocess.run(["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
-                               "burst", "32kbit", "latency", "400ms"], capture_output=True, text=True),
-               f"tc on {device}")
+        shape = ["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
+                 "burst", "32kbit", "latency", "400ms"]
+        require(subprocess.run(shape, capture_output=True, text=True), f"tc on {device}")
         try:
             yield device
         finally:
@@ -128,12 +130,9 @@ class DrillLab:
             reasons.append(f"{manager}: {stack.get('error') or done.stderr.strip()[-200:]}")
         raise RuntimeError("no manager answered: " + "; ".join(reasons))
 
-    def gateways(self, stack: dict, avoid: tuple[str, ...] = ()) -> list[Endpoint]:
-        return [e for e in endpoints_for("gateway", self.settings, stack)
-                if not any(f"//{self.address(n)}:" in e.url for n in avoid)]
-
-    def address(self, node: str) -> str:
-        return next(h["address"] for h in self.state["hosts"] if h["name"] == node)
+    def gateways(self, stack: dict) -> list[Endpoint]:
+        """Every gateway of the stack, each serving every model."""
+        return endpoints_for("gateway", self.settings, stack)
 
     def task_container(self, node: str, service: str) -> str:
         """The id of `service`'s running container on `node`, or ''."""
@@ -157,7 +156,8 @@ class DrillLab:
             return False, problems[0].detail
         services = {s["name"]: s for s in stack["services"]}
         for name in self.engine_services():
-            running = [t for t in stack["tasks"] if t["service"] == name and t["state"] == "running"]
+            running = [t for t in stack["tasks"]
+                       if t["service"] == name and t["state"] == "running"]
             wanted = (services.get(name) or {}).get("replicas") or 0
             if len(running) < wanted:
                 return False, f"{name}: {len(running)} of {wanted} replicas running"

@@ -92,8 +92,8 @@ class BackgroundLoad:
     async def _main(self) -> None:
         timeout = httpx.Timeout(self.request_timeout, connect=min(5.0, self.request_timeout))
         deadline = time.monotonic() + self.max_seconds
-        async with httpx.AsyncClient(timeout=timeout, verify=self.verify,
-                                     limits=httpx.Limits(max_connections=self.per_kind * 4)) as client:
+        limits = httpx.Limits(max_connections=self.per_kind * 4)
+        async with httpx.AsyncClient(timeout=timeout, verify=self.verify, limits=limits) as client:
             async def worker(stream: bool):
                 while not self._stop.is_set() and time.monotonic() < deadline:
                     self.requests.append(await self._one(client, stream))

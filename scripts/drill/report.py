@@ -49,7 +49,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         q = r["requests"]
-        files = "intact" if not (r.get("damaged_after_fault") or r.get("damaged_after_run")) else "DAMAGED"
+        damaged = r.get("damaged_after_fault") or r.get("damaged_after_run")
+        files = "DAMAGED" if damaged else "intact"
         after = r.get("run_after_changes")
         lines.append(
             f"| {r['drill']} | {q['sent']} | {q['failed']} | {q['in_flight_at_fault']} | "
@@ -83,8 +84,9 @@ def markdown(results: list[dict], meta: dict) -> str:
             for node, problems in (r.get(f"damaged_{when}") or {}).items():
                 lines.append(f"- damaged {when.replace('_', ' ')} on {node}: {'; '.join(problems)}")
         lines.append(f"- next run: exit {_cell(r.get('next_run_exit'))} in "
-                     f"{_cell(r.get('next_run_s'))} s, changed {len(r.get('next_run_changes') or [])} "
-                     f"operation(s); the run after: {_cell(r.get('run_after_changes'))}")
+                     f"{_cell(r.get('next_run_s'))} s, changed "
+                     f"{len(r.get('next_run_changes') or [])} operation(s); "
+                     f"the run after: {_cell(r.get('run_after_changes'))}")
         lines.append("")
     return "\n".join(lines)
 

@@ -55,7 +55,8 @@ def judge(requests: list[DrillRequest], fault_at: float, allowance: Allowance,
         # When the failures beyond the target began and ended, from the fault (a closed loop
         # sends fast failures fast: the span says how long users were failed, the count less).
         "beyond_target_s": ([round(beyond[0].started - fault_at, 1),
-                             round(max(r.ended for r in beyond) - fault_at, 1)] if beyond else None),
+                             round(max(r.ended for r in beyond) - fault_at, 1)]
+                            if beyond else None),
         "failures": [describe(r, fault_at) for r in failed[:10]],
     }
 
