@@ -127,7 +127,7 @@ def run_drill(lab: DrillLab, drill: f.Drill) -> dict:
     result["detail"] = facts.get("detail", "")
     result["facts"] = {k: v for k, v in facts.items()
                        if k not in ("fault_at", "struck_by", "detail", "thawed_at", "manager",
-                                    "emptied")}
+                                    "emptied", "down_at")}
     if "struck_by" in facts:
         result["facts"]["struck_within_s"] = round(facts["struck_by"] - fault_at, 2)
     if drill.check and "fault_at" in facts:

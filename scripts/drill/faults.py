@@ -85,17 +85,19 @@ def engine_hung(lab: DrillLab) -> dict:
     require(lab.ssh(node, f"docker unpause {container}"), "docker unpause")
     # A frozen engine takes requests until the gateway marks it down: the fault strikes every
     # request in flight until then (hung_check holds the gateway to its side of the target).
-    return {"fault_at": at, "struck_by": down_at or struck_by, "node": node, "manager": manager,
-            "thawed_at": thawed_at,
+    return {"fault_at": at, "struck_by": down_at or struck_by, "down_at": down_at, "node": node,
+            "manager": manager, "thawed_at": thawed_at,
             "detail": f"docker pause of {service}'s container on {node} for "
                       f"{thawed_at - at:.0f} s"}
 
 
 def hung_check(lab: DrillLab, requests: list, facts: dict) -> dict:
-    events = lab.gateway_events(facts["manager"], facts["fault_at"] - 5)
-    down_at = v.marked_down(events, facts["node"], facts["fault_at"])
-    sent = (v.requests_sent_to(events, facts["node"], down_at + 0.2, facts["thawed_at"])
-            if down_at else 0)
+    # The log again, now that it holds every request accepted until the engine was thawed.
+    down_at = facts["down_at"]
+    sent = 0
+    if down_at:
+        events = lab.gateway_events(facts["manager"], facts["fault_at"] - 5)
+        sent = v.requests_sent_to(events, facts["node"], down_at + 0.2, facts["thawed_at"])
     result = v.hung_verdict(requests, down_at, sent)
     if down_at:
         result["marked_down_after_s"] = round(down_at - facts["fault_at"], 2)

@@ -114,11 +114,11 @@ class DrillLab:
 
     # --- the stack ------------------------------------------------------------------------
 
-    def stack(self, managers: list[str] | None = None) -> tuple[str, dict]:
+    def stack(self) -> tuple[str, dict]:
         """(manager, stack) from the first manager that answers."""
         command = sm.SmokeStack().command(self.settings.stack_name)
         reasons = []
-        for manager in managers or self.fleet.managers:
+        for manager in self.fleet.managers:
             try:
                 done = self.ssh(manager, command, timeout=30)
             except subprocess.TimeoutExpired:
