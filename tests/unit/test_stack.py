@@ -269,6 +269,8 @@ def test_a_vllm_task_runs_under_the_drain_agent_shipped_as_a_config_of_its_own()
     # The request is held whole, so a retry can replay it when its engine dies before answering.
     backend = gateway.split("\nbackend be_m\n", 1)[1].split("\nbackend ", 1)[0]
     assert "    option http-buffer-request\n" in backend
+    pinned = gateway.split("\nbackend pin_m_0\n", 1)[1].split("\nbackend ", 1)[0]
+    assert "    retries 0\n    " in pinned and "    option http-server-close\n" in pinned
 
 
 def test_a_changed_drain_agent_is_a_new_config_and_rolls_the_engines(monkeypatch):
