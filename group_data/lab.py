@@ -1,8 +1,8 @@
 """The lab's overrides: applied to every host of inventories/lab.py (pyinfra applies
 group_data/<inventory file name>.py to the hosts of that file). Stand-ins only, each said so."""
 
-# The lab cannot reach Docker's repository: it installs Debian's docker.io instead.
-docker_engine_source = "distro"
+# Docker's apt repository is stood in for by scripts/lab/docker_sim (its URL and key come with
+# the lab's settings): the lab runs production's docker_engine_source "docker", pinned and held.
 
 # Lab hosts share this machine's disk: ask for what the lab really needs, not a GPU server's.
 preflight_min_free_gb_models = 1

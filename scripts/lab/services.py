@@ -6,6 +6,8 @@ host data. That is the only way a stand-in enters a run: production code knows n
 
     .2  the NVIDIA stand-in: signed apt repositories laid out like NVIDIA's (scripts/lab/nvidia_sim)
     .3  the Hugging Face Hub stand-in: a tiny model behind the Hub's API, token required (scripts/lab/hub)
+    .5  the Docker stand-in: a signed apt repository laid out like Docker's, Debian's builds of
+        Docker Engine under Docker's package names (scripts/lab/docker_sim)
     .4  the registry stand-in: images the lab builds offline, pulled by the hosts (scripts/lab/registry),
         among them the inference stack's stand-ins: the CPU engine for vllm/vllm-openai
         (scripts/lab/engine) and the gateway for haproxy (scripts/lab/gateway)
@@ -21,6 +23,7 @@ from scripts.lab import fleet
 NVIDIA_REPO_OCTET = 2
 HUB_OCTET = 3
 REGISTRY_OCTET = 4
+DOCKER_REPO_OCTET = 5
 # The image of the GPU container check: a plain Debian userland, as NVIDIA's own checks use a
 # plain distribution image (the runtime brings nvidia-smi into the container).
 VERIFY_IMAGE = "lab/debian:bookworm"
@@ -30,6 +33,7 @@ def start(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str,
     """Start (or keep) every stand-in the deploy uses; return the settings that select them."""
     return {
         **nvidia_repositories(lab, subnet, state_dir),
+        **docker_repository(lab, subnet, state_dir),
         **hub(lab, subnet, state_dir),
         **registry(lab, subnet),
         **api_key(state_dir),
@@ -108,6 +112,40 @@ def nvidia_settings(base: str, paths: dict) -> dict[str, object]:
         "nvidia_container_toolkit_repo_url": f"{base}libnvidia-container/stable/deb",
         "nvidia_container_toolkit_key_url": f"{base}{paths['toolkit_key']}",
         "nvidia_container_toolkit_key_fingerprint": paths["fingerprint"],
+    }
+
+
+def docker_repository(lab: str, subnet: ipaddress.IPv4Network, state_dir: Path) -> dict[str, object]:
+    """Docker's apt repository, stood in for: the lab installs docker-ce from it the way
+    production does (docker_engine_source "docker", pinned and held). Debian's files it carries
+    are cached beside the labs (.lab/.cache), so a second lab or an `up` after `down` fetches
+    nothing."""
+    from scripts.lab.docker_sim import repo
+    from scripts.lab.nvidia_sim import server
+
+    served = state_dir / "docker-sim" / "repo"
+    built = repo.build_repo(served, state_dir / "docker-sim" / "gnupg",
+                            state_dir.parent / ".cache" / "docker-sim-debian")
+    base = server.start(lab, fleet.network_name(lab),
+                        fleet.service_address(subnet, DOCKER_REPO_OCTET), served,
+                        role="docker-sim-repo")
+    fleet.say(f"Docker stand-in repository at {base}linux/debian: docker-ce "
+              f"{', '.join(built['versions'])} (LAB STAND-IN: Debian's builds, signed with the "
+              "lab's own key)")
+    return docker_settings(base, built)
+
+
+def docker_settings(base: str, built: dict) -> dict[str, object]:
+    """The production keys that point the Docker Engine phase at the stand-in. docker_version
+    stays production's default (one of the engine versions the stand-in offers); containerd.io
+    is pinned to the one it carries."""
+    return {
+        "docker_engine_source": "docker",
+        "docker_apt_url": f"{base}{built['url_path']}",
+        "docker_key_fingerprint": built["fingerprint"],
+        "docker_containerd_version": built["companions"]["containerd.io"],
+        "docker_buildx_version": built["companions"]["docker-buildx-plugin"],
+        "docker_compose_version": built["companions"]["docker-compose-plugin"],
     }
 
 

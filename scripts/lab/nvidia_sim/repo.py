@@ -43,13 +43,14 @@ TOOLKIT_BASE = "libnvidia-container"
 # ---------------------------------------------------------------------------- pure helpers
 
 
-def packages_stanza(control: str, filename: str, data: bytes) -> str:
-    """One Packages entry: the control fields plus where the file is and its checksums."""
+def packages_stanza(control: str, filename: str, data: bytes, prefix: str = "./") -> str:
+    """One Packages entry: the control fields plus where the file is (prefix + filename,
+    relative to the repository's root) and its checksums."""
     fields = control.rstrip("\n")
     # Installed-Size is not in our control files; apt does not need it.
     return (
         f"{fields}\n"
-        f"Filename: ./{filename}\n"
+        f"Filename: {prefix}{filename}\n"
         f"Size: {len(data)}\n"
         f"MD5sum: {hashlib.md5(data).hexdigest()}\n"
         f"SHA1: {hashlib.sha1(data).hexdigest()}\n"
@@ -115,8 +116,8 @@ def _gpg(gnupg_home: Path, *args: str, stdin: bytes | None = None) -> bytes:
     return result.stdout
 
 
-def ensure_key(gnupg_home: Path) -> str:
-    """The fingerprint of the lab's signing key, generating it the first time."""
+def ensure_key(gnupg_home: Path, uid: str = KEY_UID) -> str:
+    """The fingerprint of the signing key in gnupg_home, generating it (as uid) the first time."""
     gnupg_home.mkdir(parents=True, exist_ok=True)
     gnupg_home.chmod(0o700)
 
@@ -135,7 +136,7 @@ def ensure_key(gnupg_home: Path) -> str:
     fprs = secret_fingerprints()
     if not fprs:
         _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "",
-             "--quick-generate-key", KEY_UID, "ed25519", "sign", "never")
+             "--quick-generate-key", uid, "ed25519", "sign", "never")
         fprs = secret_fingerprints()
     return fprs[0]
 

@@ -31,8 +31,8 @@ def image_name(lab: str | None = None) -> str:
     return ensure_image(lab)
 
 
-def container_name(lab: str) -> str:
-    return f"{lab}-nvidia-sim-repo"
+def container_name(lab: str, role: str = ROLE) -> str:
+    return f"{lab}-{role}"
 
 
 def render_dockerfile() -> str:
@@ -55,14 +55,16 @@ def ensure_image(lab: str | None = None) -> str:
                                     "busybox httpd for the NVIDIA stand-in repositories")
 
 
-def start(lab: str, network: str, ip: str, serve_dir: Path) -> str:
+def start(lab: str, network: str, ip: str, serve_dir: Path, role: str = ROLE) -> str:
     """Run (or keep running) the repository server at ip on network; returns its base URL. A
     running container with the same image, address and directory is kept; another is replaced.
 
     serve_dir is bind-mounted read-only; rebuilding the repository in place is seen at once.
+    `role` names the container and labels it: the Docker stand-in (scripts/lab/docker_sim) is
+    served the same way, by a second container.
     """
     serve_dir = Path(serve_dir).resolve()
-    name = container_name(lab)
+    name = container_name(lab, role)
     image = ensure_image(lab)
     if fleet.running_as_wanted(name, network, image, ip, [serve_dir]):
         return f"http://{ip}/"
@@ -70,7 +72,7 @@ def start(lab: str, network: str, ip: str, serve_dir: Path) -> str:
         docker("rm", "-f", name)
     docker(
         "run", "-d", "--name", name,
-        "--label", f"{LABEL}={lab}", "--label", f"{ROLE_LABEL}={ROLE}",
+        "--label", f"{LABEL}={lab}", "--label", f"{ROLE_LABEL}={role}",
         "--network", network, "--ip", ip,
         "--read-only", "--restart", "unless-stopped",
         "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE",
