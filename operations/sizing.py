@@ -31,6 +31,13 @@ SHM_MAX_HOST_SHARE = 0.25
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+# A node drained by scripts/rollout.py for maintenance carries this label until it is set active
+# again: it serves again when it comes back, like a node that is down, so what is rendered for it
+# (gateway servers, shm) does not change meanwhile and the stack is not rolled twice for it. Not
+# under "gpufleet.": the deploy's node labels (operations/swarm.py) never touch it.
+MAINTENANCE_LABEL = "gpufleet-maintenance"
+
+
 @dataclass(frozen=True)
 class Node:
     """A Swarm node as the stack's planning needs it."""
@@ -45,6 +52,7 @@ class Node:
     # availability active, whatever its state: a node the operator has not drained or paused.
     # A node that is down (its host unreachable, say) is still active: it serves again when it
     # comes back, so what is rendered for it (gateway servers, shm) does not change meanwhile.
+    # So is a node drained for maintenance by the rollout (MAINTENANCE_LABEL).
     active: bool = True
 
     @classmethod
@@ -66,7 +74,7 @@ class Node:
             memory_bytes=int(node.get("memory_bytes") or 0),
             available=node.get("availability") == "active" and node.get("state") == "ready",
             addr=node.get("addr", ""),
-            active=node.get("availability") == "active",
+            active=node.get("availability") == "active" or MAINTENANCE_LABEL in labels,
         )
 
 

@@ -81,3 +81,18 @@ def test_nodes_from_the_swarms_view():
                                                           "gpufleet.gpu.memory-mib": "40960"}})
     assert node == Node("gpu-01", 4, "NVIDIA A100", 40960, 5, True)
     assert Node.from_swarm({"hostname": "x", "availability": "drain", "state": "ready"}).available is False
+
+
+def test_a_node_drained_for_maintenance_is_still_rendered_for():
+    """The rollout labels the nodes it drains: the stack (gateway servers, shm) stays rendered
+    for them, as for a node that is down, so a run during the rollout does not roll the stack
+    and the run after it does not roll it back. A node an operator drained is not."""
+    maintained = Node.from_swarm({"hostname": "gpu-02", "availability": "drain", "state": "ready",
+                                  "labels": {sizing.MAINTENANCE_LABEL: "rollout",
+                                             "gpufleet.gpu.count": "2"}})
+    drained = Node.from_swarm({"hostname": "gpu-03", "availability": "drain", "state": "ready",
+                               "labels": {"gpufleet.gpu.count": "2"}})
+    assert maintained.available is False and maintained.active is True
+    assert drained.active is False
+    assert sizing.eligible_nodes([maintained, drained], 1, None, include_down=True) == [maintained]
+    assert sizing.eligible_nodes([maintained, drained], 1, None) == []
