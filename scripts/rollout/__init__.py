@@ -1,0 +1,1 @@
+"""Rolling fleet maintenance (scripts/rollout.py): plan, Swarm steps, report."""
