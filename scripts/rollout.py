@@ -168,6 +168,7 @@ def maintain_batch(args, fleet, settings, record: RolloutRecord, batch: list[str
         host.after = {k: v for k, v in versions.items() if k != "nvidia"}
         host.after["boot"] = steps.boot_marker(fleet, name)
         host.rebooted = host.after["boot"] != host.before.get("boot")
+        host.reboots = steps.reboots_in_log(log, name)
         problems = steps.version_problems(versions, settings)
         node = steps.node_of(steps.swarm_nodes(fleet, manager), name)
         if node is None or node["state"] != "ready":

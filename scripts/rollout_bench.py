@@ -168,17 +168,18 @@ def markdown(result: dict) -> str:
             f" (the first run stopped at {result['fail_host']} as it should, exit {result['stopped_exit']}; "
             "GPUs back, the second run resumed)" if result["fail_host"] else ""),
         f"- the deploy after: exit {result['after']['exit']}, changed {result['after']['changed'] or 'nothing'}",
-        "", "| host | before | after | attempts | rebooted | drain (s) | deploy (s) | back (s) | wall (s) |",
+        "", "| host | before | after | attempts | reboots | drain (s) | deploy (s) | back (s) | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, host in rec["hosts"].items():
         before, after = host["before"], host["after"]
         lines.append(f"| {name} | {before.get('driver')}, {before.get('docker')}, {before.get('toolkit')} "
                      f"| {after.get('driver')}, {after.get('docker')}, {after.get('toolkit')} "
-                     f"| {host.get('attempts', 1)} | {'yes' if host['rebooted'] else 'no'} | {host['drain_s']} | {host['deploy_s']} "
+                     f"| {host.get('attempts', 1)} | {host.get('reboots')} | {host['drain_s']} | {host['deploy_s']} "
                      f"| {host['back_s']} | {host['wall_s']} |")
     lines += ["", "Before and after: the driver loaded, Docker Engine, the Container Toolkit. Attempts: "
               "the rollout runs that took the host (a stopped run, then the one that resumed). "
+              "Reboots: those the host's last deploy did (its boot changed too). "
               "Times are those of the last attempt. Drain: from `docker node update --availability drain` until no task runs on the node "
               "and every service is at its count. Deploy: the whole deploy of that host alone with "
               "reboots allowed (package upgrades, the reboot into the new driver, Docker restarted "

@@ -16,7 +16,8 @@ class HostRecord:
     status: str = "pending"   # pending, drained, done, failed
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
-    rebooted: bool | None = None
+    rebooted: bool | None = None   # its boot changed (boot id, PID 1's start)
+    reboots: int | None = None     # reboots its deploy did (the driver phase's reboot operation)
     drain_s: float | None = None
     deploy_s: float | None = None
     deploy_exit: int | None = None
@@ -92,7 +93,8 @@ def markdown(record: RolloutRecord) -> str:
     lines += ["| host | result | before | after | rebooted | drain (s) | deploy (s) | back (s) | wall (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for host in record.hosts.values():
-        rebooted = "-" if host.rebooted is None else ("yes" if host.rebooted else "no")
+        rebooted = "-" if host.rebooted is None else (
+            f"yes ({host.reboots}x)" if host.rebooted else "no")
         lines.append(f"| {host.name} | {host.status} | {_versions(host.before)} | {_versions(host.after)} "
                      f"| {rebooted} | {_s(host.drain_s)} | {_s(host.deploy_s)} | {_s(host.back_s)} "
                      f"| {_s(host.wall_s)} |")

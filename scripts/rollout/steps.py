@@ -180,6 +180,22 @@ def read_fact(fleet, name: str, fact) -> Any:
         raise StepFailed(f"{name}: cannot read {fact.__name__}: {error}") from None
 
 
+def reboots_in_log(log_path: Path, name: str) -> int:
+    """How many times the host's deploy rebooted it: the driver phase's reboot operation
+    reporting a change for it (the only operation of the deploy that reboots)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0
+    count, operation = 0, ""
+    for line in lines:
+        if line.startswith("--> Starting operation: "):
+            operation = line.removeprefix("--> Starting operation: ").strip()
+        elif line.strip() == f"[{name}] Success" and operation.startswith("NVIDIA driver | Reboot"):
+            count += 1
+    return count
+
+
 def deploy_failure(log_path: Path, name: str) -> str:
     """The reason a host's deploy gave, from its log: the last line about that host that says
     error or failed (pyinfra's and the operations' own words), else the log's last line."""

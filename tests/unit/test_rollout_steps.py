@@ -96,3 +96,15 @@ def test_a_failed_deploy_is_reported_with_its_own_words(tmp_path):
         "[node-2] Error: driver not loaded after the reboot: nvidia-smi exit 9")
     assert steps.deploy_failure(log, "node-9") == "--> pyinfra error: No hosts remaining!"
     assert steps.deploy_failure(tmp_path / "missing.log", "node-2") == "no deploy log"
+
+
+def test_the_reboots_a_deploy_did_are_counted_from_its_log(tmp_path):
+    log = tmp_path / "node-3.log"
+    log.write_text("--> Starting operation: NVIDIA driver | NVIDIA driver 580.95.05 (open kernel modules)\n"
+                   "    [node-3] Success\n\n"
+                   "--> Starting operation: NVIDIA driver | Reboot into NVIDIA driver 580.95.05 if needed \n"
+                   "    [node-3] Connected\n    [node-3] Success\n\n"
+                   "--> Starting operation: Docker Engine | Restart Docker (daemon.json changed)\n"
+                   "    [node-3] Success\n")
+    assert steps.reboots_in_log(log, "node-3") == 1
+    assert steps.reboots_in_log(log, "node-4") == 0
