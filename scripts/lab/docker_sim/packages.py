@@ -21,17 +21,17 @@ Conflicts with and Replaces containerd and runc, whose binary it carries.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.lab.nvidia_sim.packages import dpkg_build
+
 from .debian import DebianDeb
 
 CODENAME_SUFFIX = "-1~debian.12~bookworm"
-SOURCE_DATE_EPOCH = 1767225600  # 2026-01-01: reproducible debs
 MAINTAINER = "gpu-fleet lab <docker-sim@gpufleet.lab.invalid>"
 
 # Debian's builds the stand-ins carry (Debian package, upstream version, suites to look in).
@@ -227,15 +227,8 @@ def build_deb(package: StandIn, extracted: dict[str, Path], carried_versions: di
         if package.units:
             _write(root / "DEBIAN" / "prerm", prerm_text(package), 0o755)
             _write(root / "DEBIAN" / "postrm", postrm_text(package), 0o755)
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames:
-                (Path(dirpath) / name).chmod(0o755)
-            for name in [*dirnames, *filenames]:
-                os.utime(Path(dirpath) / name, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
         target = out_dir / package.filename
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
-        subprocess.run(["dpkg-deb", "--root-owner-group", "-Znone", "--build", str(root), str(target)],
-                       check=True, capture_output=True, text=True, env=env)
+        dpkg_build(root, target, "none")
     return target
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.lab.nvidia_sim.repo import _gpg, ensure_key, packages_stanza, stop_agent
+from scripts.lab.nvidia_sim.repo import _gpg, ensure_key, packages_stanza, stop_agent, swap_in
 
 from . import debian
 from . import packages as pkgs
@@ -120,17 +120,10 @@ def build_repo(out_dir: Path, gnupg_home: Path, cache_dir: Path) -> dict:
             "LAB STAND-IN for Docker's apt repository (gpu-fleet lab), not Docker's: Debian's\n"
             "builds under Docker's package names. See scripts/lab/docker_sim/README.md.\n")
         (staging / STAMP).write_text(json.dumps(wanted))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for child in list(out_dir.iterdir()):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        for child in staging.iterdir():
-            child.rename(out_dir / child.name)
+        swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         stop_agent(gnupg_home)
-    for path in out_dir.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    out_dir.chmod(0o755)
     return {**result, "rebuilt": True}
 
 

@@ -332,15 +332,21 @@ def build_deb(package: Package, out_dir: Path) -> Path:
         for script, source in package.scripts.items():
             subs = {"VERSION": package.version, **package.substitutions}
             _write(debian / script, render(source, subs), 0o755)
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames:
-                (Path(dirpath) / name).chmod(0o755)
-            for name in [*dirnames, *filenames]:
-                os.utime(Path(dirpath) / name, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
         target = out_dir / package.filename
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
-        subprocess.run(
-            ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(target)],
-            check=True, capture_output=True, text=True, env=env,
-        )
+        dpkg_build(root, target, "gzip")
     return target
+
+
+def dpkg_build(root: Path, target: Path, compression: str) -> None:
+    """dpkg-deb --build of a package tree, reproducibly: directories 0755, every mtime and the
+    build date SOURCE_DATE_EPOCH, files owned by root."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            (Path(dirpath) / name).chmod(0o755)
+        for name in [*dirnames, *filenames]:
+            os.utime(Path(dirpath) / name, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root), str(target)],
+        check=True, capture_output=True, text=True, env=env,
+    )

@@ -217,19 +217,24 @@ def build_repo(out_dir: Path, gnupg_home: Path) -> dict:
             "SIMULATOR for the gpu-fleet lab, not NVIDIA software: apt repositories laid out\n"
             "like NVIDIA's, holding simulated packages. See scripts/lab/nvidia_sim/README.md.\n")
         (staging / STAMP).write_text(json.dumps(wanted))
-        # Swap in the new tree; a served directory bind-mounted by its parent stays valid.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for child in list(out_dir.iterdir()):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        for child in staging.iterdir():
-            child.rename(out_dir / child.name)
+        swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         stop_agent(gnupg_home)
-    for directory in out_dir.rglob("*"):
-        directory.chmod(0o755 if directory.is_dir() else 0o644)
-    out_dir.chmod(0o755)
     return {**paths, "rebuilt": True}
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir's contents with staging's, world-readable for the HTTP server. The
+    directory itself stays: the server's bind mount of it remains valid."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for child in list(out_dir.iterdir()):
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in staging.iterdir():
+        child.rename(out_dir / child.name)
+    for path in out_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out_dir.chmod(0o755)
 
 
 def main(argv: list[str]) -> int:
