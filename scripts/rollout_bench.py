@@ -87,9 +87,11 @@ def merged(runs: list[dict]) -> dict:
                 continue
             earlier = hosts.get(name, {})
             first = earlier.get("times", {}).get("drained")
+            failures = earlier.get("failures", []) + ([host["problem"]] if host.get("problem") else [])
             hosts[name] = {**host, "times": {**host["times"], **({"first_drained": first} if first else {})},
                            "before": earlier.get("before") or host["before"],
-                           "attempts": earlier.get("attempts", 0) + (host["status"] != "pending")}
+                           "attempts": earlier.get("attempts", 0) + (host["status"] != "pending"),
+                           "failures": failures}
     return {**runs[-1], "hosts": dict(sorted(hosts.items(), key=lambda kv: kv[1]["times"].get("drained", 0) or 0)),
             "runs": [{k: v for k, v in run.items() if k != "hosts"} for run in runs]}
 
@@ -177,6 +179,10 @@ def markdown(result: dict) -> str:
                      f"| {after.get('driver')}, {after.get('docker')}, {after.get('toolkit')} "
                      f"| {host.get('attempts', 1)} | {host.get('reboots')} | {host['drain_s']} | {host['deploy_s']} "
                      f"| {host['back_s']} | {host['wall_s']} |")
+    failed_attempts = [(name, why) for name, host in rec["hosts"].items() for why in host.get("failures", [])]
+    if failed_attempts:
+        lines += ["", "Attempts that failed (the host stayed drained, the rollout stopped, exit 1):", ""]
+        lines += [f"- {name}: {why}" for name, why in failed_attempts]
     lines += ["", "Before and after: the driver loaded, Docker Engine, the Container Toolkit. Attempts: "
               "the rollout runs that took the host (a stopped run, then the one that resumed). "
               "Reboots: those the host's last deploy did (its boot changed too). "

@@ -197,16 +197,29 @@ def reboots_in_log(log_path: Path, name: str) -> int:
 
 
 def deploy_failure(log_path: Path, name: str) -> str:
-    """The reason a host's deploy gave, from its log: the last line about that host that says
-    error or failed (pyinfra's and the operations' own words), else the log's last line."""
+    """The reason a host's deploy gave, from its log: the operation that failed on it and what
+    that operation said about it (pyinfra's own "Error: executed N commands" says nothing),
+    else the log's last line."""
     try:
-        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
-                 if line.strip()]
+        lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return "no deploy log"
-    about = [line for line in lines if f"[{name}]" in line
-             and any(word in line.lower() for word in ("error", "failed", "refused"))]
-    return (about or lines or ["empty deploy log"])[-1][:400]
+    prefix = f"[{name}] "
+    operation, said, reason = "", [], None
+    for line in lines:
+        text = line.strip()
+        if text.startswith("--> Starting operation: "):
+            operation, said = text.removeprefix("--> Starting operation: ").strip(), []
+        elif text.startswith(prefix):
+            words = text[len(prefix):].strip()
+            if words.startswith("Error"):
+                told = [w for w in said if w not in ("Connected", "Success", "No changes")]
+                reason = f"{operation}: {' '.join(told) or words}" if operation else words
+            elif words:
+                said.append(words)
+    if reason is None:
+        reason = next((line.strip() for line in reversed(lines) if line.strip()), "empty deploy log")
+    return reason[:400]
 
 
 def host_versions(fleet, name: str) -> dict[str, Any]:

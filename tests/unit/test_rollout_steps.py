@@ -89,11 +89,18 @@ def test_draining_labels_the_node_for_maintenance_and_activating_removes_the_lab
 
 def test_a_failed_deploy_is_reported_with_its_own_words(tmp_path):
     log = tmp_path / "node-2.log"
-    log.write_text("--> Starting operation: NVIDIA driver | NVIDIA driver 580.95.05 loaded\n"
-                   "    [node-2] Error: driver not loaded after the reboot: nvidia-smi exit 9\n"
-                   "    [node-1] No changes\n\n--> pyinfra error: No hosts remaining!\n")
+    log.write_text(
+        "--> Starting operation: NVIDIA driver | Reboot into NVIDIA driver 580.95.05 if needed \n"
+        "    [node-2] Connected\n"
+        "    [node-2] the loaded NVIDIA driver is not 580.95.05:\n"
+        "    [node-2] NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n"
+        "    [node-2] \n"
+        "    [node-2] Error: executed 5 commands\n"
+        "    [node-1] No changes\n\n--> pyinfra error: No hosts remaining!\n")
     assert steps.deploy_failure(log, "node-2") == (
-        "[node-2] Error: driver not loaded after the reboot: nvidia-smi exit 9")
+        "NVIDIA driver | Reboot into NVIDIA driver 580.95.05 if needed: the loaded NVIDIA driver "
+        "is not 580.95.05: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+        "driver.")
     assert steps.deploy_failure(log, "node-9") == "--> pyinfra error: No hosts remaining!"
     assert steps.deploy_failure(tmp_path / "missing.log", "node-2") == "no deploy log"
 
