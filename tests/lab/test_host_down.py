@@ -2,7 +2,8 @@
 
 With a lab host's container killed (a server that lost power), a deploy and the drift check wait
 for nothing: a deploy takes less than a run that changes nothing (measured here on the same lab a
-moment before) plus pyinfra's SSH connect timeout, the shortest wait a dead host could cause;
+moment before) plus 8 s, shorter than any wait a dead host could cause (a Swarm wait, smoke
+retries, pyinfra's default 10 s connect timeout; the lab's is 1 s);
 the host is named once, the others converge and change nothing, and no Swarm wait runs out. The
 host started again, the next run converges and the one after changes nothing. The same with
 three managers and the Swarm leader's host killed.
@@ -20,14 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from pyinfra.api.config import ConfigDefaults
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 
-# pyinfra's SSH connect timeout, which the lab's runs keep.
-CONNECT_TIMEOUT_S = ConfigDefaults.CONNECT_TIMEOUT
+# Seconds a run with a host down may take beyond a no-change run (see assert_outage_run).
+OUTAGE_SLACK_S = 8
 
 
 def deploy(lab):
@@ -114,14 +114,13 @@ def assert_outage_run(lab, down: str, baseline: float, acting: str):
     one operation may change, and nothing else on any host."""
     code, elapsed, results, output = deploy(lab)
     assert code == 1, output  # a host failed: pyinfra's own exit status
-    # The waits this guards against are each at least pyinfra's SSH connect timeout (10 s): the
-    # dead host's connect running out, a Swarm wait, smoke retries against its endpoints. What
-    # a run may rightly spend beyond a no-change one is less: the dead host's quick refusal and
-    # a live engine's own health retries (up to 3.5 s of back-off when it is briefly busy).
-    assert elapsed < baseline + CONNECT_TIMEOUT_S - 2, (
+    # What a run may rightly spend beyond a no-change one: the dead host's connect timing out
+    # (1 s: inventories/lab.py) and a live engine's own health retries (up to 3.5 s of back-off
+    # when it is briefly busy). What this guards against is each longer: a Swarm wait, smoke
+    # retries against the dead host's endpoints, pyinfra's default 10 s connect timeout.
+    assert elapsed < baseline + OUTAGE_SLACK_S, (
         f"the run with {down} down took {elapsed:.1f}s, a no-change run {baseline:.1f}s:\n{output}")
-    refused = [line for line in output.splitlines() if f"[{down}] Could not connect" in line]
-    assert len(refused) == 1 and "timed out" not in refused[0], output
+    assert output.count(f"[{down}] Could not connect") == 1, output
     reported = [line for line in output.splitlines() if f"Swarm node {down} is down" in line]
     assert len(reported) == 1 and "could not be reached in this run" in reported[0], output
     assert "waiting for Swarm nodes" not in output, output
