@@ -109,7 +109,7 @@ def plan_rollout(args, fleet, settings, record: RolloutRecord, resumed: dict[str
                   for n in steps.plan_nodes(fleet, nodes)]
     order = order_hosts(fleet, touched, list(resumed), plan_nodes)
     return planner.plan_batches(touched, plan_nodes, steps.served_models(settings),
-                                args.max_unavailable, order), nodes
+                                args.max_unavailable, order)
 
 
 def acting_manager(fleet, batch: list[str]) -> str:
@@ -176,7 +176,7 @@ def maintain_batch(args, fleet, settings, record: RolloutRecord, batch: list[str
         if problems:
             host.status, host.problem = "failed", "; ".join(problems)
             continue
-        host.labels_set = steps.refresh_gpu_labels(fleet, manager, name, versions["nvidia"])
+        host.labels_set = steps.refresh_gpu_labels(fleet, manager, node, versions["nvidia"])
         say(f"[{name}] verified: {host.after['driver']}, Docker {host.after['docker']}, toolkit "
             f"{host.after['toolkit']}; setting it active")
         steps.set_availability(fleet, manager, name, "active")
@@ -208,13 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     record = RolloutRecord(args.inventory, args.data, args.max_unavailable)
     started = time.monotonic()
     try:
-        planned = plan_rollout(args, fleet, settings, record, resumed)
-        if planned is None:
+        plan = plan_rollout(args, fleet, settings, record, resumed)
+        if plan is None:
             record.result = "refused"
             for why in record.refused:
                 say(f"refused: {why}")
             return 1
-        plan, _ = planned
         record.batches, record.refused = plan.batches, plan.refused
         for name, changes in plan.touched.items():
             record.host(name).changes = changes

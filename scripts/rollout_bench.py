@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def deploy(name: str, data: list[str]) -> tuple[int, list[str], str]:
     command = [str(REPO / ".venv" / "bin" / "pyinfra"), "--json", "-y", "inventories/lab.py", "deploy.py"]
     for item in data:
         command += ["--data", item]
-    done = subprocess.run(command, cwd=REPO, env={**__import__("os").environ, "LAB_NAME": name},
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "LAB_NAME": name},
                           capture_output=True, text=True, timeout=1800)
     try:
         changed = changed_operations(json.loads(done.stdout))
@@ -71,7 +72,7 @@ def rollout(name: str, out: Path) -> tuple[int, float, str]:
     started = time.monotonic()
     done = subprocess.run([sys.executable, "scripts/rollout.py", "inventories/lab.py",
                            "--out", str(out)], cwd=REPO,
-                          env={**__import__("os").environ, "LAB_NAME": name},
+                          env={**os.environ, "LAB_NAME": name},
                           capture_output=True, text=True, timeout=3600)
     print(done.stdout[-4000:], done.stderr[-2000:], flush=True)
     return done.returncode, time.monotonic() - started, done.stdout
@@ -207,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the lab up")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    import os
-
     os.environ["LAB_NAME"] = args.name
     say(f"a fresh lab {args.name}: {args.hosts} hosts, {args.managers} managers")
     lab_cli(args.name, "down")

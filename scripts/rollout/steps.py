@@ -52,8 +52,7 @@ def run_ok(fleet, name: str, command: str, timeout: int = 120) -> list[str]:
 
 
 def swarm_nodes(fleet, manager: str) -> list[dict[str, Any]]:
-    out = run_ok(fleet, manager, "docker node inspect $(docker node ls -q)")
-    parsed = swarm_ops.parse_swarm_nodes(out)
+    parsed = read_fact(fleet, manager, swarm_ops.SwarmNodes)
     if parsed["error"]:
         raise StepFailed(f"{manager}: cannot list the Swarm's nodes: {parsed['error']}")
     return parsed["nodes"]
@@ -256,13 +255,10 @@ def version_problems(versions: dict[str, Any], settings) -> list[str]:
     return problems
 
 
-def refresh_gpu_labels(fleet, manager: str, name: str, nvidia: dict[str, Any]) -> dict[str, str]:
+def refresh_gpu_labels(fleet, manager: str, node: dict[str, Any], nvidia: dict[str, Any]) -> dict[str, str]:
     """Set the node's GPU labels from what the host reports now (the deploy's own rule,
     operations.swarm.gpu_labels), through a manager: a deploy limited to this host cannot
     (labels are written by a manager). Returns the labels changed."""
-    node = node_of(swarm_nodes(fleet, manager), name)
-    if node is None:
-        raise StepFailed(f"{name} is not in the Swarm after its deploy")
     wanted = swarm_ops.gpu_labels(nvidia)
     changed = {k: v for k, v in wanted.items() if node["labels"].get(k) != v}
     if changed:
