@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +91,25 @@ def kill(lab, node, via):
                 and services_converged(lab, via))
 
     wait_until(noticed, what=f"{node} down in the Swarm seen from {via}")
+    wait_until(lambda: serving_without(lab, node), what=f"every endpoint but {node}'s answering")
+
+
+def serving_without(lab, down) -> bool:
+    """Whether every endpoint on the nodes still up passes the smoke checks from this machine:
+    a replica Swarm moved off the dead node has loaded its model, and the gateways route to it
+    (they find a new task by DNS and health-check it before sending it requests). Until then a
+    run's smoke tests rightly retry: a wait for serving capacity, not for the dead host."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "smoke.json"
+        subprocess.run([sys.executable, "scripts/smoke.py", "inventories/lab.py", "--json",
+                        str(report), "--deadline", "1"], cwd=REPO, env=lab.env,
+                       capture_output=True, text=True, timeout=300)
+        if not report.exists():
+            return False
+        endpoints = json.loads(report.read_text())["endpoints"]
+    live = [e for e in endpoints if e["node"] != down]
+    return bool(live) and all(c["result"] != "FAIL" or (c["check"] == "tasks" and down in c["detail"])
+                              for e in live for c in e["checks"])
 
 
 def start(lab, node, via):
