@@ -16,8 +16,10 @@ SERVICE = "gpufleet_tiny-llama"
 
 
 def settings(engine_port, gateway_port):
+    # The ports are the fake servers' (ephemeral, 32768 and up): the drain agent's default,
+    # port + 10000, would pass 65535 for a quarter of them, so it is given, below them.
     model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "e" * 40,
-             "port": engine_port}
+             "port": engine_port, "drain_port": 19999}
     data = {**inventory_data.load_group_data()["all"], "models": [model], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek",
             "stack_publish_mode": "host", "stack_gateway_port": gateway_port,
             "smoke_deadline_s": 2}
