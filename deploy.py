@@ -15,6 +15,7 @@ from operations.config import settings_for
 from operations.docker_engine import docker_engine
 from operations.engine_ports import engine_ports
 from operations.fleet_fit import fleet_fits
+from operations.gpu_health import gpu_health_phase
 from operations.nvidia import nvidia_driver
 from operations.ollama_store import ollama_stores
 from operations.phase import DOCKER, SWARM, PhaseResult, note_node_changes
@@ -40,10 +41,15 @@ if preflight(settings):
     # 3. NVIDIA Container Toolkit: pinned and held, swarm-resource set for Swarm's GPUs.
     toolkit = container_toolkit(settings)
 
+    # 3b. GPU health: each unhealthy GPU reported (host, index, UUID, reason); kept out of the
+    #     GPUs advertised to Swarm below unless gpu_health_keep_out is False.
+    gpu_health_phase(settings)
+
     # 4. Docker Engine: pinned packages; daemon.json merged with the nvidia runtime as default and
-    #    one NVIDIA-GPU generic resource per GPU (read when merged, after the driver is loaded);
-    #    restarted only when it changed.
-    engine = docker_engine(settings, extra_daemon_config=current_gpu_daemon_config)
+    #    one NVIDIA-GPU generic resource per healthy GPU (read when merged, after the driver is
+    #    loaded); restarted only when it changed.
+    engine = docker_engine(settings, extra_daemon_config=lambda: current_gpu_daemon_config(
+        settings.gpu_health_keep_out))
 
     # What phases 2-4 changed can restart Docker (a reboot, a changed daemon.json): the stack
     # phase waits for the Swarm nodes of those hosts, and for no node that was down anyway.

@@ -57,6 +57,10 @@ nvidia_container_toolkit_key_fingerprint = "C95B321B61E88C1809C4F759DDCAE044F796
 nvidia_container_toolkit_version = "1.19.1-1"
 # Image for the one-off container that proves GPUs reach containers (run only after a change).
 nvidia_container_verify_image = "ubuntu:24.04"
+# Keep unhealthy GPUs out of serving (README, "GPU health": lost, uncorrected ECC, remapping
+# pending or failed, a recovery action, an Xid of the table): they are left out of the GPUs
+# Docker advertises to Swarm, so no engine task is given one. False: report them only.
+gpu_health_keep_out = True
 
 # --- Model weights -------------------------------------------------------------------------
 # Models pre-downloaded to <models_dir>/<name>/ before any engine starts. Each entry:

@@ -218,6 +218,7 @@ class Settings(BaseModel):
     nvidia_container_toolkit_key_fingerprint: Fingerprint
     nvidia_container_toolkit_version: ToolkitVersion
     nvidia_container_verify_image: ImageRef
+    gpu_health_keep_out: bool
 
     # Model weights
     models: list[ModelSpec]

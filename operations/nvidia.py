@@ -77,6 +77,9 @@ CUDA_REPO_ARCHES = {"amd64": "x86_64", "arm64": "sbsa"}
 _SECTIONS = ("os", "arch", "kernel", "module", "proc", "nouveau", "pci", "pkg", "blacklist",
              "keyring", "smi", "cuda")
 
+# nvidia-smi's exit status when a GPU is lost (fallen off the bus), per nvidia-smi(1).
+SMI_GPU_LOST = 15
+
 GPU_QUERY_FIELDS = (
     "index,uuid,name,memory.total,driver_version,pci.bus_id,persistence_mode,"
     "mig.mode.current,compute_cap"
@@ -344,7 +347,9 @@ def parse_nvidia_host(lines: list[str]) -> dict[str, Any]:
         rc_text = smi_lines[-1][3:].strip()
         smi_rc = int(rc_text) if rc_text.isdigit() else None
         smi_lines = smi_lines[:-1]
-    gpus = parse_gpus(smi_lines) if smi_rc == 0 else []
+    # Exit 15 ("GPU is lost", nvidia-smi(1)): one GPU fell off the bus; the others are still
+    # listed, and are still this host's GPUs (operations/gpu_health.py reports the lost one).
+    gpus = parse_gpus(smi_lines) if smi_rc in (0, SMI_GPU_LOST) else []
     smi_error = None
     if smi_rc == 127:
         smi_error = "nvidia-smi is not installed"

@@ -33,6 +33,8 @@ from pyinfra.api import (
 )
 
 from operations.apt_pins import apt_install
+# The generic resource kind the nodes advertise and services reserve.
+from operations.gpu_health import GPU_RESOURCE_KIND, current_serving_gpus
 from operations.nvidia import NvidiaHost
 from operations.nvidia_repos import REPO_TOOL_PACKAGES, signed_flat_repository
 from operations.phase import PhaseResult, fails_only_this_host, read_fact
@@ -50,8 +52,6 @@ TOOLKIT_PACKAGES = (
 )
 MIN_TOOLKIT_VERSION = (1, 19, 0)
 
-# The generic resource kind the nodes advertise and services reserve.
-GPU_RESOURCE_KIND = "NVIDIA-GPU"
 # The variable Docker sets for a task holding generic resources of that kind.
 SWARM_RESOURCE = f"DOCKER_RESOURCE_{GPU_RESOURCE_KIND}"
 
@@ -377,11 +377,12 @@ def verify_gpu_container(image: str, expected_gpus: int | None = None):
 # --- Phase ----------------------------------------------------------------------------------
 
 
-def current_gpu_daemon_config() -> dict[str, Any]:
+def current_gpu_daemon_config(keep_out_unhealthy: bool = True) -> dict[str, Any]:
     """gpu_daemon_config for the current host, read now: call it where the GPUs are known
     (inside an operation at execution time, after the driver phase), not while planning a
-    fresh host, whose GPUs are invisible until the driver is loaded."""
-    return gpu_daemon_config(read_fact(host, NvidiaHost)["gpus"])
+    fresh host, whose GPUs are invisible until the driver is loaded. Unhealthy GPUs are left
+    out of the generic resources when `keep_out_unhealthy` (operations/gpu_health.py)."""
+    return gpu_daemon_config(current_serving_gpus(keep_out_unhealthy))
 
 
 @deploy("NVIDIA Container Toolkit")

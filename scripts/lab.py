@@ -16,6 +16,10 @@ Editing the lab inventory, as an operator edits a real one (kept in .lab/<lab>/h
     python3 scripts/lab.py managers N              the first N inventory hosts are swarm_managers
     python3 scripts/lab.py tls on|off              HTTPS at the gateway with the lab's own CA, or not
 
+A LAB FAULT on a simulated GPU, as hardware fails (read by the simulated nvidia-smi):
+
+    python3 scripts/lab.py gpu-fault NODE INDEX ecc[=N]|remap-pending|remap-failed|recovery[=ACTION]|lost|clear
+
 Lab hosts are containers that behave like fresh Debian 12 servers (systemd, sshd, sudo, their
 own Docker data volume); pyinfra reaches them over real SSH. The lab's name comes from --name or
 LAB_NAME (default gpulab): the tests use their own name, so they never touch yours.
@@ -40,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.lab import fleet, host_edits, images, services  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab import fleet, gpu_faults, host_edits, images, services  # noqa: E402  (needs the repo root on sys.path)
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
@@ -363,6 +367,23 @@ def set_tls(lab: str, state: dict, on: bool) -> dict:
     return {**state, "settings": settings}
 
 
+def gpu_fault(lab: str, node: str, index: int, fault: str) -> int:
+    """Inject (or clear) a LAB FAULT on GPU `index` of `node`, as root in its container: the
+    hardware's doing, not the deploy user's."""
+    state = fleet.read_state(lab)
+    host = next((h for h in (state or {}).get("hosts", []) if h["name"] == node), None)
+    if host is None:
+        raise LabError(f"no host {node} in lab {lab}")
+    try:
+        script = gpu_faults.fault_script(index, fault)
+    except ValueError as error:
+        raise LabError(str(error)) from None
+    subprocess.run(["docker", "exec", host["container"], "sh", "-c", script], check=True,
+                   capture_output=True)
+    say(f"{node}: GPU {index}: {fault} (LAB FAULT, read by the simulated nvidia-smi)")
+    return 0
+
+
 def down(lab: str, purge_images: bool) -> int:
     if not docker_answers():
         raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
@@ -414,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     tls_parser = commands.add_parser(
         "tls", help="HTTPS at the gateway with the lab's own CA (on), or plain HTTP (off)")
     tls_parser.add_argument("mode", choices=["on", "off"])
+    fault_parser = commands.add_parser(
+        "gpu-fault", help="LAB FAULT on one simulated GPU: ecc[=N], remap-pending, remap-failed, "
+        "recovery[=ACTION], lost; or clear")
+    fault_parser.add_argument("node")
+    fault_parser.add_argument("index", type=int)
+    fault_parser.add_argument("fault")
     down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
     down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
     args = parser.parse_args(argv)
@@ -442,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             return edit(lab, lambda s: set_tls(lab, s, args.mode == "on"))
         if args.command == "managers":
             return edit(lab, lambda s: host_edits.set_manager_count(s, args.count))
+        if args.command == "gpu-fault":
+            return gpu_fault(lab, args.node, args.index, args.fault)
         return down(lab, args.purge_images)
     except (LabError, images.ImageError) as error:
         print(f"lab: error: {error}", file=sys.stderr)

@@ -26,3 +26,37 @@ UNIT
 systemctl daemon-reload && systemctl enable {PULL_UNIT}"""
 RETURN_GPUS = (f"systemctl disable {PULL_UNIT}; rm -f /etc/systemd/system/{PULL_UNIT}; "
                f"systemctl daemon-reload; [ -e {GPUS_FILE}.gone ] && mv {GPUS_FILE}.gone {GPUS_FILE}; true")
+
+
+# LAB FAULTS per simulated GPU, read by the simulated nvidia-smi (scripts/lab/nvidia_sim): one
+# key=value file per GPU index. A failed row remapping is permanent (kept in /etc, across
+# reboots); the others live in /run, so a reboot clears them, and so does a GPU reset
+# (`nvidia-smi -r -i INDEX`), except a lost GPU's, which only a reboot brings back.
+FAULTS_KEPT = "/etc/gpu-simulator/faults"
+FAULTS_VOLATILE = "/run/nvidia-sim/faults"
+# lab.py gpu-fault KIND -> (the simulator's key, its value when none is given, kept across reboots)
+FAULT_KINDS = {
+    "ecc": ("ecc_uncorrected", "2", False),
+    "remap-pending": ("remap_pending", "1", False),
+    "remap-failed": ("remap_failed", "1", True),
+    "recovery": ("recovery_action", "Reset", False),
+    "lost": ("lost", "1", False),
+}
+
+
+def fault_script(index: int, fault: str) -> str:
+    """The root shell script that injects `fault` (KIND or KIND=VALUE, or "clear") on GPU
+    `index` of a lab host. Raises ValueError on a fault it does not know."""
+    if fault == "clear":
+        return f"rm -f {FAULTS_KEPT}/{index} {FAULTS_VOLATILE}/{index}"
+    kind, _, value = fault.partition("=")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"unknown GPU fault {fault!r}: expected one of "
+                         f"{', '.join(FAULT_KINDS)} (KIND or KIND=VALUE), or clear")
+    key, default, kept = FAULT_KINDS[kind]
+    value = value or default
+    if not all(c.isalnum() or c in " ._-" for c in value):
+        raise ValueError(f"GPU fault value {value!r}: letters, digits, spaces, '.', '_', '-' only")
+    where = FAULTS_KEPT if kept else FAULTS_VOLATILE
+    return (f"mkdir -p {where} && touch {where}/{index} && "
+            f"sed -i '/^{key}=/d' {where}/{index} && echo '{key}={value}' >> {where}/{index}")

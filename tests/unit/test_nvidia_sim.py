@@ -486,3 +486,64 @@ def test_server_image_is_the_shared_base_with_busybox_httpd_serving_srv():
     # Shared by every lab and purged with the lab's image cache (images.lab_images).
     assert server.IMAGE_NAME == "gpufleet-lab-nvidia-sim-http"
     assert server.container_name("gpulab") == "gpulab-nvidia-sim-repo"
+
+
+def _health(root):
+    """The production GpuHealth fact's command, run against the simulator, parsed."""
+    from operations.gpu_health import GpuHealth, parse_gpu_health
+
+    env = {**os.environ, "PATH": f"{root / 'usr/bin'}:{os.environ['PATH']}"}
+    out = subprocess.run(["sh", "-c", GpuHealth().command()], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return parse_gpu_health(out.splitlines())
+
+
+def _fault(root, kept, index, line):
+    where = root / ("etc/gpu-simulator/faults" if kept else "run/nvidia-sim/faults")
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / str(index), "a") as faults:
+        faults.write(line + "\n")
+
+
+@needs_tools
+def test_simulated_gpu_faults_read_by_the_health_fact(sim_root):
+    from operations.gpu_health import unhealthy_gpus
+
+    load_module(sim_root)
+    healthy = _health(sim_root)
+    assert healthy["available"] and len(healthy["gpus"]) == 2 and unhealthy_gpus(healthy) == []
+    _fault(sim_root, False, 0, "ecc_uncorrected=2")
+    _fault(sim_root, False, 0, "recovery_action=Reset")
+    _fault(sim_root, True, 1, "remap_failed=1")
+    found = {g["index"]: g["reasons"] for g in unhealthy_gpus(_health(sim_root))}
+    assert found == {0: ["2 uncorrected ECC error(s) since the driver loaded",
+                         "the driver asks for recovery: Reset"],
+                     1: ["row remapping failed (NVIDIA: the GPU needs service)"]}
+
+
+@needs_tools
+def test_a_lost_simulated_gpu_answers_like_nvidia_smi_and_survives_a_reset(sim_root):
+    from operations.gpu_health import unhealthy_gpus
+    from operations.nvidia import parse_nvidia_host
+
+    load_module(sim_root)
+    _fault(sim_root, False, 1, "lost=1")
+    query = run(sim_root, "nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader")
+    assert query.returncode == 15
+    assert query.stdout.splitlines()[1] == ("Unable to determine the device handle for "
+                                            "GPU00000000:2A:00.0: Unknown Error")
+    [lost] = unhealthy_gpus(_health(sim_root))
+    assert lost["index"] is None and lost["reasons"][0].startswith("lost:")
+    if os.geteuid() == 0:
+        reset = run(sim_root, "nvidia-smi", "-r", "-i", "1")
+        assert reset.returncode == 15 and "Reboot the system" in reset.stdout
+        _fault(sim_root, False, 0, "remap_pending=1")
+        assert run(sim_root, "nvidia-smi", "-r", "-i", "0").returncode == 0
+        assert [g["index"] for g in unhealthy_gpus(_health(sim_root))] == [None]
+    # The driver phase's own fact still sees GPU 0: one lost GPU is not a host without GPUs.
+    fields = ("index,uuid,name,memory.total,driver_version,pci.bus_id,persistence_mode,"
+              "mig.mode.current,compute_cap")
+    smi = run(sim_root, "nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits")
+    nvidia = parse_nvidia_host(["##smi", *smi.stdout.splitlines(), f"rc={smi.returncode}"])
+    assert [g["index"] for g in nvidia["gpus"]] == [0]
+    assert nvidia["driver"]["smi_error"].startswith("nvidia-smi exit 15")
