@@ -107,6 +107,16 @@ stack_engine_images = {
     "tgi": "ghcr.io/huggingface/text-generation-inference:3.3.6",
     "ollama": "ollama/ollama:0.12.6",
 }
+# The CUDA version each engine image requires of the driver (its NVIDIA_REQUIRE_CUDA: `docker
+# image inspect IMAGE`), by reference without digest: a served image whose CUDA needs a newer
+# driver than nvidia_driver_version is refused before any host is touched (README, "Engine
+# images and the driver"). An image not listed is not checked; add yours.
+stack_image_cuda = {
+    # vLLM 0.11.0's image and wheels are built on CUDA 12.9 (vllm-project/vllm#30633).
+    "vllm/vllm-openai:v0.11.0": "12.9",
+    # TGI 3.3.6's image is FROM nvidia/cuda:12.4.0-base-ubuntu22.04 (its Dockerfile at v3.3.6).
+    "ghcr.io/huggingface/text-generation-inference:3.3.6": "12.4",
+}
 # The gateway in front of every engine: HAProxy, balancing over healthy engine tasks.
 stack_gateway_image = "haproxy:3.2.4"
 # The user id each image runs as: it owns the secrets mounted in /run/secrets (mode 0400).

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from operations import rules
+from operations import cuda_compat, rules
 from operations.config_messages import ConfigError, problem_lines  # noqa: F401  (ConfigError: config.ConfigError)
 
 # Exit status for a configuration refused before any host was contacted (as a scheduler sees it).
@@ -238,6 +238,7 @@ class Settings(BaseModel):
     # Inference stack
     stack_name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
     stack_engine_images: dict[Literal["vllm", "tgi", "ollama"], ImageRef]
+    stack_image_cuda: dict[str, Annotated[str, _checked(cuda_compat.cuda_problem)]]
     stack_gateway_image: ImageRef
     stack_secret_uids: dict[Literal["vllm", "tgi", "ollama", "gateway"], Annotated[int, Field(ge=0, le=2**31)]]
     stack_gateway_port: ServicePort
@@ -308,6 +309,11 @@ class Settings(BaseModel):
                 "serving_clash", "expected an image for engine(s) {engines} (or models[].image)",
                 {"key": "stack_engine_images", "engines": ", ".join(missing)},
             )
+        _raise_rule("nvidia_driver_version", cuda_compat.driver_problem(
+            self.nvidia_driver_version,
+            [(f"model {spec.name}", spec.image or self.stack_engine_images[spec.engine])
+             for spec in served],
+            self.stack_image_cuda))
         if served and self.stack_api_key_file is None:
             raise PydanticCustomError(
                 "serving_clash",

@@ -140,6 +140,16 @@ CASES = [
     ("driver-off-branch", {"data": ["nvidia_driver_version=570.86.15"]},
      ["--data (every host): key 'nvidia_driver_version' = '570.86.15': expected a version on "
       "nvidia_driver_branch 580 (starting with '580.')"]),
+    ("driver-older-than-image-cuda",
+     {"group": "nvidia_driver_branch = '570'\nnvidia_driver_version = '570.172.08'\n"},
+     ["group_data/fleet.py (every host): key 'nvidia_driver_version' = '570.172.08': expected "
+      "575.51.03 or later: model llama runs vllm/vllm-openai:v0.11.0, built on CUDA 12.9 "
+      "(stack_image_cuda), and CUDA 12.9 needs that driver (CUDA Toolkit Release Notes); the "
+      "container toolkit would refuse to start it"]),
+    ("image-cuda-unknown", {"group": "stack_image_cuda = {'lab/engine:1': '11.2'}\n"},
+     ["group_data/fleet.py (every host): key 'stack_image_cuda.lab/engine:1' = '11.2': expected "
+      "a CUDA version of the driver table: 11.8, 12.0, 12.1, 12.2, 12.3, 12.4, 12.5, 12.6, 12.8, "
+      "12.9, 13.0 (not '11.2')"]),
     ("old-toolkit", {"data": ["nvidia_container_toolkit_version=1.18.0-1"]},
      ["--data (every host): key 'nvidia_container_toolkit_version' = '1.18.0-1': expected "
       "1.19.0-1 or later (1.18 dropped Docker Swarm support in its default mode)"]),
