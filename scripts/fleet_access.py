@@ -34,11 +34,15 @@ def reexec_in_venv() -> None:
     try:
         import httpx  # noqa: F401
         import pyinfra  # noqa: F401
-    except ImportError:
+    except ImportError as error:
         venv = REPO / ".venv" / "bin" / "python"
-        if venv.exists() and Path(sys.executable).resolve() != venv.resolve():
+        # Told apart by sys.prefix: a venv's python is a symlink to this very binary, so the
+        # resolved executables are the same file.
+        if venv.exists() and Path(sys.prefix).resolve() != venv.parents[1].resolve():
             os.execv(str(venv), [str(venv), *sys.argv])
-        raise
+        print(f"{Path(sys.argv[0]).name}: {error.name} is not installed: run "
+              "`python3 scripts/lab.py bootstrap` (it makes .venv)", file=sys.stderr)
+        sys.exit(1)
 
 
 @dataclass
