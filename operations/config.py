@@ -309,11 +309,6 @@ class Settings(BaseModel):
                 "serving_clash", "expected an image for engine(s) {engines} (or models[].image)",
                 {"key": "stack_engine_images", "engines": ", ".join(missing)},
             )
-        _raise_rule("nvidia_driver_version", cuda_compat.driver_problem(
-            self.nvidia_driver_version,
-            [(f"model {spec.name}", spec.image or self.stack_engine_images[spec.engine])
-             for spec in served],
-            self.stack_image_cuda))
         if served and self.stack_api_key_file is None:
             raise PydanticCustomError(
                 "serving_clash",
@@ -390,6 +385,18 @@ class Settings(BaseModel):
                 "expected a version on nvidia_driver_branch {branch} (starting with '{branch}.')",
                 {"key": "nvidia_driver_version", "branch": self.nvidia_driver_branch},
             )
+        return self
+
+    @model_validator(mode="after")
+    def _driver_runs_the_images(self) -> "Settings":
+        """After the driver is known to be on its branch: new enough for every served image's
+        CUDA (operations/cuda_compat.py)."""
+        served = [spec for spec in self.models if spec.serve]
+        _raise_rule("nvidia_driver_version", cuda_compat.driver_problem(
+            self.nvidia_driver_version,
+            [(f"model {spec.name}", spec.image or self.stack_engine_images[spec.engine])
+             for spec in served],
+            self.stack_image_cuda))
         return self
 
 

@@ -193,6 +193,14 @@ def serving_gpus(gpus: list[dict[str, Any]], health: dict[str, Any]) -> list[dic
             if gpu["uuid"] not in bad and bus_key(gpu.get("pci_bus_id") or "") not in bad_buses]
 
 
+def serving_view(nvidia: dict[str, Any], health: dict[str, Any] | None) -> dict[str, Any]:
+    """A host's NvidiaHost fact with only the GPUs it may advertise to Swarm (`health` None:
+    keep_out is off, all of them): what a node is labelled and sized by."""
+    if health is None:
+        return nvidia
+    return {**nvidia, "gpus": serving_gpus(nvidia.get("gpus") or [], health)}
+
+
 def name_lost_gpus(unhealthy: list[dict[str, Any]], advertised: list[str],
                    listed: list[str]) -> list[dict[str, Any]]:
     """A lost GPU has no UUID in nvidia-smi's answer: when exactly one is lost and exactly one

@@ -39,6 +39,8 @@ from typing import Any, Callable
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, deploy, operation
 
+from operations import gpu_health
+from operations.gpu_health import GpuHealth
 from operations.nvidia import NvidiaHost
 from operations.phase import (
     PhaseResult, explain, fail_host, finding, host_sudo, on_other_host, other_host_fact, read_fact,
@@ -191,6 +193,15 @@ def gpu_labels(nvidia: dict[str, Any]) -> dict[str, str]:
     if driver and gpus:
         labels[LABEL_GPU_DRIVER] = driver
     return labels
+
+
+def serving_view(other) -> dict[str, Any]:
+    """Another host's NvidiaHost fact as Swarm should see it: only the GPUs it advertises (the
+    unhealthy ones left out when that host's gpu_health_keep_out holds), so that the GPU count
+    the stack is sized by is the count a task can be given."""
+    keep_out = other.data.get("gpu_health_keep_out", True)
+    return gpu_health.serving_view(other_host_fact(other, NvidiaHost),
+                                   other_host_fact(other, GpuHealth) if keep_out else None)
 
 
 def wanted_labels(name: str, nvidia: dict[str, Any], inventory: dict[str, str]) -> dict[str, str]:
@@ -853,7 +864,7 @@ def swarm(settings) -> PhaseResult:
         for other in in_run():
             if other.name in wanted:
                 wanted[other.name]["labels"] = wanted_labels(
-                    other.name, other_host_fact(other, NvidiaHost),
+                    other.name, serving_view(other),
                     dict(other.data.get("swarm_node_labels", {}) or {}),
                 )
         return wanted

@@ -34,7 +34,7 @@ from pyinfra.api import (
 
 from operations.apt_pins import apt_install
 # The generic resource kind the nodes advertise and services reserve.
-from operations.gpu_health import GPU_RESOURCE_KIND, current_serving_gpus
+from operations.gpu_health import GPU_RESOURCE_KIND, GpuHealth, current_serving_gpus, unhealthy_gpus
 from operations.nvidia import NvidiaHost
 from operations.nvidia_repos import REPO_TOOL_PACKAGES, signed_flat_repository
 from operations.phase import PhaseResult, fails_only_this_host, read_fact
@@ -337,16 +337,20 @@ def runtime_config(swarm_resource: str = SWARM_RESOURCE, path: str = RUNTIME_CON
 
 @operation(is_idempotent=False)
 @fails_only_this_host
-def verify_gpu_container(image: str, expected_gpus: int | None = None):
+def verify_gpu_container(image: str, expected_gpus: int | None = None,
+                         keep_out_unhealthy: bool = True):
     """
     Run a throw-away container through the nvidia runtime and list its GPUs with nvidia-smi
     (injected by the toolkit); fail when it cannot, or sees another number of GPUs than
     ``expected_gpus``. Always issues its command: call it only when something changed, with
-    ``_if``.
+    ``_if``. When a GPU is unhealthy (operations/gpu_health.py), the container asks for the
+    healthy ones by UUID, the GPUs Swarm may hand out, and must see exactly those: asking a
+    lost GPU for "all" fails on a real host.
 
     + image: any image with a shell (the toolkit brings nvidia-smi)
     + expected_gpus: GPUs the container must see (None: as many as nvidia-smi lists on the
       host, or at least one)
+    + keep_out_unhealthy: as gpu_health_keep_out
 
     **Example:**
 
@@ -359,18 +363,29 @@ def verify_gpu_container(image: str, expected_gpus: int | None = None):
             _if=lambda: toolkit.changed() or engine.changed(),
         )
     """
+    devices, uuids = "all", []
     if expected_gpus is None:
         # The GPUs the driver phase found (read when the check runs, after any reboot).
-        expected_gpus = read_fact(host, NvidiaHost)["gpu_count"] or None
+        serving = current_serving_gpus(keep_out_unhealthy)
+        if keep_out_unhealthy and unhealthy_gpus(read_fact(host, GpuHealth)):
+            if not serving:
+                host.noop("no healthy GPU to hand a container (gpu_health)")
+                return
+            uuids = [gpu["uuid"] for gpu in serving]
+            devices = ",".join(uuids)
+        expected_gpus = len(serving) or None
     want = f"-eq {int(expected_gpus)}" if expected_gpus else "-ge 1"
     wanted = f"{int(expected_gpus)}" if expected_gpus else "at least 1"
     yield StringCommand(
-        f"out=$(docker run --rm --runtime={RUNTIME_NAME} -e NVIDIA_VISIBLE_DEVICES=all",
+        f"out=$(docker run --rm --runtime={RUNTIME_NAME} -e NVIDIA_VISIBLE_DEVICES={devices}",
         QuoteString(image),
         'nvidia-smi -L) || { echo "a GPU container could not run" >&2; exit 1; };',
         'echo "$out"; n=$(echo "$out" | grep -c "^GPU ");',
         f'[ "$n" {want} ] ||',
         f'{{ echo "a GPU container saw $n GPU(s), expected {wanted}" >&2; exit 1; }}',
+        *(part for uuid in uuids for part in (
+            '; echo "$out" | grep -qF', QuoteString(f"UUID: {uuid}"),
+            f'|| {{ echo "a GPU container did not see {uuid}" >&2; exit 1; }}')),
     )
 
 
@@ -415,5 +430,6 @@ def gpu_container_check(settings, changed: Callable[[], bool]):
     verify_gpu_container(
         name="A container sees the GPUs through the nvidia runtime",
         image=settings.nvidia_container_verify_image,
+        keep_out_unhealthy=settings.gpu_health_keep_out,
         _if=changed,
     )

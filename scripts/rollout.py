@@ -176,7 +176,8 @@ def maintain_batch(args, fleet, settings, record: RolloutRecord, batch: list[str
         if problems:
             host.status, host.problem = "failed", "; ".join(problems)
             continue
-        host.labels_set = steps.refresh_gpu_labels(fleet, manager, node, versions["nvidia"])
+        host.labels_set = steps.refresh_gpu_labels(fleet, manager, node, steps.serving_view(
+            fleet, name, versions["nvidia"], fleet.settings(name).gpu_health_keep_out))
         say(f"[{name}] verified: {host.after['driver']}, Docker {host.after['docker']}, toolkit "
             f"{host.after['toolkit']}; setting it active")
         steps.set_availability(fleet, manager, name, "active")

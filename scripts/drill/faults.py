@@ -125,6 +125,67 @@ def host_stopped(lab: DrillLab) -> dict:
             "detail": f"{node} shut down, off 20 s, started"}
 
 
+def task_gpu(lab: DrillLab, node: str, container: str) -> tuple[int, str]:
+    """(index, UUID) of the GPU Swarm gave a task's container (its DOCKER_RESOURCE_NVIDIA-GPU)."""
+    env = lab.ssh(node, f"docker inspect --format '{{{{json .Config.Env}}}}' {container}")
+    require(env, "docker inspect")
+    uuid = next(item.split("=", 1)[1] for item in json.loads(env.stdout)
+                if item.startswith("DOCKER_RESOURCE_NVIDIA-GPU="))
+    rows = lab.ssh(node, "nvidia-smi --query-gpu=index,uuid --format=csv,noheader")
+    require(rows, "nvidia-smi")
+    index = next(int(i) for i, u in (line.split(", ") for line in rows.stdout.splitlines())
+                 if u == uuid)
+    return index, uuid
+
+
+def docker_restart_window(lab: DrillLab, node: str) -> tuple[float, float]:
+    """When Docker last began to stop on `node` and when it was running again (systemd's own
+    timestamps, epoch seconds: the lab hosts share this machine's clock)."""
+    shown = lab.ssh(node, "systemctl show docker -p ActiveExitTimestampMonotonic "
+                          "-p ActiveEnterTimestampMonotonic; cat /proc/uptime")
+    require(shown, "systemctl show docker")
+    values = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    uptime = float(shown.stdout.splitlines()[-1].split()[0])
+    now = time.time()
+    return (now - uptime + int(values["ActiveExitTimestampMonotonic"]) / 1e6,
+            now - uptime + int(values["ActiveEnterTimestampMonotonic"]) / 1e6)
+
+
+def gpu_unhealthy(lab: DrillLab) -> dict:
+    """Uncorrected ECC errors on the GPU an engine task holds (a LAB FAULT the simulated
+    nvidia-smi reports), then the run that keeps it out: that node's Docker restarts with the
+    GPU no longer advertised, and its task starts again on a healthy GPU. What may fail is what
+    was in flight on that node while its Docker restarted."""
+    node, service = engine_node(lab)
+    index, uuid = task_gpu(lab, node, lab.task_container(node, service))
+    require(lab.lab_cli("gpu-fault", node, str(index), "ecc=2"), "lab.py gpu-fault")
+    run = lab.deploy()
+    if not run.ok:
+        raise RuntimeError(f"the run after the fault exited {run.exit_code}: "
+                           + run.output.strip()[-500:])
+    stopping, running = docker_restart_window(lab, node)
+    return {"fault_at": stopping, "struck_by": running, "node": node, "gpu": [index, uuid],
+            "run_changes": run.changed, "reported": f"unhealthy GPU {index} {uuid}" in run.output,
+            "detail": f"2 uncorrected ECC errors on GPU {index} of {node} ({service}'s); the "
+                      f"next run kept it out: {node}'s Docker restarted for "
+                      f"{running - stopping:.1f} s"}
+
+
+def gpu_kept_out(lab: DrillLab, requests: list, facts: dict) -> dict:
+    """The run named the GPU, no longer advertised it, no task holds it; then the GPU is reset
+    (as an operator does), so the next run lets it back in."""
+    node, (index, uuid) = facts["node"], facts["gpu"]
+    config = json.loads(lab.ssh(node, "cat /etc/docker/daemon.json").stdout or "{}")
+    advertised = f"NVIDIA-GPU={uuid}" in config.get("node-generic-resources", [])
+    held = [service for service in lab.engine_services()
+            if (container := lab.task_container(node, service))
+            and task_gpu(lab, node, container)[1] == uuid]
+    reset = lab.ssh(node, f"nvidia-smi -r -i {index}")
+    return {"ok": facts["reported"] and not advertised and not held and reset.returncode == 0,
+            "reported": facts["reported"], "still_advertised": advertised, "held_by": held,
+            "reset": reset.returncode == 0}
+
+
 def leader(lab: DrillLab) -> str:
     for manager in lab.fleet.managers:
         done = lab.ssh(manager, "docker node ls --format '{{.Hostname}} {{.ManagerStatus}}'", 30)
@@ -327,6 +388,9 @@ DRILLS = [
           "request reaches it", v.Allowance(), engine_hung, check=hung_check, cheap=True),
     Drill("docker-restarted", "Docker restarted on a node serving an engine",
           "only requests in flight on that node may fail", v.Allowance(), docker_restarted),
+    Drill("gpu-unhealthy", "uncorrected ECC errors on the GPU an engine holds, then the run",
+          "the run names the GPU and keeps it out; only requests in flight on that node while "
+          "its Docker restarts may fail", v.Allowance(), gpu_unhealthy, check=gpu_kept_out),
     Drill("host-stopped", "a node's host shut down, then started 20 s later",
           "only requests in flight on that node may fail", v.Allowance(), host_stopped),
     Drill("gateway-killed", "a gateway's container killed (SIGKILL), 3 managers",

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from operations import gpu_health
 from operations import swarm as swarm_ops
 from operations.apt_pins import upstream_version
 from operations.docker_packages import EngineState
+from operations.gpu_health import GpuHealth
 from operations.nvidia import NvidiaHost
 from operations.sizing import MAINTENANCE_LABEL
 from operations.toolkit import ToolkitHost
@@ -255,10 +257,17 @@ def version_problems(versions: dict[str, Any], settings) -> list[str]:
     return problems
 
 
+def serving_view(fleet, name: str, nvidia: dict[str, Any], keep_out: bool) -> dict[str, Any]:
+    """The host's NvidiaHost fact with only the GPUs it advertises to Swarm (unhealthy ones left
+    out when `keep_out`): what the deploy labels a node by (operations.gpu_health)."""
+    return gpu_health.serving_view(nvidia, read_fact(fleet, name, GpuHealth) if keep_out else None)
+
+
 def refresh_gpu_labels(fleet, manager: str, node: dict[str, Any], nvidia: dict[str, Any]) -> dict[str, str]:
     """Set the node's GPU labels from what the host reports now (the deploy's own rule,
-    operations.swarm.gpu_labels), through a manager: a deploy limited to this host cannot
-    (labels are written by a manager). Returns the labels changed."""
+    operations.swarm.gpu_labels, over the GPUs it advertises: serving_view), through a manager:
+    a deploy limited to this host cannot (labels are written by a manager). Returns the labels
+    changed."""
     wanted = swarm_ops.gpu_labels(nvidia)
     changed = {k: v for k, v in wanted.items() if node["labels"].get(k) != v}
     if changed:

@@ -97,6 +97,41 @@ def test_one_model_per_engine_converges_and_the_next_run_changes_nothing(mixed):
     assert links.stdout.strip() == "2", links.stdout + links.stderr
 
 
+def engine_tasks(lab, node: str) -> list[dict]:
+    """The engine containers running on `node`: the GPUs Swarm assigned each one (its
+    DOCKER_RESOURCE_NVIDIA-GPU, the variable config.toml's swarm-resource names) and the GPUs
+    nvidia-smi shows inside it."""
+    listed = lab.ssh(node, "sudo docker ps --format '{{.ID}} {{.Label \"com.docker.swarm.service.name\"}}'")
+    tasks = []
+    for line in listed.stdout.splitlines():
+        container, _, service = line.partition(" ")
+        if not service.startswith("gpufleet_") or service == "gpufleet_gateway":
+            continue
+        env = lab.ssh(node, f"sudo docker inspect --format '{{{{json .Config.Env}}}}' {container}")
+        assigned = next((item.split("=", 1)[1] for item in json.loads(env.stdout)
+                         if item.startswith("DOCKER_RESOURCE_NVIDIA-GPU=")), "")
+        seen = lab.ssh(node, f"sudo docker exec {container} nvidia-smi --query-gpu=uuid "
+                             "--format=csv,noheader")
+        tasks.append({"service": service, "assigned": set(filter(None, assigned.split(","))),
+                      "seen": set(seen.stdout.split())})
+    return tasks
+
+
+def test_engine_tasks_on_one_node_get_distinct_gpus_and_see_only_those(mixed):
+    """Five engine tasks on three 2-GPU nodes: some node runs two. Swarm hands each task its own
+    GPU from the node's generic resources, and the container sees exactly that GPU (the nvidia
+    runtime honours swarm-resource: NVIDIA/nvidia-container-toolkit#1599, fixed in 1.19)."""
+    shared = 0
+    for host in mixed.hosts:
+        tasks = engine_tasks(mixed, host["name"])
+        for task in tasks:
+            assert len(task["assigned"]) == 1 and task["seen"] == task["assigned"], (host, task)
+        gpus = [uuid for task in tasks for uuid in task["assigned"]]
+        assert len(gpus) == len(set(gpus)), (host["name"], tasks)
+        shared += len(tasks) >= 2
+    assert shared >= 1, "no node runs two engine tasks"
+
+
 def test_smoke_passes_for_each_engine_directly_and_through_the_gateway(mixed, tmp_path):
     out = tmp_path / "smoke.json"
     result = script(mixed, "smoke.py", "--json", str(out), "--deadline", "180")

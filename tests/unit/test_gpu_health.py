@@ -93,3 +93,25 @@ def test_lab_fault_scripts_write_one_key_per_gpu_and_refuse_unknown_faults():
         gpu_faults.fault_script(0, "melted")
     with pytest.raises(ValueError, match="letters, digits"):
         gpu_faults.fault_script(0, "recovery=x; reboot")
+
+
+def test_the_report_has_one_row_per_gpu_and_names_a_lost_one_from_daemon_json():
+    from scripts import gpu_health as report
+
+    health = {"available": True, "error": None, "gpus": [
+        gpu(0, UUID0, "00000000:18:00.0", ecc_uncorrected=0),
+        {"index": None, "uuid": None, "pci_bus_id": "0000:2A:00.0", "lost": True,
+         "lost_error": "Unknown Error", "xids": [79]}]}
+    nvidia = {"gpus": [{"index": 0, "uuid": UUID0}]}
+    daemon = {"config": {"node-generic-resources": [f"NVIDIA-GPU={UUID0}", f"NVIDIA-GPU={UUID1}"]}}
+    rows = report.host_rows("gpu-01", health, nvidia, daemon)
+    assert [(r["gpu"], r["uuid"], r["state"], r["advertised"]) for r in rows] == [
+        (0, UUID0, "healthy", True), (None, UUID1, "UNHEALTHY", True)]
+    assert rows[1]["reason"].startswith("lost: nvidia-smi cannot reach it (Unknown Error); Xid 79")
+    assert report.exit_code(rows) == report.EXIT_UNHEALTHY
+    assert report.exit_code(rows[:1]) == report.EXIT_HEALTHY
+    unread = report.host_rows("gpu-02", {"available": False, "error": "nvidia-smi is not installed",
+                                         "gpus": []}, {}, {})
+    assert report.exit_code(rows + unread) == report.EXIT_HOST_FAILED
+    table = report.render(rows + unread).splitlines()
+    assert table[0].split() == list(report.HEADER) and "not read" in table[-1]

@@ -547,3 +547,15 @@ def test_a_lost_simulated_gpu_answers_like_nvidia_smi_and_survives_a_reset(sim_r
     nvidia = parse_nvidia_host(["##smi", *smi.stdout.splitlines(), f"rc={smi.returncode}"])
     assert [g["index"] for g in nvidia["gpus"]] == [0]
     assert nvidia["driver"]["smi_error"].startswith("nvidia-smi exit 15")
+
+
+@needs_tools
+def test_runtime_refuses_a_lost_gpu_and_hands_out_the_others(sim_root, tmp_path):
+    load_module(sim_root)
+    _fault(sim_root, False, 1, "lost=1")
+    gpus = hardware.gpus("lab-gpu-1")
+    every = inject(sim_root, _bundle(tmp_path, ["NVIDIA_VISIBLE_DEVICES=all"]))
+    assert every.returncode == 1 and "gpu is lost" in every.stderr
+    (tmp_path / "bundle").rename(tmp_path / "first")
+    healthy = _bundle(tmp_path, [f"NVIDIA_VISIBLE_DEVICES={gpus[0]['uuid']}"])
+    assert inject(sim_root, healthy).returncode == 0
