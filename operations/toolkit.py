@@ -33,7 +33,6 @@ from pyinfra.api import (
 )
 
 from operations.apt_pins import apt_install
-# The generic resource kind the nodes advertise and services reserve.
 from operations.gpu_health import GPU_RESOURCE_KIND, GpuHealth, current_serving_gpus, unhealthy_gpus
 from operations.nvidia import NvidiaHost
 from operations.nvidia_repos import REPO_TOOL_PACKAGES, signed_flat_repository
@@ -52,7 +51,8 @@ TOOLKIT_PACKAGES = (
 )
 MIN_TOOLKIT_VERSION = (1, 19, 0)
 
-# The variable Docker sets for a task holding generic resources of that kind.
+# The variable Docker sets for a task holding generic resources of GPU_RESOURCE_KIND (the kind
+# the nodes advertise and services reserve: operations/gpu_health.py).
 SWARM_RESOURCE = f"DOCKER_RESOURCE_{GPU_RESOURCE_KIND}"
 
 RUNTIME_NAME = "nvidia"
