@@ -201,6 +201,13 @@ def serving_view(nvidia: dict[str, Any], health: dict[str, Any] | None) -> dict[
     return {**nvidia, "gpus": serving_gpus(nvidia.get("gpus") or [], health)}
 
 
+def advertised_uuids(daemon: dict[str, Any]) -> list[str]:
+    """The GPU UUIDs a DaemonJson fact's `node-generic-resources` advertises to Swarm."""
+    prefix = f"{GPU_RESOURCE_KIND}="
+    return [r[len(prefix):] for r in (daemon.get("config") or {}).get("node-generic-resources") or []
+            if isinstance(r, str) and r.startswith(prefix)]
+
+
 def name_lost_gpus(unhealthy: list[dict[str, Any]], advertised: list[str],
                    listed: list[str]) -> list[dict[str, Any]]:
     """A lost GPU has no UUID in nvidia-smi's answer: when exactly one is lost and exactly one
@@ -292,12 +299,9 @@ def host_unhealthy_gpus(target=None) -> list[dict[str, Any]]:
     target = target or host
     unhealthy = unhealthy_gpus(read_fact(target, GpuHealth))
     if any(gpu["uuid"] is None for gpu in unhealthy):
-        config = read_fact(target, DaemonJson).get("config") or {}
-        prefix = f"{GPU_RESOURCE_KIND}="
-        advertised = [r[len(prefix):] for r in config.get("node-generic-resources") or []
-                      if isinstance(r, str) and r.startswith(prefix)]
         listed = [gpu["uuid"] for gpu in read_fact(target, NvidiaHost)["gpus"]]
-        unhealthy = name_lost_gpus(unhealthy, advertised, listed)
+        unhealthy = name_lost_gpus(unhealthy, advertised_uuids(read_fact(target, DaemonJson)),
+                                   listed)
     return unhealthy
 
 

@@ -45,18 +45,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def advertised_uuids(daemon: dict) -> list[str]:
-    prefix = f"{gh.GPU_RESOURCE_KIND}="
-    return [r[len(prefix):] for r in (daemon.get("config") or {}).get("node-generic-resources") or []
-            if isinstance(r, str) and r.startswith(prefix)]
-
-
 def host_rows(name: str, health: dict, nvidia: dict, daemon: dict) -> list[dict]:
     """One row per GPU of a host: the listed ones, and any the health fact knows of only (a lost
     GPU, an Xid for an address nvidia-smi no longer lists)."""
     if not health["available"]:
         return [{"host": name, "state": "not read", "reason": health["error"]}]
-    advertised = advertised_uuids(daemon)
+    advertised = gh.advertised_uuids(daemon)
     listed = [gpu["uuid"] for gpu in nvidia.get("gpus") or []]
     unhealthy = gh.name_lost_gpus(gh.unhealthy_gpus(health), advertised, listed)
     bad = {gh.bus_key(gpu["pci_bus_id"]): gpu for gpu in unhealthy}
