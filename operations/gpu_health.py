@@ -23,7 +23,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy, operation
 
 from operations.docker_engine import DaemonJson
-from operations.nvidia import NvidiaHost
+from operations.nvidia import NvidiaHost, section_lines
 from operations.phase import PhaseResult, finding, read_fact
 
 # The generic resource kind Swarm hands GPUs out as: daemon.json advertises each GPU as
@@ -82,16 +82,8 @@ def _count(value: str) -> int | None:
 
 def _sections(lines: list[str]) -> dict[str, tuple[list[str], int | None]]:
     """{section: (lines, exit status)} for the fact's output."""
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in lines:
-        if line.startswith("##") and line[2:].strip() in _SECTIONS:
-            current = line[2:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
     result = {}
-    for name, body in found.items():
+    for name, body in section_lines(lines, _SECTIONS).items():
         rc = None
         if body and body[-1].startswith("rc="):
             rc = _count(body[-1][3:])

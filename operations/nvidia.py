@@ -232,11 +232,12 @@ def reboot_reason(state: dict[str, Any]) -> str | None:
     return None
 
 
-def _section_lines(lines: list[str]) -> dict[str, list[str]]:
+def section_lines(lines: list[str], names=_SECTIONS) -> dict[str, list[str]]:
+    """{name: its lines} of a fact's output made of `##name` marker lines (one of `names`)."""
     sections: dict[str, list[str]] = {}
     current = None
     for line in lines:
-        if line.startswith("##") and line[2:].strip() in _SECTIONS:
+        if line.startswith("##") and line[2:].strip() in names:
             current = line[2:].strip()
             sections[current] = []
         elif current is not None:
@@ -325,7 +326,7 @@ def parse_gpus(lines: list[str]) -> list[dict[str, Any]]:
 
 def parse_nvidia_host(lines: list[str]) -> dict[str, Any]:
     """Parse the NvidiaHost fact output; never raises on odd or missing sections."""
-    sections = _section_lines(lines)
+    sections = section_lines(lines)
 
     def first(name: str) -> str:
         for line in sections.get(name, []):
