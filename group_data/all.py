@@ -77,6 +77,13 @@ weights_cache_dir = "~/.cache/gpufleet/weights"
 weights_verify = "size"
 # GiB that must stay free after a transfer, on each host and in the control cache.
 weights_free_margin_gb = 5
+# How files reach the hosts (README, "Model weights at fleet scale"): "peers" = one copy out of
+# the control machine over OpenSSH (none when a host already holds the revision), the rest from
+# host to host in a pipelined chain; "control" = the control machine sends every host its files
+# over pyinfra's SFTP (N copies; for hosts that cannot reach each other on weights_relay_port).
+weights_distribution = "peers"
+# TCP port each host's relay listens on, on its cluster address, while a chain runs (only then).
+weights_relay_port = 7461
 
 # --- Docker Swarm --------------------------------------------------------------------------
 # Address this node advertises to the Swarm (IP or interface[:port]); None: the address pyinfra

@@ -227,6 +227,8 @@ class Settings(BaseModel):
     weights_cache_dir: ControlPath
     weights_verify: Literal["size", "sha256"]
     weights_free_margin_gb: GiB
+    weights_distribution: Literal["peers", "control"]
+    weights_relay_port: ServicePort
 
     # Docker Swarm
     swarm_advertise_address: AdvertiseAddress | None

@@ -45,7 +45,7 @@ from pyinfra.api import (
 )
 from pyinfra.api.state import BaseStateCallback
 
-from operations import weights_cache
+from operations import weights_cache, weights_peers
 from operations.phase import explain, fails_only_this_host
 from operations.weights_cache import cache_layout, fetch_command, record_transfer, remote_listing
 from operations.weights_plan import (
@@ -53,6 +53,8 @@ from operations.weights_plan import (
     check_model_spec, disk_refusal, files_to_fetch, human_bytes, installed_problems, old_dir,
     parse_model_state, plan_host, rev12, staging_dir,
 )
+
+DISTRIBUTIONS = ("peers", "control")
 
 
 # --- Facts ----------------------------------------------------------------------------------
@@ -63,6 +65,7 @@ _STATE_SCRIPT = r"""
 d=$1; s=$2; verify=$3; models=$4; name=$5
 echo '#@state'
 echo "login_user=${SUDO_USER:-$(id -un)}"
+echo "primary=$(ip -o -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
 p=$models; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
 df -Pk "$p" 2>/dev/null | awk 'NR==2 {print "avail_kib=" $4}'
 if [ -L "$d" ]; then echo dir=symlink
@@ -179,6 +182,9 @@ def model(
     verify: str = "size",
     free_margin_gb: int = 1,
     listing: list[dict] | None = None,
+    distribution: str = "control",
+    relay_port: int = weights_peers.DEFAULT_PORT,
+    advertise: str | None = None,
 ):
     """
     Provision one model's weights at ``<models_dir>/<name>/``: plain files, root-owned,
@@ -205,6 +211,12 @@ def model(
     + free_margin_gb: GiB that must stay free on the host (and on the cache) after the transfer
     + listing: the revision's files (``listing_entry`` dicts); None: asked of the control cache
       or the hub, only when this host needs work
+    + distribution: "peers" (the files come through a chain of hosts, operations/weights_peers.py:
+      one copy from the control machine, or none when a host holds the revision) or "control"
+      (the control machine sends each host its files over pyinfra's SFTP)
+    + relay_port: TCP port of this host's relay while a chain runs ("peers")
+    + advertise: the host's cluster address for the relay (None: the address pyinfra connects
+      to when it is an IP address, else the source of the default route)
 
     **Example:**
 
@@ -226,6 +238,9 @@ def model(
     allow = list(allow_patterns or [])
     ignore = list(ignore_patterns or [])
     label = f"{name} ({repo_id}@{rev12(revision)})"
+    if distribution not in DISTRIBUTIONS:
+        raise OperationError(f"distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
+    key = weights_peers.chain_key(repo_id, revision, allow, ignore, models_dir, name)
 
     state = host.get_fact(
         ModelState, models_dir=models_dir, model_name=name, revision=revision, verify=verify
@@ -233,8 +248,12 @@ def model(
     target = posixpath.join(models_dir, name)
     stale = list(state["stale"])
     problems, perms = installed_problems(state, repo_id, revision, allow, ignore, verify)
+    address = weights_peers.cluster_address(advertise, host.data.get("ssh_hostname"), state.get("primary"))
 
     if not problems:
+        if distribution == "peers":
+            weights_peers.register_holder(key, weights_peers.Registration(
+                host.name, weights_peers.ssh_data(host.data), address, relay_port, target))
         manifest = state["manifest"]
         if perms:
             explain(f"model {label}: ownership or mode: {'; '.join(perms[:5])}")
@@ -288,6 +307,11 @@ def model(
     }
     stage = staging_dir(models_dir, name, revision)
     user = state["login_user"] or "root"
+    by_peers = distribution == "peers" and bool(plan.send)
+    if by_peers:
+        weights_peers.register_need(key, weights_peers.Registration(
+            host.name, weights_peers.ssh_data(host.data), address, relay_port, stage,
+            {e["path"] for e in plan.send}))
 
     # 1. The control cache holds the verified files (downloaded at most once per run).
     yield FunctionCommand(fetch_command, (request,), {})
@@ -310,14 +334,23 @@ def model(
         src = QuoteString(posixpath.join(target, source))
         dst = QuoteString(posixpath.join(stage, dest))
         yield StringCommand("ln -f --", src, dst, "2>/dev/null || cp -p --", src, dst)
-    # 4. The files it lacks, then the manifest and sums, straight into staging over SFTP.
-    for entry in plan.send:
-        yield FileUploadCommand(
-            str(layout.files / entry["path"]), posixpath.join(stage, entry["path"]), _sudo=False
-        )
+    # 4. The files it lacks: through the chain of hosts, or straight into staging over SFTP.
+    if by_peers:
+        chain_request = {
+            "name": name, "listing": wanted, "files_dir": str(layout.files),
+            "sums_path": str(layout.sums),
+        }
+        yield FunctionCommand(weights_peers.receive, (list(key), chain_request), {})
+    else:
+        for entry in plan.send:
+            yield FileUploadCommand(
+                str(layout.files / entry["path"]), posixpath.join(stage, entry["path"]), _sudo=False
+            )
+    # The manifest and sums (a few KiB) over SFTP.
     yield FileUploadCommand(str(layout.manifest), posixpath.join(stage, MANIFEST_NAME), _sudo=False)
     yield FileUploadCommand(str(layout.sums), posixpath.join(stage, SUMS_NAME), _sudo=False)
-    yield FunctionCommand(record_transfer, (name, plan.send_bytes, len(plan.send)), {})
+    if not by_peers:
+        yield FunctionCommand(record_transfer, (name, plan.send_bytes, len(plan.send)), {})
     # 5. Verify every byte, then swap into place.
     yield _finalize_command(models_dir, name, revision, stale)
 
@@ -380,11 +413,16 @@ def model_weights(settings):
         return
     if not any(isinstance(h, _ReportAtPhaseEnd) for h in state.callback_handlers):
         state.add_callback_handler(_ReportAtPhaseEnd(REPORT_OP_NAME))
+    if settings.weights_distribution == "peers":
+        weights_peers.relay_program(name="Weights relay program")
     for spec in wanted:
+        kwargs = _model_kwargs(spec, settings)
+        if settings.weights_distribution == "peers":
+            weights_peers.register_outside_holders(spec, kwargs)
         model(
             name=f"Model {spec['name']}: {spec['repo_id']}@{rev12(spec['revision'])}",
             model_name=spec["name"],
-            **_model_kwargs(spec, settings),
+            **kwargs,
         )
     transfer_report(name=REPORT_OP_NAME)
 
@@ -403,4 +441,7 @@ def _model_kwargs(spec: dict[str, Any], settings) -> dict[str, Any]:
         "token_file": settings.hf_token_file,
         "verify": settings.weights_verify,
         "free_margin_gb": settings.weights_free_margin_gb,
+        "distribution": settings.weights_distribution,
+        "relay_port": settings.weights_relay_port,
+        "advertise": settings.swarm_advertise_address,
     }

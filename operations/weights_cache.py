@@ -107,6 +107,18 @@ class Ledger:
     hub: dict[str, int] = field(default_factory=dict)
     lan: dict[str, int] = field(default_factory=dict)
     lan_files: dict[str, int] = field(default_factory=dict)
+    peers: dict[str, int] = field(default_factory=dict)  # bytes each host served to other hosts
+
+    def record_chain(self, name: str, received: int, from_control: int, served: int,
+                     files: int = 0) -> None:
+        """A host's part in a chain (operations/weights_peers.py): bytes the control machine sent
+        it (the head's one copy, else 0) and bytes it sent on to other hosts."""
+        with _RUN_LOCK:
+            if from_control:
+                self.lan[name] = self.lan.get(name, 0) + from_control
+                self.lan_files[name] = self.lan_files.get(name, 0) + files
+            if served:
+                self.peers[name] = self.peers.get(name, 0) + served
 
     def summary(self, hosts: list[str]) -> str:
         hub_total = sum(self.hub.values())
@@ -119,6 +131,9 @@ class Ledger:
             f"Model weights: hub bytes {hub_total} ({human_bytes(hub_total)}"
             f"{': ' + per_model if per_model else ''}); LAN bytes {sum(self.lan.values())}"
             f" ({per_host or 'no hosts'})"
+            + (f"; between hosts {sum(self.peers.values())} ("
+               + ", ".join(f"{h} {human_bytes(b)}" for h, b in sorted(self.peers.items())) + ")"
+               if self.peers else "")
         )
 
 

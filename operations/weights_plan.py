@@ -241,6 +241,7 @@ def parse_model_state(lines: list[str]) -> dict[str, Any]:
     return {
         "dir": info.get("dir", "missing"),
         "login_user": info.get("login_user", ""),
+        "primary": info.get("primary") or None,
         "avail_bytes": int(avail) * 1024 if avail.isdigit() else None,
         "manifest": manifest,
         "manifest_error": manifest_error,
