@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import posixpath
 import secrets
 import shlex
 import subprocess
@@ -58,8 +59,10 @@ SSH_KEYS = ("ssh_hostname", "ssh_port", "ssh_user", "ssh_key", "ssh_known_hosts_
 # A late host (its staging took longer than the others') still joins this chain while it runs;
 # once every joined host has its bytes and no other joined for this long, the chain closes.
 LATE_JOIN_S = 20.0
-STALL_S = 30.0
-GIVE_UP_S = 120.0
+# A healthy datacenter link never goes this long without a byte: the upstream is gone.
+STALL_S = 15.0
+# No upstream has given a byte for this long: the control machine feeds the host instead.
+GIVE_UP_S = 40.0
 
 
 # --- Pure planning: who receives from whom -------------------------------------------------
@@ -409,12 +412,18 @@ def _chain_for(state, model: Model, request: dict[str, Any]) -> Chain:
         return model.chain
 
 
-def _feed(relay: Relay, files_dir: str, files: list[dict[str, Any]], sent: list[int]) -> None:
-    """The control machine's one copy: the cache's verified files, in stream order, on the head
-    relay's stdin (OpenSSH carries it)."""
+def _feed(relay: Relay, files_dir: str, files: list[dict[str, Any]], sent: list[int],
+          offset: int = 0) -> None:
+    """The control machine's one copy: the cache's verified files, in stream order from byte
+    `offset`, on a relay's stdin (OpenSSH carries it)."""
     try:
         for entry in files:
+            if offset >= entry["size"]:
+                offset -= entry["size"]
+                continue
             with open(os.path.join(files_dir, entry["path"]), "rb") as handle:
+                handle.seek(offset)
+                offset = 0
                 while True:
                     block = handle.read(1 << 20)
                     if not block:
@@ -453,11 +462,26 @@ def receive(state, host, key: list, request: dict[str, Any]) -> bool:
             ).start()
         source = (f"{upstreams[0].name}" + (" (chain)" if upstreams[0] != chain.seed else " (seed)")
                   if upstreams else "the control machine")
-        event = relay.wait_for({"RECEIVED", "FAILED"})
+        event = relay.wait_for({"RECEIVED", "FAILED", "STARVED"})
+        if event and event[0] == "STARVED":
+            # Every host before this one died: the control machine feeds it the rest.
+            offset = int(event[1])
+            host.log_styled(f"Model weights: {request['name']}: no peer left upstream at byte "
+                            f"{offset}: the control machine sends the rest", fg="yellow",
+                            log_func=logger.warning)
+            source = f"{source}, then the control machine"
+            threading.Thread(target=_feed, args=(relay, request["files_dir"], chain.files, sent,
+                                                 offset), daemon=True).start()
+            event = relay.wait_for({"RECEIVED", "FAILED"})
     ok = bool(event) and event[0] == "RECEIVED"
     chain.finish(host.name, ok)
     chain.wait_until_complete()
     code, errors = relay.stop()
+    if ok and code != 0:
+        # Its bytes came, then the host (or the SSH connection to it) went away: it fails here,
+        # not in the next command, which would find no connection.
+        ok, event = False, ["FAILED", f"the relay's connection ended with exit {code} after the "
+                            f"transfer{': ' + errors if errors else ''}"]
     LEDGER.record_chain(host.name, received=chain.total if ok else 0, from_control=sent[0],
                         served=relay.served(), files=len(chain.files) if sent[0] else 0)
     if not ok:

@@ -25,6 +25,7 @@ Roles (field "mode" of the header):
   seed     serve files already on disk in "dir" (a verified copy), after checking that its
            sha256sums file is the one given ("sums") and that every file has its size
 Events: LISTENING <addr>:<port> | UPSTREAM <addr:port> lost at byte <n> | REFUSED <addr> |
+        STARVED <n> (no upstream left: send the stream from byte n on stdin) |
         RECEIVED <bytes> <seconds> | SERVED <bytes> <clients> | FAILED <reason>.
 Exit status 0 when received (or seeding) and stopped cleanly, else 3.
 """
@@ -242,8 +243,9 @@ def receive_stdin(stream: Stream, writer: Writer) -> None:
 
 
 def receive_peers(stream: Stream, writer: Writer, token: str, upstreams: list, stall_s: float,
-                  give_up_s: float) -> None:
-    """From the first upstream that answers; on a break or a stall, the next, from the same byte."""
+                  give_up_s: float) -> bool:
+    """From the first upstream that answers; on a break or a stall, the next, from the same byte.
+    False when none has given a byte for give_up_s (every host before this one is gone)."""
     last_progress = time.monotonic()
     attempt = 0
     while stream.have < stream.total:
@@ -267,8 +269,9 @@ def receive_peers(stream: Stream, writer: Writer, token: str, upstreams: list, s
                 last_progress = time.monotonic()
             say("UPSTREAM", f"{host}:{port}", "lost at byte", stream.have, f"({error})")
             if time.monotonic() - last_progress > give_up_s:
-                raise ConnectionError(f"no upstream answered for {give_up_s:.0f} s at byte {stream.have}")
+                return False
             time.sleep(0.5 if attempt % len(upstreams) else 2)
+    return True
 
 
 def check_seed(stream: Stream, sums: str) -> str | None:
@@ -316,11 +319,14 @@ def run(header: dict) -> int:
         try:
             source = json.loads(sys.stdin.buffer.readline(1 << 20) or b"{}")
             upstreams = [(h, int(p)) for h, p in source.get("upstreams") or []]
+            if upstreams and not receive_peers(stream, writer, header["token"], upstreams,
+                                               stall_s, float(header.get("give_up_s", 60))):
+                # Every host before this one is gone: the control machine feeds this one from the
+                # byte it reached, and the hosts after it go on receiving from it.
+                say("STARVED", stream.have)
+                upstreams = []
             if not upstreams:
                 receive_stdin(stream, writer)
-            else:
-                receive_peers(stream, writer, header["token"], upstreams, stall_s,
-                              float(header.get("give_up_s", 120)))
             writer.close()
             say("RECEIVED", stream.have, f"{time.monotonic() - began:.2f}")
         except (OSError, ConnectionError, ValueError) as error:

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.lab import fleet, gpu_faults, host_edits, images, services  # noqa: E402  (needs the repo root on sys.path)
+from scripts.lab import fleet, gpu_faults, host_edits, images, services, shaping  # noqa: E402  (needs the repo root on sys.path)
 from scripts.lab.fleet import LabError, say  # noqa: E402
 
 VENV = REPO_ROOT / ".venv"
@@ -384,6 +384,21 @@ def gpu_fault(lab: str, node: str, index: int, fault: str) -> int:
     return 0
 
 
+def shape(lab: str, host_mbit: int | None, uplink_mbit: int | None) -> int:
+    """Cap every host's link and the control machine's uplink (scripts/lab/shaping.py)."""
+    state = fleet.read_state(lab)
+    if not state or not state.get("hosts"):
+        raise LabError(f"lab {lab} is not up: python3 scripts/lab.py up")
+    try:
+        done = shaping.shape_lab([h["container"] for h in state["hosts"]],
+                                 fleet.network_name(lab), host_mbit, uplink_mbit)
+    except shaping.ShapeError as error:
+        raise LabError(str(error)) from None
+    for line in done:
+        say(f"LAB LINK {line}")
+    return 0
+
+
 def down(lab: str, purge_images: bool) -> int:
     if not docker_answers():
         raise LabError("no Docker engine answers: nothing to remove (python3 scripts/lab.py bootstrap)")
@@ -441,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     fault_parser.add_argument("node")
     fault_parser.add_argument("index", type=int)
     fault_parser.add_argument("fault")
+    shape_parser = commands.add_parser(
+        "shape", help="LAB LINKS: cap each host's link and the control machine's uplink (tc tbf)")
+    shape_parser.add_argument("--host-mbit", type=int, help="each host's link, Mbit/s")
+    shape_parser.add_argument("--uplink-mbit", type=int, help="the control machine's uplink, Mbit/s")
+    shape_parser.add_argument("--off", action="store_true", help="remove every cap")
     down_parser = commands.add_parser("down", help="remove the lab's containers, network, volumes")
     down_parser.add_argument("--purge-images", action="store_true", help="also remove lab images")
     args = parser.parse_args(argv)
@@ -471,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             return edit(lab, lambda s: host_edits.set_manager_count(s, args.count))
         if args.command == "gpu-fault":
             return gpu_fault(lab, args.node, args.index, args.fault)
+        if args.command == "shape":
+            if args.off == (args.host_mbit is not None or args.uplink_mbit is not None):
+                raise LabError("shape: give --host-mbit and/or --uplink-mbit, or --off")
+            return shape(lab, args.host_mbit, args.uplink_mbit)
         return down(lab, args.purge_images)
     except (LabError, images.ImageError) as error:
         print(f"lab: error: {error}", file=sys.stderr)

@@ -1,11 +1,15 @@
 """Model weights on a deployed lab fleet: identical verified copies on every host, the Hub read
-once for the whole fleet, a damaged copy repaired from the control cache, the token kept home.
+once for the whole fleet, one copy out of the control machine and the rest passed from host to
+host, a damaged copy repaired from a peer, a host killed mid-distribution failing alone, the
+token kept home.
 
 Runs after test_run.py (alphabetical order), on the fleet it converged. (Not test_weights.py:
 tests/unit has one, and pytest needs unique basenames.)"""
 
 import json
+import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +17,12 @@ import pytest
 
 pytestmark = pytest.mark.lab
 
+REPO = Path(__file__).resolve().parents[2]
+
 MODEL_DIR = "/opt/models/tiny-llama"
+STAGED_WEIGHTS = "/opt/models/.staging/tiny-llama-4eab0cd005a1/model.safetensors"
+LEDGER = re.compile(r"Model weights: hub bytes (\d+) .*?; LAN bytes (\d+)[^\n]*")
+RELAY_PORT = 7461  # group_data/all.py weights_relay_port
 
 
 def deploy(lab):
@@ -53,7 +62,40 @@ def test_the_hub_was_read_once_for_the_whole_fleet(lab):
     assert one_copy <= served <= 1.1 * one_copy, (served, one_copy, len(lab.hosts))
 
 
-def test_a_damaged_copy_is_repaired_from_the_control_cache(lab):
+def ledger(output):
+    """(bytes out of the control machine, bytes between hosts) from the phase's report line."""
+    match = LEDGER.search(output)
+    assert match, output[-3000:]
+    between = re.search(r"; between hosts (\d+)", match.group(0))
+    return int(match.group(2)), int(between.group(1)) if between else 0
+
+
+def assert_no_relay_left(lab):
+    for host in lab.hosts:
+        listening = lab.ssh(host["name"], f"ss -Hltn 'sport = :{RELAY_PORT}'; pgrep -f weights-relay")
+        assert listening.stdout.strip() == "", f"{host['name']}: {listening.stdout}"
+
+
+def verified(lab, node):
+    check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
+    return check.stdout.strip() == "verified"
+
+
+def test_a_fresh_fleet_gets_one_copy_from_the_control_machine_and_the_rest_from_peers(lab):
+    for host in lab.hosts:
+        assert subprocess.run(["docker", "exec", host["container"], "rm", "-rf", MODEL_DIR]).returncode == 0
+    result, results = deploy(lab)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    one_copy = model_size(lab)
+    from_control, between_hosts = ledger(output)
+    assert from_control == one_copy, output[-3000:]
+    assert between_hosts == (len(lab.hosts) - 1) * one_copy, output[-3000:]
+    assert all(verified(lab, h["name"]) for h in lab.hosts)
+    assert_no_relay_left(lab)
+
+
+def test_a_damaged_copy_is_repaired_from_a_peer(lab):
     node = lab.hosts[1]["name"]
     container = lab.hosts[1]["container"]
     before = sum(hub_stats(lab)["files"].values())
@@ -65,8 +107,12 @@ def test_a_damaged_copy_is_repaired_from_the_control_cache(lab):
     changed = {name for op in results["operations"] for name in op["success"]}
     assert changed == {node}
     assert sum(hub_stats(lab)["files"].values()) == before, "the repair went back to the Hub"
-    check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
-    assert check.stdout.strip() == "verified"
+    assert verified(lab, node)
+    # A host that holds the revision seeded the repair: nothing came from the control machine.
+    assert "seeds the chain from its verified copy" in result.stderr + result.stdout
+    from_control, between_hosts = ledger(result.stdout + result.stderr)
+    assert from_control == 0 and between_hosts > 0, (from_control, between_hosts)
+    assert_no_relay_left(lab)
 
     token = Path(lab.state["settings"]["hf_token_file"]).read_text().strip()
     assert token not in result.stdout + result.stderr
@@ -140,3 +186,56 @@ def test_a_download_cut_in_the_middle_completes_on_the_same_run(lab):
     assert served > 0, "the cut download was not retried"
     check = lab.ssh(node, f"cd {MODEL_DIR} && sha256sum --quiet -c .gpufleet-sha256sums && echo verified")
     assert check.stdout.strip() == "verified"
+
+
+def test_a_host_killed_mid_distribution_fails_alone_and_a_rerun_converges(lab):
+    """Links shaped to 1 Mbit/s so the transfer takes seconds; the host is killed once part of the
+    weights reached its staging directory. The others complete in the same run (from another
+    peer, or the control machine when no peer is left before them); the killed host, started
+    again, is filled by the next run."""
+    from tests.lab.test_host_down import idle_worker, start
+
+    victim = idle_worker(lab)
+    container = next(h["container"] for h in lab.hosts if h["name"] == victim)
+    for host in lab.hosts:
+        assert subprocess.run(["docker", "exec", host["container"], "rm", "-f",
+                               f"{MODEL_DIR}/model.safetensors"]).returncode == 0
+    shaped = lab.cli("shape", "--host-mbit", "1", "--uplink-mbit", "1")
+    assert shaped.returncode == 0, shaped.stdout + shaped.stderr
+    try:
+        run = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "pyinfra"), "--json", "-y", "inventories/lab.py",
+             "scripts/bench_weights_deploy.py"],
+            cwd=REPO, env=lab.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            size = subprocess.run(["docker", "exec", container, "stat", "-c", "%s", STAGED_WEIGHTS],
+                                  capture_output=True, text=True).stdout.strip()
+            if size.isdigit() and int(size) > 32 * 1024:
+                break
+            time.sleep(0.1)
+        else:
+            run.kill()
+            pytest.fail(f"{victim} never started receiving: {run.communicate()}")
+        subprocess.run(["docker", "kill", container], check=True, capture_output=True)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        lab.cli("shape", "--off")
+    try:
+        results = json.loads(stdout)["results"]
+    except json.JSONDecodeError:
+        pytest.fail(f"pyinfra did not print JSON (rc={run.returncode}):\n{stdout}\n{stderr[-4000:]}")
+    assert run.returncode != 0, stderr[-3000:]
+    assert {name for op in results["operations"] for name in op["error"]} == {victim}, stderr[-3000:]
+    for host in lab.hosts:
+        if host["name"] != victim:
+            assert verified(lab, host["name"]), f"{host['name']}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stdout + stderr
+
+    start(lab, victim, via=lab.hosts[0]["name"])
+    result, results = deploy(lab)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert verified(lab, victim)
+    assert_no_relay_left(lab)
+    result, results = deploy(lab)
+    assert {name for op in results["operations"] for name in op["success"]} == set()

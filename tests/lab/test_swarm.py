@@ -3,9 +3,9 @@ as the lab inventory says), every node carries the labels of its simulated GPUs,
 shows in pyinfra's output or in a file on the hosts, and a second run changes nothing.
 
 Then the fleet changes as an operator changes it, by editing the inventory (`lab.py set`,
-`forget`, `managers`): a 4th host joins with --limit; retiring it (swarm_retire: true) drains it,
-its task moves to another node, it leaves and its node is removed, and the next run changes
-nothing; a host dropped from the inventory but still in the Swarm is reported, not removed; the
+`forget`, `managers`): a 4th host joins with --limit (its weights from a peer, not the control
+machine); retiring it (swarm_retire: true) drains it, its task moves to another node, it leaves
+and its node is removed, and the next run changes nothing; a host dropped from the inventory but still in the Swarm is reported, not removed; the
 managers go to three and back to one.
 
 Runs after test_run.py in a session (the fleet is converged and already one Swarm: two short
@@ -13,6 +13,7 @@ deploys); alone, the first deploy does every phase.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -93,6 +94,12 @@ def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(result.stdout)["results"]
     assert hosts_changed(results) == {new}, "a host outside --limit was changed"
+    # Its weights came from a host that holds them (outside --limit, untouched: it only served
+    # for the length of the transfer), not from the control machine.
+    assert "seeds the chain from its verified copy" in result.stderr, result.stderr[-3000:]
+    weights = re.search(r"Model weights: hub bytes \d+ .*?; LAN bytes (\d+)[^\n]*; between hosts "
+                        r"(\d+)", result.stderr)
+    assert weights and weights.group(1) == "0" and int(weights.group(2)) > 0, result.stderr[-3000:]
     # The nightly check of the rest of the fleet is still quiet: nothing moved on it.
     old_hosts = ",".join(h["name"] for h in lab.hosts[:-1])
     drift = subprocess.run([sys.executable, "scripts/drift_check.py", "inventories/lab.py",

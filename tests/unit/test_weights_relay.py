@@ -77,12 +77,15 @@ def header(mode, directory, port, files, **extra):
 
 
 def feed(proc: Proc, source: Path, files: list[dict], pause: float = 0.0):
-    for entry in files:
-        data = (source / entry["path"]).read_bytes()
-        for start in range(0, len(data), 256 * 1024):
-            proc.proc.stdin.write(data[start:start + 256 * 1024])
-            proc.proc.stdin.flush()
-            time.sleep(pause)
+    try:
+        for entry in files:
+            data = (source / entry["path"]).read_bytes()
+            for start in range(0, len(data), 256 * 1024):
+                proc.proc.stdin.write(data[start:start + 256 * 1024])
+                proc.proc.stdin.flush()
+                time.sleep(pause)
+    except BrokenPipeError:
+        pass  # the relay was killed: what the test is about
 
 
 def same_tree(a: Path, b: Path, files: list[dict]) -> bool:
@@ -97,6 +100,8 @@ def test_a_chain_of_three_ends_with_identical_files(tmp_path):
     relays = [Proc(header("receive", d, p, files)) for d, p in zip(dirs, ports)]
     for relay in relays:
         assert relay.wait_line("LISTENING").startswith("LISTENING 127.0.0.1:")
+        # the token came on stdin: nothing in the process list shows it
+        assert TOKEN not in Path(f"/proc/{relay.proc.pid}/cmdline").read_text()
     relays[0].source([])
     relays[1].source([["127.0.0.1", ports[0]]])
     relays[2].source([["127.0.0.1", ports[1]], ["127.0.0.1", ports[0]]])
@@ -191,3 +196,32 @@ def test_a_late_joiner_catches_up_from_disk_and_hard_links_are_not_written_throu
     assert relay.stop() == 0 and seed.stop() == 0
     assert same_tree(source, late, files)
     assert (live / "c.json").read_bytes() == b"live copy"
+
+
+def feed_from(proc: Proc, source: Path, files: list[dict], offset: int):
+    data = b"".join((source / f["path"]).read_bytes() for f in files)
+    proc.proc.stdin.write(data[offset:])
+    proc.proc.stdin.flush()
+
+
+def test_when_every_host_upstream_is_gone_the_relay_asks_for_the_rest_on_stdin(tmp_path):
+    source = tmp_path / "cache"
+    files = make_files(source)
+    ports = [free_port() for _ in range(2)]
+    dirs = [tmp_path / f"h{i}" for i in range(2)]
+    head = Proc(header("receive", dirs[0], ports[0], files))
+    tail = Proc(header("receive", dirs[1], ports[1], files, give_up_s=3))
+    head.wait_line("LISTENING"), tail.wait_line("LISTENING")
+    head.source([])
+    tail.source([["127.0.0.1", ports[0]]])
+    feeder = threading.Thread(target=feed, args=(head, source, files[:1], 0.05))
+    feeder.start()
+    time.sleep(0.3)
+    head.proc.kill()  # the head dies with part of the first file sent on
+    feeder.join()
+    starved = tail.wait_line("STARVED", timeout=20).split()
+    assert starved[0] == "STARVED" and 0 < int(starved[1]) < sum(f["size"] for f in files)
+    feed_from(tail, source, files, int(starved[1]))
+    assert tail.wait_line("RECEIVED").startswith("RECEIVED")
+    assert tail.stop() == 0
+    assert same_tree(source, dirs[1], files)

@@ -89,9 +89,16 @@ def commit_sha1(files: dict[str, bytes], message: str, timestamp: int) -> str:
     Author and committer are fixed, so the same files and message always give the same id.
     """
     patterns = lfs_patterns(files.get(".gitattributes", b"").decode())
+    blobs = {path: lfs_pointer(content) if is_lfs(path, patterns) else content
+             for path, content in files.items()}
+    return commit_sha1_of_blobs(blobs, message, timestamp)
+
+
+def commit_sha1_of_blobs(blobs: dict[str, bytes], message: str, timestamp: int) -> str:
+    """The commit id of files given as the blobs git stores (an LFS file's pointer, not its
+    content): for repositories too large to hold in memory (scripts/lab/hub/synthetic.py)."""
     root: dict = {}
-    for path, content in files.items():
-        blob = lfs_pointer(content) if is_lfs(path, patterns) else content
+    for path, blob in blobs.items():
         *dirs, name = path.split("/")
         node = root
         for d in dirs:
