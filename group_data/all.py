@@ -82,6 +82,12 @@ weights_free_margin_gb = 5
 # host to host in a pipelined chain; "control" = the control machine sends every host its files
 # over pyinfra's SFTP (N copies; for hosts that cannot reach each other on weights_relay_port).
 weights_distribution = "peers"
+# Where the weights' bytes first come from: "control" = the control machine's cache (it reads the
+# Hub; hosts never do: for fleets without egress); "seeder" = the first host of each chain
+# downloads the large (LFS) files from hf_endpoint itself, the control machine reading only the
+# listing and the small files (for sites where hosts reach the Hub or a mirror faster than the
+# control machine does). The token reaches the seeder only inside its SSH channel, never a disk.
+weights_source = "control"
 # TCP port each host's relay listens on, on its cluster address, while a chain runs (only then).
 weights_relay_port = 7461
 

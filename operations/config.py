@@ -228,6 +228,7 @@ class Settings(BaseModel):
     weights_verify: Literal["size", "sha256"]
     weights_free_margin_gb: GiB
     weights_distribution: Literal["peers", "control"]
+    weights_source: Literal["control", "seeder"]
     weights_relay_port: ServicePort
 
     # Docker Swarm
@@ -358,6 +359,17 @@ class Settings(BaseModel):
                 "expected None without TLS (stack_gateway_tls_cert_file): the gateway's own port "
                 "then serves plain HTTP",
                 {"key": "stack_gateway_http_redirect_port"},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _seeder_feeds_a_chain(self) -> "Settings":
+        if self.weights_source == "seeder" and self.weights_distribution != "peers":
+            raise PydanticCustomError(
+                "rule",
+                "expected \"control\" with weights_distribution \"control\": the seeder is the "
+                "head of the hosts' chain (weights_distribution \"peers\")",
+                {"key": "weights_source"},
             )
         return self
 

@@ -45,7 +45,7 @@ from pyinfra.api import (
 )
 from pyinfra.api.state import BaseStateCallback
 
-from operations import weights_cache, weights_peers
+from operations import weights_cache, weights_chain, weights_peers
 from operations.phase import explain, fails_only_this_host
 from operations.weights_cache import cache_layout, fetch_command, record_transfer, remote_listing
 from operations.weights_plan import (
@@ -55,6 +55,7 @@ from operations.weights_plan import (
 )
 
 DISTRIBUTIONS = ("peers", "control")
+SOURCES = ("control", "seeder")
 
 
 # --- Facts ----------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ def model(
     free_margin_gb: int = 1,
     listing: list[dict] | None = None,
     distribution: str = "control",
+    source: str = "control",
     relay_port: int = weights_peers.DEFAULT_PORT,
     advertise: str | None = None,
 ):
@@ -214,6 +216,9 @@ def model(
     + distribution: "peers" (the files come through a chain of hosts, operations/weights_peers.py:
       one copy from the control machine, or none when a host holds the revision) or "control"
       (the control machine sends each host its files over pyinfra's SFTP)
+    + source: where a chain's bytes first come from: "control" (the control machine's cache)
+      or "seeder" (the chain's first host downloads the LFS files from the hub itself; the
+      control machine reads only the listing and the small files)
     + relay_port: TCP port of this host's relay while a chain runs ("peers")
     + advertise: the host's cluster address for the relay (None: the address pyinfra connects
       to when it is an IP address, else the source of the default route)
@@ -240,6 +245,9 @@ def model(
     label = f"{name} ({repo_id}@{rev12(revision)})"
     if distribution not in DISTRIBUTIONS:
         raise OperationError(f"distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
+    if source not in SOURCES or (source == "seeder" and distribution != "peers"):
+        raise OperationError(f"source {source!r}: expected \"control\", or \"seeder\" with "
+                             "distribution \"peers\"")
     key = weights_peers.chain_key(repo_id, revision, allow, ignore, models_dir, name)
 
     state = host.get_fact(
@@ -305,6 +313,8 @@ def model(
         "token_file": token_file,
         "margin_bytes": margin,
     }
+    if source == "seeder":
+        request["lfs_on_hosts"] = True  # the chain's first host reads them from the hub
     stage = staging_dir(models_dir, name, revision)
     user = state["login_user"] or "root"
     by_peers = distribution == "peers" and bool(plan.send)
@@ -340,7 +350,10 @@ def model(
             "name": name, "listing": wanted, "files_dir": str(layout.files),
             "sums_path": str(layout.sums),
         }
-        yield FunctionCommand(weights_peers.receive, (list(key), chain_request), {})
+        if source == "seeder":
+            chain_request["hub"] = {"base": f"{endpoint}/{repo_id}/resolve/{revision}/",
+                                    "token_file": token_file}
+        yield FunctionCommand(weights_chain.receive, (list(key), chain_request), {})
     else:
         for entry in plan.send:
             yield FileUploadCommand(
@@ -442,6 +455,7 @@ def _model_kwargs(spec: dict[str, Any], settings) -> dict[str, Any]:
         "verify": settings.weights_verify,
         "free_margin_gb": settings.weights_free_margin_gb,
         "distribution": settings.weights_distribution,
+        "source": settings.weights_source,
         "relay_port": settings.weights_relay_port,
         "advertise": settings.swarm_advertise_address,
     }

@@ -110,7 +110,7 @@ class Ledger:
     peers: dict[str, int] = field(default_factory=dict)  # bytes each host served to other hosts
 
     def record_chain(self, name: str, received: int, from_control: int, served: int,
-                     files: int = 0) -> None:
+                     files: int = 0, from_hub: int = 0, model: str = "") -> None:
         """A host's part in a chain (operations/weights_peers.py): bytes the control machine sent
         it (the head's one copy, else 0) and bytes it sent on to other hosts."""
         with _RUN_LOCK:
@@ -119,6 +119,8 @@ class Ledger:
                 self.lan_files[name] = self.lan_files.get(name, 0) + files
             if served:
                 self.peers[name] = self.peers.get(name, 0) + served
+            if from_hub:  # weights_source "seeder": a host read these from the Hub itself
+                self.hub[model] = self.hub.get(model, 0) + from_hub
 
     def summary(self, hosts: list[str]) -> str:
         hub_total = sum(self.hub.values())
@@ -260,6 +262,7 @@ def fetch_to_cache(request: dict[str, Any], free_bytes=None) -> dict[str, Any]:
     key = (
         request["cache_dir"], request["repo_id"], request["revision"],
         json.dumps([request.get("allow_patterns"), request.get("ignore_patterns")]),
+        bool(request.get("lfs_on_hosts")),
     )
     with _key_lock(key):
         if key in _FETCHED:
@@ -292,13 +295,17 @@ def _fetch_to_cache(request: dict[str, Any], free_bytes) -> dict[str, Any]:
     wanted = files_to_fetch(listing, allow, ignore, f"{repo_id}@{rev12(revision)}")
     _write_json_atomic(layout.tree, {"repo_id": repo_id, "revision": revision, "files": listing})
 
+    # weights_source = "seeder": the large (LFS) files come from the Hub to the chain's first
+    # host, not here; the Hub's own sha256 of each is what the hosts check it against.
+    on_hosts = [e for e in wanted if e.get("lfs_sha256")] if request.get("lfs_on_hosts") else []
+    local_only = [e for e in wanted if e not in on_hosts]
     verified: dict[str, Any] = {}
     if layout.verified.exists():
         try:
             verified = json.loads(layout.verified.read_text(encoding="utf-8"))
         except ValueError:
             verified = {}
-    good, bad = verify_cache_files(layout.files, wanted, verified)
+    good, bad = verify_cache_files(layout.files, local_only, verified)
     total = sum(e["size"] for e in wanted)
     hub_bytes = 0
     for attempt in range(2):
@@ -307,8 +314,8 @@ def _fetch_to_cache(request: dict[str, Any], free_bytes) -> dict[str, Any]:
         if attempt:  # a second try for files whose content did not match: fetch them afresh
             for path in bad:
                 _forget_download(layout.files, path)
-        todo = [e for e in wanted if e["path"] in bad]
-        before = _bytes_on_disk(layout.files, wanted)
+        todo = [e for e in local_only if e["path"] in bad]
+        before = _bytes_on_disk(layout.files, local_only)
         missing = sum(e["size"] for e in todo) - _bytes_on_disk(layout.files, todo)
         refusal = disk_refusal(
             f"the control machine's weights cache {layout.root}",
@@ -329,8 +336,8 @@ def _fetch_to_cache(request: dict[str, Any], free_bytes) -> dict[str, Any]:
                 repo_id,
                 revision=revision,
                 local_dir=str(layout.files),
-                allow_patterns=allow or None,
-                ignore_patterns=ignore or None,
+                allow_patterns=([e["path"] for e in local_only] if on_hosts else allow or None),
+                ignore_patterns=None if on_hosts else ignore or None,
                 endpoint=endpoint,
                 token=token,
             )
@@ -339,8 +346,8 @@ def _fetch_to_cache(request: dict[str, Any], free_bytes) -> dict[str, Any]:
                 f"download of {repo_id}@{rev12(revision)} from {endpoint} failed: "
                 f"{scrub(_one_line(error), token)}; run again to resume"
             ) from None
-        hub_bytes += max(_bytes_on_disk(layout.files, wanted) - before, 0)
-        good, bad = verify_cache_files(layout.files, wanted, verified)
+        hub_bytes += max(_bytes_on_disk(layout.files, local_only) - before, 0)
+        good, bad = verify_cache_files(layout.files, local_only, verified)
         _write_json_atomic(layout.verified, verified)
     if bad:
         for path in bad:
@@ -351,6 +358,7 @@ def _fetch_to_cache(request: dict[str, Any], free_bytes) -> dict[str, Any]:
         )
     _write_json_atomic(layout.verified, verified)
 
+    good.update({e["path"]: e["lfs_sha256"] for e in on_hosts})
     files = [dict(e, sha256=good[e["path"]]) for e in wanted]
     existing = None
     if layout.manifest.exists():

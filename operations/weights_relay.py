@@ -6,8 +6,8 @@ It is copied to hosts by the weights phase (python3 standard library only) and s
 control machine over SSH, as the deploy user: never as root, never as a service. Everything it
 needs comes on stdin, never on a command line: one JSON line (the one-shot token of this chain,
 the files in stream order with their sizes, where to listen, which peers may connect); once it
-listens, a second line saying where to receive from (peers, or stdin); then, on the host the
-control machine feeds, the files' bytes. It prints one line per event on stdout, and exits when
+listens, a second line saying where to receive from (peers, the Hub, or stdin); then, on the
+host the control machine feeds, the files' bytes. It prints one line per event on stdout, and exits when
 stdin closes: the control machine closes it once every host of the chain has its bytes, or when
 it dies (SSH closes the channel). Nothing listens longer.
 
@@ -21,11 +21,13 @@ the deploy after the transfer, not trusted from here.
 
 Roles (field "mode" of the header):
   receive  receive the stream into "dir" and serve it: from the "upstreams" of the second line
-           (host:port, tried in order), or from stdin when that list is empty
+           (host:port, tried in order); with none, from its "hub" ({"base": URL prefix of the
+           revision's files, "token": bearer token or null}), else from stdin
   seed     serve files already on disk in "dir" (a verified copy), after checking that its
            sha256sums file is the one given ("sums") and that every file has its size
 Events: LISTENING <addr>:<port> | UPSTREAM <addr:port> lost at byte <n> | REFUSED <addr> |
-        STARVED <n> (no upstream left: send the stream from byte n on stdin) |
+        STARVED <n> (no upstream left: a new source line follows, then maybe bytes from n) |
+        HUB <path> lost at byte <n> |
         RECEIVED <bytes> <seconds> | SERVED <bytes> <clients> | FAILED <reason>.
 Exit status 0 when received (or seeding) and stopped cleanly, else 3.
 """
@@ -39,6 +41,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 PROTOCOL = "GPUFLEET-RELAY/1"
 CHUNK = 1 << 20
@@ -274,6 +279,51 @@ def receive_peers(stream: Stream, writer: Writer, token: str, upstreams: list, s
     return True
 
 
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Follow the Hub's redirects (to its CDN for large files) without sending the token to
+    another host: a pre-signed CDN URL needs none, and must never see it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(
+                req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+def receive_hub(stream: Stream, writer: Writer, hub: dict, stall_s: float, attempts: int = 5) -> None:
+    """The stream from the Hub (or a mirror) itself, file by file, resuming a cut file with a
+    Range request. The token (if any) goes only in the Authorization header, to the Hub's host."""
+    opener = urllib.request.build_opener(_SameHostAuth)
+    failures = 0
+    while stream.have < stream.total:
+        index, within = stream.locate(stream.have)
+        entry = stream.files[index]
+        url = hub["base"] + urllib.parse.quote(entry["path"])
+        request = urllib.request.Request(url, headers={"Range": f"bytes={within}-"})
+        if hub.get("token"):
+            request.add_header("Authorization", f"Bearer {hub['token']}")
+        before = stream.have
+        try:
+            with opener.open(request, timeout=stall_s) as response:
+                if within and response.status != 206:
+                    raise ConnectionError(f"{url}: no range support (HTTP {response.status})")
+                left = int(entry["size"]) - within
+                while left:
+                    data = response.read(min(CHUNK, left))
+                    if not data:
+                        raise ConnectionError(f"{url}: cut at byte {int(entry['size']) - left}")
+                    writer.write(data)
+                    left -= len(data)
+        except (OSError, ConnectionError, urllib.error.URLError) as error:
+            failures = 0 if stream.have > before else failures + 1
+            reason = f"HTTP {error.code}" if isinstance(error, urllib.error.HTTPError) else str(error)
+            say("HUB", entry["path"], "lost at byte", stream.have, f"({reason})")
+            if failures >= attempts:
+                raise ConnectionError(f"the hub failed {attempts} times at {entry['path']}: {reason}")
+            time.sleep(min(2 ** failures, 30))
+
+
 def check_seed(stream: Stream, sums: str) -> str | None:
     """Why this copy cannot seed the chain (None: it can). The sums file is written by the deploy
     once a copy is verified: the same text means the same revision and selection of files."""
@@ -291,6 +341,11 @@ def check_seed(stream: Stream, sums: str) -> str | None:
         if size != int(entry["size"]):
             return f"{entry['path']} has {size} bytes, not {entry['size']}"
     return None
+
+
+def read_source() -> dict:
+    """The control machine's line saying where this host's bytes come from."""
+    return json.loads(sys.stdin.buffer.readline(1 << 20) or b"{}")
 
 
 def run(header: dict) -> int:
@@ -317,15 +372,18 @@ def run(header: dict) -> int:
         writer = Writer(stream)
         began = time.monotonic()
         try:
-            source = json.loads(sys.stdin.buffer.readline(1 << 20) or b"{}")
+            source = read_source()
             upstreams = [(h, int(p)) for h, p in source.get("upstreams") or []]
             if upstreams and not receive_peers(stream, writer, header["token"], upstreams,
                                                stall_s, float(header.get("give_up_s", 60))):
-                # Every host before this one is gone: the control machine feeds this one from the
-                # byte it reached, and the hosts after it go on receiving from it.
+                # Every host before this one is gone: the control machine says where the rest
+                # comes from (its own stdin feed, or the Hub), and the hosts after it go on
+                # receiving from this one.
                 say("STARVED", stream.have)
-                upstreams = []
-            if not upstreams:
+                source, upstreams = read_source(), []
+            if not upstreams and source.get("hub"):
+                receive_hub(stream, writer, source["hub"], stall_s)
+            elif not upstreams:
                 receive_stdin(stream, writer)
             writer.close()
             say("RECEIVED", stream.have, f"{time.monotonic() - began:.2f}")

@@ -162,6 +162,48 @@ def measure(mode: str, size: int, model: dict) -> dict:
     return record
 
 
+RELAY_LINE = re.compile(r"received [^\n]* from the control machine in ([0-9.]+) s")
+
+
+def bulk_rates(model: dict, shard: Path) -> dict:
+    """MB/s into one host over an unshaped link (the two shared cores are the limit): OpenSSH's
+    scp, paramiko's SFTP (pyinfra's upload, the star's path) with the same file, and the weights
+    phase's own bulk path (the control machine's OpenSSH stream into the head relay)."""
+    lab("shape", "--off")
+    target = state()["hosts"][0]
+    address, user, key = target["address"], state()["ssh_user"], state()["ssh_key"]
+    known = state()["known_hosts"]
+    size = shard.stat().st_size
+    rates = {"bytes": size}
+    started = time.monotonic()
+    subprocess.run(["scp", "-q", "-i", key, "-o", f"UserKnownHostsFile={known}", "-o",
+                    "StrictHostKeyChecking=yes", str(shard), f"{user}@{address}:/tmp/bench-scp"],
+                   check=True, timeout=TIMEOUT_S)
+    rates["openssh_scp_mb_s"] = round(size / (time.monotonic() - started) / 1e6, 1)
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.load_host_keys(known)
+    client.connect(address, username=user, key_filename=key, look_for_keys=False,
+                   allow_agent=False)
+    try:
+        started = time.monotonic()
+        client.open_sftp().put(str(shard), "/tmp/bench-sftp")
+        rates["paramiko_sftp_mb_s"] = round(size / (time.monotonic() - started) / 1e6, 1)
+    finally:
+        client.close()
+    on_hosts([target], "rm -f /tmp/bench-scp /tmp/bench-sftp")
+    name = model["name"]
+    on_hosts(state()["hosts"], f"rm -rf /opt/models/{name} /opt/models/.staging/{name}*")
+    lab("set", "all", "weights_distribution=peers")
+    code, _, output = pyinfra([target["name"]])
+    match = RELAY_LINE.search(output)
+    if code == 0 and match:
+        one_copy = sum(p.stat().st_size for p in shard.parent.iterdir() if p.is_file())
+        rates["relay_mb_s"] = round(one_copy / float(match.group(1)) / 1e6, 1)
+    return rates
+
+
 # --- The report -----------------------------------------------------------------------------
 
 
@@ -185,6 +227,14 @@ def write_report(out: Path, data: dict) -> None:
         lines.append(f"| {r['mode']} | {r['hosts']} | {r['wall_s']} | {r['vs_one_host']} | "
                      f"{r['control_copies']} | {r['hub_copies']} | {r['peer_copies']} | "
                      f"{r['verified']}/{r['hosts']} |")
+    bulk = data.get("bulk")
+    if bulk:
+        lines += ["", "The bulk path into one host over an unshaped link (MB/s; the two shared cores "
+                  "encrypt, so this is a CPU figure, not a link's):", "",
+                  "| OpenSSH scp | paramiko SFTP (pyinfra's upload: the star) | the weights relay "
+                  "(OpenSSH stream, the chain's head) |", "|---:|---:|---:|",
+                  f"| {bulk.get('openssh_scp_mb_s')} | {bulk.get('paramiko_sftp_mb_s')} | "
+                  f"{bulk.get('relay_mb_s')} |"]
     lines += ["", "Targets (the chain):", ""] + [f"- {v}" for v in data["verdicts"]] + [
         "", "Wall time is that of `pyinfra --limit <N hosts> inventories/lab.py "
         "scripts/bench_weights_deploy.py`: connecting, facts, the Hub download into the control "
@@ -248,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(measure(mode, size, model))
     finally:
         lab("shape", "--off")
-    one_copy = sum(p.stat().st_size for p in
-                   (fleet.state_dir(LAB_NAME) / "hub" / repo / revision).iterdir() if p.is_file())
+    files = fleet.state_dir(LAB_NAME) / "hub" / repo / revision
+    one_copy = sum(p.stat().st_size for p in files.iterdir() if p.is_file())
+    bulk = bulk_rates(model, max(files.glob("*.safetensors"), key=lambda p: p.stat().st_size))
     rows = summarise(runs, one_copy)
     data = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}: "
         f"{os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "settings": {"mib": args.mib, "shards": args.shards, "host_mbit": args.host_mbit,
                      "uplink_mbit": args.uplink_mbit, "sizes": sizes, "modes": modes},
-        "one_copy_bytes": one_copy, "runs": runs, "summary": rows, "verdicts": verdicts(rows),
+        "one_copy_bytes": one_copy, "bulk": bulk, "runs": runs, "summary": rows, "verdicts": verdicts(rows),
     }
     write_report(args.out, data)
     print("\n".join(data["verdicts"]))

@@ -239,3 +239,44 @@ def test_a_host_killed_mid_distribution_fails_alone_and_a_rerun_converges(lab):
     assert_no_relay_left(lab)
     result, results = deploy(lab)
     assert {name for op in results["operations"] for name in op["success"]} == set()
+
+
+def test_a_seeder_host_reads_the_large_files_from_the_hub_and_the_token_stays_in_memory(lab):
+    """weights_source = "seeder": the control machine reads the listing and the small files; the
+    chain's first host downloads model.safetensors from the Hub itself, with the token it got
+    inside its SSH channel, and the others receive it from that host."""
+    set_source = lab.cli("set", "all", "weights_source=seeder")
+    assert set_source.returncode == 0, set_source.stdout + set_source.stderr
+    try:
+        forget_control_cache(lab)
+        for host in lab.hosts:
+            assert subprocess.run(["docker", "exec", host["container"], "rm", "-rf", MODEL_DIR]).returncode == 0
+        hub_control(lab, "POST", "/_lab/stats/reset", {})
+        result, results = deploy(lab)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        stats = hub_stats(lab)
+        weights = "gpufleet-lab/tiny-llama/model.safetensors"
+        size = next(e["size"] for e in json.loads(lab.ssh(lab.hosts[0]["name"], f"cat {MODEL_DIR}/"
+                    ".gpufleet-manifest.json").stdout)["files"] if e["path"] == "model.safetensors")
+        assert stats["files"][weights] == size, stats["files"]  # one copy, from the Hub
+        readers = {entry["client"] for entry in stats["log"] if entry["path"].endswith("/model.safetensors")
+                   and entry["method"] == "GET"}
+        assert readers and readers <= {h["address"] for h in lab.hosts}, readers
+        cache = Path(lab.state["settings"]["weights_cache_dir"])
+        assert not list(cache.rglob("model.safetensors")), "the control machine downloaded the weights"
+        from_control, between_hosts = ledger(output)
+        assert from_control == 0 and between_hosts > 0, (from_control, between_hosts)
+        assert all(verified(lab, h["name"]) for h in lab.hosts)
+        token = Path(lab.state["settings"]["hf_token_file"]).read_text().strip()
+        assert token not in output
+        for host in lab.hosts:
+            found = subprocess.run(
+                ["docker", "exec", "-i", host["container"], "sh", "-c",
+                 "grep -rlF -f - /opt/models /tmp /etc /var/log /home 2>/dev/null; true"],
+                input=token + "\n", capture_output=True, text=True)
+            assert found.stdout.strip() == "", f"the Hub token reached a disk of {host['name']}"
+        assert_no_relay_left(lab)
+    finally:
+        unset = lab.cli("unset", "all", "weights_source")
+        assert unset.returncode == 0, unset.stdout + unset.stderr

@@ -284,6 +284,10 @@ CASES = [
      ["--data (every host): key 'stack_converge_timeout_s' = 600: expected at least the longest "
       "models[].health_start_period_s (1200 s): the deploy would give up on replicas Swarm "
       "still lets load"]),
+    ("seeder-without-chain", {"data": ["weights_source=seeder", "weights_distribution=control"]},
+     ["--data (every host): key 'weights_source' = 'seeder': expected \"control\" with "
+      "weights_distribution \"control\": the seeder is the head of the hosts' chain "
+      "(weights_distribution \"peers\")"]),
     ("daemon-data-root", {"data": ['docker_daemon_config={"data-root": "/data/docker"}']},
      ["--data (every host): key 'docker_daemon_config' = {'data-root': '/data/docker'}: expected "
       "no 'data-root' other than docker_data_root (/var/lib/docker): set docker_data_root"]),

@@ -330,6 +330,34 @@ def test_download_once_verify_and_manifest_then_nothing_the_next_run(tmp_path, h
         "verified_at"]
 
 
+def test_with_a_seeder_the_control_machine_reads_only_the_small_files(tmp_path, hub, token_file):
+    """weights_source "seeder": LFS files come from the hub to a host; the manifest still names
+    every file with the sha256 the host will be checked against (the hub's own LFS oid)."""
+    import hashlib
+
+    from scripts.lab.hub import model
+
+    files = model.build_files()
+    outcome = weights_cache.fetch_to_cache(_request(tmp_path, hub, token_file, lfs_on_hosts=True))
+    small = sum(len(b) for p, b in files.items() if p != "model.safetensors")
+    assert outcome["hub_bytes"] == small == _stats(hub)["total_bytes"]
+    layout = weights_cache.cache_layout(str(tmp_path / "cache"), REPO, REV, [], [])
+    assert not (layout.files / "model.safetensors").exists()
+    manifest = json.loads(Path(outcome["manifest"]).read_text())
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == {
+        p: hashlib.sha256(b).hexdigest() for p, b in files.items()}
+
+
+def test_the_phase_summary_adds_what_hosts_sent_each_other_and_read_from_the_hub():
+    ledger = weights_cache.Ledger()
+    ledger.record_chain("node-1", received=100, from_control=0, served=100, from_hub=100,
+                        model="tiny")
+    ledger.record_chain("node-2", received=100, from_control=0, served=0)
+    assert ledger.summary(["node-1", "node-2"]) == (
+        "Model weights: hub bytes 100 (100 B: tiny 100 B); LAN bytes 0 (node-1 0 B (0 files), "
+        "node-2 0 B (0 files)); between hosts 100 (node-1 100 B)")
+
+
 def test_a_corrupted_byte_from_the_hub_is_caught_and_fetched_again(tmp_path, hub, token_file):
     _fault(hub, mode="corrupt", file="model.safetensors", times=1)
     outcome = weights_cache.fetch_to_cache(_request(tmp_path, hub, token_file))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
+from operations import weights_chain
 from operations import weights_peers as peers
-from operations.weights_peers import Chain, Member, Model, Registration
+from operations.weights_chain import Chain
+from operations.weights_peers import Member, Model, Registration
 
 A, B, C = (Member(n, f"10.0.0.{i}", 7461) for i, n in enumerate("abc", start=1))
 SEED = Member("s", "10.0.0.9", 7461)
@@ -85,7 +87,7 @@ def test_a_host_that_left_the_run_is_not_waited_for_and_a_late_one_only_for_a_wh
     late = _chain(["h1", "h2"])
     late.join(Member("h1", "10.0.0.1", 7461))
     late.finish("h1", True)
-    late.last_join = time.monotonic() - peers.LATE_JOIN_S - 1
+    late.last_join = time.monotonic() - weights_chain.LATE_JOIN_S - 1
     assert late._complete()
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,10 @@ class Proc:
         raise AssertionError(f"no {prefix} line: {self.lines}")
 
     def source(self, upstreams):
-        self.proc.stdin.write(json.dumps({"upstreams": upstreams}).encode() + b"\n")
+        self.source_line({"upstreams": upstreams})
+
+    def source_line(self, line: dict):
+        self.proc.stdin.write(json.dumps(line).encode() + b"\n")
         self.proc.stdin.flush()
 
     def stop(self) -> int:
@@ -221,7 +225,42 @@ def test_when_every_host_upstream_is_gone_the_relay_asks_for_the_rest_on_stdin(t
     feeder.join()
     starved = tail.wait_line("STARVED", timeout=20).split()
     assert starved[0] == "STARVED" and 0 < int(starved[1]) < sum(f["size"] for f in files)
+    tail.source([])  # the control machine: "from stdin", then the rest from that byte
     feed_from(tail, source, files, int(starved[1]))
     assert tail.wait_line("RECEIVED").startswith("RECEIVED")
     assert tail.stop() == 0
     assert same_tree(source, dirs[1], files)
+
+
+def test_a_seeder_downloads_from_the_hub_itself_resuming_a_cut_file_and_serves_the_chain(tmp_path):
+    """weights_source "seeder": the head's bytes come from the Hub (here the lab's stand-in, with
+    its token and a connection dropped mid-file), the next host's from the head."""
+    from scripts.lab.hub import server, synthetic
+
+    repo, revision = synthetic.write_synthetic(tmp_path / "hub", 3, 3)
+    hub = server.serve_in_thread(tmp_path / "hub", token="hub-secret")
+    try:
+        files_dir = tmp_path / "hub" / repo / revision
+        files = [{"path": p.name, "size": p.stat().st_size} for p in sorted(files_dir.iterdir())
+                 if p.suffix == ".safetensors"]
+        request = urllib.request.Request(hub.base_url + "/_lab/faults", method="POST",
+                                         data=json.dumps({"mode": "drop", "file": files[1]["path"],
+                                                          "times": 1}).encode())
+        urllib.request.urlopen(request, timeout=10).read()
+        ports = [free_port(), free_port()]
+        head = Proc(header("receive", tmp_path / "h0", ports[0], files))
+        tail = Proc(header("receive", tmp_path / "h1", ports[1], files))
+        head.wait_line("LISTENING"), tail.wait_line("LISTENING")
+        head.source_line({"upstreams": [], "hub": {"base": f"{hub.base_url}/{repo}/resolve/{revision}/",
+                                                   "token": "hub-secret"}})
+        tail.source([["127.0.0.1", ports[0]]])
+        assert head.wait_line("RECEIVED").startswith("RECEIVED")
+        assert tail.wait_line("RECEIVED").startswith("RECEIVED")
+        assert any(line.startswith(f"HUB {files[1]['path']} lost at byte") for line in head.lines)
+        assert head.stop() == 0 and tail.stop() == 0
+        for directory in ("h0", "h1"):
+            assert same_tree(files_dir, tmp_path / directory, files)
+        assert not any("hub-secret" in line for line in head.lines + tail.lines)
+    finally:
+        hub.shutdown()
+        hub.server_close()
