@@ -18,7 +18,8 @@ from pyinfra import logger
 
 from operations.weights_cache import LEDGER
 from operations.weights_peers import (
-    Member, Model, model_entry, relay_command, ssh_argv, upstreams_for, union_files,
+    Member, Model, chain_files, chains_by_need, model_entry, relay_command, ssh_argv,
+    upstreams_for,
 )
 from operations.weights_plan import human_bytes, read_token
 
@@ -92,9 +93,9 @@ class Relay:
 class Chain:
     """The hosts receiving one model in this run, in the order they joined."""
 
-    def __init__(self, model: Model, files: list[dict[str, Any]], sums: str, allowed: list[str],
-                 active=lambda name: True):
-        self.model = model
+    def __init__(self, hosts: list[str], files: list[dict[str, Any]], sums: str,
+                 allowed: list[str], active=lambda name: True):
+        self.hosts = list(hosts)  # the hosts of the run that lack exactly these files
         self.active = active
         self.files = files
         self.total = sum(f["size"] for f in files)
@@ -131,7 +132,8 @@ class Chain:
     def _complete(self) -> bool:
         if any(m.name not in self.finished for m in self.joined):
             return False
-        coming = {n for n in self.model.needers if self.active(n)}
+        # A host that finished without joining (its relay never listened) is not coming.
+        coming = {n for n in self.hosts if self.active(n) and n not in self.finished}
         if coming <= {m.name for m in self.joined}:
             return True
         return time.monotonic() - self.last_join > LATE_JOIN_S
@@ -173,21 +175,23 @@ def _start_seed(model: Model, chain: Chain) -> None:
         logger.info(f"Model weights: {candidate.name} cannot seed ({reason})")
 
 
-def _chain_for(state, model: Model, request: dict[str, Any]) -> Chain:
+def _chain_for(state, model: Model, request: dict[str, Any], paths: frozenset[str]) -> Chain:
+    """The running chain for hosts lacking exactly `paths` (started, with its seed, by the
+    first of them to get here)."""
     with model.lock:
-        if model.chain is None or model.chain.closed:
-            needs = {n: r.paths for n, r in model.needers.items()}
-            files = union_files(request["listing"], needs)
+        chain = model.chains.get(paths)
+        if chain is None or chain.closed:
+            hosts = chains_by_need({n: r.paths for n, r in model.needers.items()})[paths]
             allowed = sorted({r.address for r in list(model.needers.values()) +
                               list(model.holders.values()) + list(model.outside) if r.address})
             with open(request["sums_path"], encoding="utf-8") as handle:
                 sums = handle.read()
             by_name = {h.name: h for h in state.inventory}
-            chain = Chain(model, files, sums, allowed,
+            chain = Chain(hosts, chain_files(request["listing"], paths), sums, allowed,
                           active=lambda n: by_name.get(n) in state.active_hosts)
             _start_seed(model, chain)
-            model.chain = chain
-        return model.chain
+            model.chains[paths] = chain
+        return chain
 
 
 def _feed(relay: Relay, files_dir: str, files: list[dict[str, Any]], sent: list[int],
@@ -245,7 +249,7 @@ def receive(state, host, key: list, request: dict[str, Any]) -> bool:
         host.log_styled("Model weights: no cluster address for the relay (set "
                         "swarm_advertise_address)", fg="red", log_func=logger.error)
         return False
-    chain = _chain_for(state, model, request)
+    chain = _chain_for(state, model, request, frozenset(me.paths))
     member = Member(host.name, me.address, me.port)
     relay = _relay(host.name, me.data)
     relay.send_header(chain.header("receive", me.directory, member))

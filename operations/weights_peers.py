@@ -6,14 +6,16 @@ How one model reaches N hosts in one run (`weights_distribution = "peers"`, the 
 1. While planning, every host that lacks files registers what it needs; every host whose copy is
    verified in place registers as a holder. Nothing is sent yet.
 2. When the transfer operation runs, each host in turn (as its staging directory is ready) starts
-   the relay (operations/weights_relay.py, copied to the host) over SSH and joins the chain. The
-   first to join receives the stream from a source: a holder of this revision (another host of
+   the relay (operations/weights_relay.py, copied to the host) over SSH and joins the chain of the
+   hosts that lack the same files (one chain for a fresh fleet or a new revision). The first to
+   join receives the stream from a source: a holder of this revision (another host of
    this run, or, under `--limit`, a host of the inventory outside it) when one answers, else the
-   control machine itself, over OpenSSH from its verified cache (the bulk path: OpenSSH's speed,
-   not a Python SSH implementation's). Every later host receives from the host that joined before
+   chain's origin: the control machine itself, over OpenSSH from its verified cache (the bulk
+   path: OpenSSH's speed, not a Python SSH implementation's), or with `weights_source =
+   "seeder"` the Hub, which that first host reads itself. Every later host receives from the host that joined before
    it, while that one is still receiving: the fleet fills in about the time of one copy.
-3. A host whose upstream breaks or stalls asks the hosts before it, from the byte it reached;
-   a host that dies fails alone. When every host of the chain has its bytes (or has failed) the
+3. A host whose upstream breaks or stalls asks the hosts before it, from the byte it reached,
+   and the origin when none is left; a host that dies fails alone. When every host of the chain has its bytes (or has failed) the
    control machine closes each relay's stdin, and every listener closes. The deploy then checks
    every file with `sha256sum -c` against the control machine's manifest before the swap, as for
    any transfer: a peer is never trusted for content, only for bandwidth.
@@ -73,10 +75,19 @@ def upstreams_for(joined: list[Member], seed: Member | None) -> list[Member]:
     return sources
 
 
-def union_files(listing: list[dict[str, Any]], needs: dict[str, set[str]]) -> list[dict[str, Any]]:
-    """The files the chain carries: every file some host lacks, in the listing's order."""
-    wanted = set().union(*needs.values()) if needs else set()
-    return [{"path": e["path"], "size": int(e["size"])} for e in listing if e["path"] in wanted]
+def chain_files(listing: list[dict[str, Any]], paths: frozenset[str]) -> list[dict[str, Any]]:
+    """The files one chain carries, in the listing's order."""
+    return [{"path": e["path"], "size": int(e["size"])} for e in listing if e["path"] in paths]
+
+
+def chains_by_need(needs: dict[str, set[str]]) -> dict[frozenset[str], list[str]]:
+    """Hosts that lack the same files share a chain; hosts that lack different ones get a chain
+    each, so that no host writes a byte it does not need (its free space was checked for its own
+    files only). A fresh fleet, or a new revision, is one chain; a repair is a chain of one."""
+    groups: dict[frozenset[str], list[str]] = {}
+    for name, paths in sorted(needs.items()):
+        groups.setdefault(frozenset(paths), []).append(name)
+    return groups
 
 
 def cluster_address(explicit: str | None, ssh_hostname: str | None, primary: str | None) -> str | None:
@@ -146,7 +157,7 @@ class Model:
     needers: dict[str, Registration] = field(default_factory=dict)
     holders: dict[str, Registration] = field(default_factory=dict)
     outside: list[Registration] = field(default_factory=list)
-    chain: Any = None  # the running weights_chain.Chain, while one runs
+    chains: dict = field(default_factory=dict)  # need-set -> the running weights_chain.Chain
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -8,7 +8,7 @@ import time
 from operations import weights_chain
 from operations import weights_peers as peers
 from operations.weights_chain import Chain
-from operations.weights_peers import Member, Model, Registration
+from operations.weights_peers import Member, Registration
 
 A, B, C = (Member(n, f"10.0.0.{i}", 7461) for i, n in enumerate("abc", start=1))
 SEED = Member("s", "10.0.0.9", 7461)
@@ -26,12 +26,19 @@ def test_with_a_seed_the_head_receives_from_it_and_everyone_falls_back_to_it_las
     assert peers.upstreams_for([A, B], SEED) == [B, A, SEED]
 
 
-def test_the_chain_carries_every_file_some_host_lacks_in_listing_order():
+def test_hosts_lacking_the_same_files_share_a_chain_and_others_get_their_own():
+    needs = {"h1": {"c", "a"}, "h2": {"a", "c"}, "h3": {"a"}, "h4": {"a", "c"}}
+    assert peers.chains_by_need(needs) == {
+        frozenset({"a", "c"}): ["h1", "h2", "h4"], frozenset({"a"}): ["h3"]}
+    assert peers.chains_by_need({}) == {}
+
+
+def test_a_chain_carries_its_files_in_listing_order():
     listing = [{"path": p, "size": s, "git_oid": "x"} for p, s in
                [("a", 1), ("b", 2), ("c", 3), ("d", 4)]]
-    needs = {"h1": {"c", "a"}, "h2": {"a"}, "h3": set()}
-    assert peers.union_files(listing, needs) == [{"path": "a", "size": 1}, {"path": "c", "size": 3}]
-    assert peers.union_files(listing, {}) == []
+    assert peers.chain_files(listing, frozenset({"c", "a"})) == [
+        {"path": "a", "size": 1}, {"path": "c", "size": 3}]
+    assert peers.chain_files(listing, frozenset()) == []
 
 
 def test_the_relay_listens_on_the_cluster_address():
@@ -62,10 +69,7 @@ def _registration(name):
 
 
 def _chain(needers, active=lambda n: True):
-    model = Model(("k",))
-    for name in needers:
-        model.needers[name] = _registration(name)
-    return Chain(model, [{"path": "a", "size": 1}], "sums", [], active=active)
+    return Chain(needers, [{"path": "a", "size": 1}], "sums", [], active=active)
 
 
 def test_a_chain_closes_when_every_host_of_the_run_joined_and_has_its_bytes():
@@ -89,6 +93,12 @@ def test_a_host_that_left_the_run_is_not_waited_for_and_a_late_one_only_for_a_wh
     late.finish("h1", True)
     late.last_join = time.monotonic() - weights_chain.LATE_JOIN_S - 1
     assert late._complete()
+    # a host whose relay never listened finished without joining: nobody waits for it
+    never = _chain(["h1", "h2"])
+    never.join(Member("h1", "10.0.0.1", 7461))
+    never.finish("h1", True)
+    never.finish("h2", False)
+    assert never._complete()
 
 
 def test_each_chain_has_its_own_token_and_the_header_carries_it_only_on_stdin():
