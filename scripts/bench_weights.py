@@ -234,7 +234,10 @@ def write_report(out: Path, data: dict) -> None:
                   "| OpenSSH scp | paramiko SFTP (pyinfra's upload: the star) | the weights relay "
                   "(OpenSSH stream, the chain's head) |", "|---:|---:|---:|",
                   f"| {bulk.get('openssh_scp_mb_s')} | {bulk.get('paramiko_sftp_mb_s')} | "
-                  f"{bulk.get('relay_mb_s')} |"]
+                  f"{bulk.get('relay_mb_s')} |", "",
+                  f"scp and SFTP: one shard ({bulk['bytes']} bytes), the copy command's wall time, "
+                  "connection included. The relay: the whole model, its own timer (first byte to "
+                  "last byte written into staging) in a one-host run of the phase."]
     lines += ["", "Targets (the chain):", ""] + [f"- {v}" for v in data["verdicts"]] + [
         "", "Wall time is that of `pyinfra --limit <N hosts> inventories/lab.py "
         "scripts/bench_weights_deploy.py`: connecting, facts, the Hub download into the control "
