@@ -109,10 +109,11 @@ class Ledger:
     lan_files: dict[str, int] = field(default_factory=dict)
     peers: dict[str, int] = field(default_factory=dict)  # bytes each host served to other hosts
 
-    def record_chain(self, name: str, received: int, from_control: int, served: int,
-                     files: int = 0, from_hub: int = 0, model: str = "") -> None:
-        """A host's part in a chain (operations/weights_peers.py): bytes the control machine sent
-        it (the head's one copy, else 0) and bytes it sent on to other hosts."""
+    def record_chain(self, name: str, from_control: int = 0, served: int = 0, files: int = 0,
+                     from_hub: int = 0, model: str = "") -> None:
+        """A host's part in a chain (operations/weights_chain.py): bytes the control machine sent
+        it (the head's one copy, else 0), bytes it sent on to other hosts, and bytes it read from
+        the Hub itself (weights_source "seeder")."""
         with _RUN_LOCK:
             if from_control:
                 self.lan[name] = self.lan.get(name, 0) + from_control

@@ -148,8 +148,7 @@ class Chain:
             self.closed = True
         if closing and self.seed_relay is not None:
             self.seed_relay.stop()
-            LEDGER.record_chain(self.seed.name, received=0, from_control=0,
-                                served=self.seed_relay.served())
+            LEDGER.record_chain(self.seed.name, served=self.seed_relay.served())
 
 
 def _relay(name: str, data: dict[str, Any]) -> Relay:
@@ -279,8 +278,8 @@ def receive(state, host, key: list, request: dict[str, Any]) -> bool:
         # not in the next command, which would find no connection.
         ok, event = False, ["FAILED", f"the relay's connection ended with exit {code} after the "
                             f"transfer{': ' + errors if errors else ''}"]
-    LEDGER.record_chain(host.name, received=chain.total if ok else 0, from_control=sent[0],
-                        served=relay.served(), files=len(chain.files) if sent[0] else 0,
+    LEDGER.record_chain(host.name, from_control=sent[0], served=relay.served(),
+                        files=len(chain.files) if sent[0] else 0,
                         from_hub=sent[1] if ok else 0, model=request["name"])
     if not ok:
         reason = " ".join(event[1:]) if event and event[0] == "FAILED" else (errors or f"exit {code}")

@@ -350,9 +350,8 @@ def test_with_a_seeder_the_control_machine_reads_only_the_small_files(tmp_path, 
 
 def test_the_phase_summary_adds_what_hosts_sent_each_other_and_read_from_the_hub():
     ledger = weights_cache.Ledger()
-    ledger.record_chain("node-1", received=100, from_control=0, served=100, from_hub=100,
-                        model="tiny")
-    ledger.record_chain("node-2", received=100, from_control=0, served=0)
+    ledger.record_chain("node-1", from_control=0, served=100, from_hub=100, model="tiny")
+    ledger.record_chain("node-2", from_control=0, served=0)
     assert ledger.summary(["node-1", "node-2"]) == (
         "Model weights: hub bytes 100 (100 B: tiny 100 B); LAN bytes 0 (node-1 0 B (0 files), "
         "node-2 0 B (0 files)); between hosts 100 (node-1 100 B)")
