@@ -23,17 +23,23 @@ _INTERFACE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
 _DOTTED = re.compile(r"^[0-9.]+$")
 
 
+def split_advertise_address(value: str) -> tuple[str, str | None]:
+    """<ip|interface>[:port], IPv6 with a port written [addr]:port -> (ip or interface, port)."""
+    if value.startswith("["):
+        address, _, rest = value[1:].partition("]")
+        return address, (rest[1:] or None) if rest.startswith(":") else (rest or None)
+    if value.count(":") == 1:
+        address, port = value.split(":")
+        return address, port
+    return value, None
+
+
 def advertise_address_problem(value: str) -> str | None:
     """`docker swarm init/join --advertise-addr` takes <ip|interface>[:port] (Docker's CLI
     reference, "docker swarm init"). An IPv6 address with a port is written [addr]:port."""
-    address, port = value, None
-    if value.startswith("["):
-        address, _, rest = value[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            return "an IP address or interface name, optionally :port (IPv6 as [addr]:port)"
-        port = rest[1:] or None
-    elif value.count(":") == 1:
-        address, port = value.split(":")
+    address, port = split_advertise_address(value)
+    if value.startswith("[") and value.partition("]")[2][:1] not in ("", ":"):
+        return "an IP address or interface name, optionally :port (IPv6 as [addr]:port)"
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         return f"a port from 1 to 65535 after the address ({port!r} is not)"
     try:

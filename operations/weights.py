@@ -73,6 +73,8 @@ if [ -L "$d" ]; then echo dir=symlink
 elif [ -d "$d" ]; then echo dir=present
 elif [ -e "$d" ]; then echo dir=file
 else echo dir=missing; fi
+echo '#@addresses'
+ip -o -4 addr show 2>/dev/null | awk '{split($4, a, "/"); print $2, a[1]}'
 echo '#@manifest'
 if [ -d "$d" ] && [ ! -L "$d" ] && [ -f "$d/.gpufleet-manifest.json" ]; then
   cat "$d/.gpufleet-manifest.json"; echo
@@ -109,6 +111,9 @@ class ModelState(FactBase):
         {
             "dir": "present",  # or "missing", "symlink", "file"
             "login_user": "ops",
+            "primary": "10.20.0.11",  # source of the default route (the relay's address: peers)
+            "addresses": {"eth0": "10.20.0.11"},  # IPv4 per interface (an interface-named
+                                                  # swarm_advertise_address is looked up here)
             "avail_bytes": 107374182400,
             "manifest": {"repo_id": "...", "revision": "...", "files": [...]},
             "manifest_error": None,
@@ -256,7 +261,8 @@ def model(
     target = posixpath.join(models_dir, name)
     stale = list(state["stale"])
     problems, perms = installed_problems(state, repo_id, revision, allow, ignore, verify)
-    address = weights_peers.cluster_address(advertise, host.data.get("ssh_hostname"), state.get("primary"))
+    address = weights_peers.cluster_address(advertise, host.data.get("ssh_hostname"),
+                                            state.get("primary"), state.get("addresses") or {})
 
     if not problems:
         if distribution == "peers":

@@ -44,6 +44,8 @@ from pyinfra.operations import files
 
 from operations.apt_pins import apt_install
 from operations.phase import explain, fails_only_this_host
+from operations.rules import split_advertise_address
+from operations.swarm import advertise_address
 from operations.weights_plan import selection_key
 
 RELAY_PATH = "/usr/local/lib/gpufleet/weights-relay"
@@ -90,16 +92,19 @@ def chains_by_need(needs: dict[str, set[str]]) -> dict[frozenset[str], list[str]
     return groups
 
 
-def cluster_address(explicit: str | None, ssh_hostname: str | None, primary: str | None) -> str | None:
-    """The address a host's relay listens on and peers connect to (as Swarm's advertise address)."""
-    if explicit:
-        return explicit
-    if ssh_hostname:
-        try:
-            return str(ipaddress.ip_address(ssh_hostname))
-        except ValueError:
-            pass
-    return primary or None
+def cluster_address(explicit: str | None, ssh_hostname: str | None, primary: str | None,
+                    addresses: dict[str, str] | None = None) -> str | None:
+    """The address a host's relay listens on and peers connect to: Swarm's advertise address
+    (operations/swarm.py's rule), as an IP: an interface name is looked up in the host's
+    `addresses` (interface -> IPv4), a :port is dropped. None when it cannot be known."""
+    chosen = advertise_address(explicit, ssh_hostname, primary)
+    if not chosen:
+        return None
+    address, _ = split_advertise_address(chosen)
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return (addresses or {}).get(address)
 
 
 def ssh_argv(data: dict[str, Any], hostname: str, remote: str) -> list[str]:
@@ -203,8 +208,9 @@ def reset() -> None:
 def relay_program():
     """
     The weights relay (operations/weights_relay.py) at ``/usr/local/lib/gpufleet/weights-relay``,
-    root-owned 0755, and the python3 it runs on (Debian's python3 package when its standard library is missing).
-    The program runs only while a chain runs, started by the control machine over SSH.
+    root-owned 0755, and the python3 it runs on (Debian's python3 package when its standard
+    library is missing). The program runs only while a chain runs, started by the control
+    machine over SSH.
 
     **Example:**
 

@@ -237,11 +237,13 @@ def parse_model_state(lines: list[str]) -> dict[str, Any]:
         if sep and HEX64_RE.match(digest):
             hashes[path] = digest
 
+    addresses = dict(line.split(" ", 1) for line in sections.get("addresses", []) if " " in line)
     avail = info.get("avail_kib", "")
     return {
         "dir": info.get("dir", "missing"),
         "login_user": info.get("login_user", ""),
         "primary": info.get("primary") or None,
+        "addresses": addresses,
         "avail_bytes": int(avail) * 1024 if avail.isdigit() else None,
         "manifest": manifest,
         "manifest_error": manifest_error,

@@ -46,6 +46,12 @@ def test_the_relay_listens_on_the_cluster_address():
     assert peers.cluster_address(None, "10.0.0.1", "192.168.1.1") == "10.0.0.1"
     assert peers.cluster_address(None, "gpu-01.example", "192.168.1.1") == "192.168.1.1"
     assert peers.cluster_address(None, "gpu-01.example", None) is None
+    # swarm_advertise_address may name an interface, or carry Swarm's port
+    addresses = {"lo": "127.0.0.1", "eth1": "10.9.0.7"}
+    assert peers.cluster_address("eth1", "10.0.0.1", None, addresses) == "10.9.0.7"
+    assert peers.cluster_address("eth1:2377", "10.0.0.1", None, addresses) == "10.9.0.7"
+    assert peers.cluster_address("10.9.0.8:2377", None, None) == "10.9.0.8"
+    assert peers.cluster_address("eth2", "10.0.0.1", None, addresses) is None
 
 
 def test_openssh_reaches_the_host_as_the_inventory_says_and_carries_no_secret():
