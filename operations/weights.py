@@ -103,8 +103,9 @@ class ModelState(FactBase):
     """One model on a host, in one round trip: its directory (every entry with type, size, mode
     and numeric owner), its manifest, sha256 of its files when `verify` is "sha256", the staging
     directory of the wanted revision (resume), files the last verification rejected, stale
-    staging entries of this model, the free space of the models filesystem, and the login user
-    (who owns the staging directory so SFTP can write into it).
+    staging entries of this model, the free space of the models filesystem, the login user (who
+    owns the staging directory so SFTP and the relay write into it), and the host's addresses
+    (where its relay listens when the files come by peers).
 
     .. code:: python
 
