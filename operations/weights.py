@@ -347,8 +347,8 @@ def model(
     if doomed:
         yield StringCommand("rm -rf --", *[QuoteString(posixpath.join(stage, p)) for p in doomed])
     # 3. Files the host already holds: hard links (a copy across filesystems).
-    for source, dest in plan.link:
-        src = QuoteString(posixpath.join(target, source))
+    for held, dest in plan.link:
+        src = QuoteString(posixpath.join(target, held))
         dst = QuoteString(posixpath.join(stage, dest))
         yield StringCommand("ln -f --", src, dst, "2>/dev/null || cp -p --", src, dst)
     # 4. The files it lacks: through the chain of hosts, or straight into staging over SFTP.
