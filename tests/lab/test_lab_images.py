@@ -185,6 +185,36 @@ def test_health_version_metrics_need_no_key_v1_does(engine):
             assert status == 401 and json.loads(raw) == {"error": "Unauthorized"}
 
 
+def _series(text: str, name: str) -> float:
+    """The value of one vLLM series of the engine's own model (labels engine and model_name)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and 'model_name="tiny-llama"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_vllm_metrics_move_by_the_requests_and_tokens_served(engine):
+    """vLLM's series (names, labels, histograms) move when load flows: three completions add
+    three to each request histogram and their completion tokens to the token counter."""
+    base = engine["base"]
+    before = http("GET", base + "/metrics", key=None)[2].decode()
+    tokens = 0
+    for _ in range(3):
+        status, _, raw = http("POST", base + "/v1/completions",
+                              {"prompt": "The quick", "max_tokens": 5, "ignore_eos": True})
+        assert status == 200
+        tokens += json.loads(raw)["usage"]["completion_tokens"]
+    after = http("GET", base + "/metrics", key=None)[2].decode()
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:request_generation_tokens_count"):
+        assert _series(after, name) - _series(before, name) == 3, name
+    assert _series(after, "vllm:generation_tokens_total") - \
+        _series(before, "vllm:generation_tokens_total") == tokens == 15
+    assert _series(after, "vllm:inter_token_latency_seconds_count") - \
+        _series(before, "vllm:inter_token_latency_seconds_count") == tokens - 3
+    assert _series(after, "vllm:num_requests_running") == 0
+
+
 def test_models_lists_the_served_name(engine):
     status, _, raw = http("GET", engine["base"] + "/v1/models")
     card = json.loads(raw)["data"][0]

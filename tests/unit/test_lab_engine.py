@@ -392,7 +392,14 @@ def test_completion_length_stop_and_usage():
     assert [c["text"] for c in out["choices"]] == ["abcHel", "abcHel"]
     assert [c["index"] for c in out["choices"]] == [0, 1]
     metrics = call(app, "GET", "/metrics", key=None)[2].decode()
-    assert 'vllm:request_success_total{finished_reason="stop",model_name="tiny"} 2' in metrics
+    assert 'vllm:request_success_total{engine="0",model_name="tiny",finished_reason="stop"} 2' in metrics
+    # 5 choices finished (2 stop, 3 length): vLLM's histograms count each, with every token
+    assert "vllm:e2e_request_latency_seconds_count{engine=\"0\",model_name=\"tiny\"} 5" in metrics
+    assert "vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"tiny\"} 5" in metrics
+    itl = re.search(r'vllm:inter_token_latency_seconds_count\{engine="0",model_name="tiny"\} (\d+)', metrics)
+    generated = re.search(r'vllm:generation_tokens_total\{engine="0",model_name="tiny"\} (\d+)', metrics)
+    # every token after a choice's first is one inter-token interval
+    assert int(itl.group(1)) == int(generated.group(1)) - 5, (itl.group(1), generated.group(1))
 
 
 def test_completion_logprobs_shape():
@@ -542,3 +549,18 @@ def test_a_client_that_goes_away_stops_its_generation():
     assert 0 < len(steps) < 30
     assert not any(m.get("body", b"").endswith(protocol.SSE_DONE) for m in sent)
     assert app.metrics.running == 0
+
+
+def test_histograms_are_cumulative_with_vllms_buckets():
+    from scripts.lab.engine.labengine import metrics as lm
+
+    assert lm.one_two_five(100) == (1, 2, 5, 10, 20, 50, 100)  # vLLM's build_1_2_5_buckets doc
+    histogram = lm.Histogram("vllm:x_seconds", "x.", (0.1, 1.0))
+    for value in (0.05, 0.5, 3.0):
+        histogram.observe(value)
+    assert histogram.render('model_name="m"')[2:] == [
+        'vllm:x_seconds_bucket{model_name="m",le="0.1"} 1',
+        'vllm:x_seconds_bucket{model_name="m",le="1.0"} 2',
+        'vllm:x_seconds_bucket{model_name="m",le="+Inf"} 3',
+        'vllm:x_seconds_sum{model_name="m"} 3.55',
+        'vllm:x_seconds_count{model_name="m"} 3']

@@ -18,10 +18,12 @@ import hmac
 import json
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import STAND_IN, VERSION, protocol
 from .cli import ServeConfig
+from .metrics import Metrics
 from .protocol import APIError, Request, TextStream
 
 log = logging.getLogger("labengine")
@@ -31,47 +33,6 @@ MAX_BODY = 8 * 1024 * 1024
 
 class Disconnected(Exception):
     """The client went away during a streamed answer."""
-
-
-class Metrics:
-    """A few Prometheus series with vLLM's names."""
-
-    def __init__(self, model: str):
-        self.model = model
-        self.running = 0
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.success: dict[str, int] = {}
-        self.http: dict[tuple[str, str, str], int] = {}
-
-    def render(self) -> str:
-        m = f'model_name="{self.model}"'
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests running (lab CPU engine).",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{m}}} {self.running}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting (lab CPU engine: none, "
-            "a request runs as it comes).",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{m}}} 0",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{m}}} {self.prompt_tokens}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{m}}} {self.generation_tokens}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-        ]
-        for reason in sorted(set(self.success) | {"stop", "length"}):
-            lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{m}}} '
-                         f"{self.success.get(reason, 0)}")
-        lines += ["# HELP http_requests_total Total number of requests by method, status and "
-                  "handler.", "# TYPE http_requests_total counter"]
-        for (handler, method, status), count in sorted(self.http.items()):
-            lines.append(f'http_requests_total{{handler="{handler}",method="{method}",'
-                         f'status="{status}"}} {count}')
-        return "\n".join(lines) + "\n"
 
 
 class EngineApp:
@@ -84,7 +45,7 @@ class EngineApp:
         self.in_flight: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.hostname = hostname or socket.gethostname()
-        self.metrics = Metrics(config.served_name)
+        self.metrics = Metrics(config.served_name, engine.max_model_len if engine else 256)
         self.created = protocol.now()
         key = config.api_key
         self._key_hash = hashlib.sha256(key.encode()).digest() if key else None
@@ -295,11 +256,15 @@ class EngineApp:
         logprobs: list[tuple[int, float, list]] = []
         finish, stop_reason, count = "length", None, 0
         eos = set() if sampling.ignore_eos else set(self.engine.eos_token_ids)
+        started = last = time.monotonic()
         try:
             while count < limit:
                 if gone.is_set():
                     raise Disconnected()
                 token, logprob, top = await loop.run_in_executor(self.executor, next, steps)
+                now = time.monotonic()
+                self.metrics.token(now - last, first=count == 0)
+                last = now
                 count += 1
                 self.metrics.generation_tokens += 1
                 if sampling.logprobs is not None:
@@ -322,7 +287,7 @@ class EngineApp:
             if close:
                 close()
         rest = stream.finish(self.engine.decode(text_ids))
-        self.metrics.success[finish] = self.metrics.success.get(finish, 0) + 1
+        self.metrics.finished(finish, time.monotonic() - started, len(prompt_ids), count)
         return {"text": stream.final, "rest": rest, "finish_reason": finish,
                 "stop_reason": stop_reason, "tokens": count, "logprobs": logprobs}
 
