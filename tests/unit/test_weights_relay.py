@@ -96,19 +96,27 @@ def same_tree(a: Path, b: Path, files: list[dict]) -> bool:
     return all((a / f["path"]).read_bytes() == (b / f["path"]).read_bytes() for f in files)
 
 
-def test_a_chain_of_three_ends_with_identical_files(tmp_path):
+def chain_of_three(tmp_path):
+    """Three relays on loopback, each listening, told its sources as the control machine tells
+    them: the head reads stdin, the others the hosts before them, the last one first.
+    Returns (cache directory, files, host directories, relays, what each printed on listening)."""
     source = tmp_path / "cache"
     files = make_files(source)
     ports = [free_port() for _ in range(3)]
     dirs = [tmp_path / f"h{i}" for i in range(3)]
     relays = [Proc(header("receive", d, p, files)) for d, p in zip(dirs, ports)]
-    for relay in relays:
-        assert relay.wait_line("LISTENING").startswith("LISTENING 127.0.0.1:")
+    listening = [relay.wait_line("LISTENING") for relay in relays]
+    for index, relay in enumerate(relays):
+        relay.source([["127.0.0.1", port] for port in reversed(ports[:index])])
+    return source, files, dirs, relays, listening
+
+
+def test_a_chain_of_three_ends_with_identical_files(tmp_path):
+    source, files, dirs, relays, listening = chain_of_three(tmp_path)
+    for relay, line in zip(relays, listening):
+        assert line.startswith("LISTENING 127.0.0.1:")
         # the token came on stdin: nothing in the process list shows it
         assert TOKEN not in Path(f"/proc/{relay.proc.pid}/cmdline").read_text()
-    relays[0].source([])
-    relays[1].source([["127.0.0.1", ports[0]]])
-    relays[2].source([["127.0.0.1", ports[1]], ["127.0.0.1", ports[0]]])
     feed(relays[0], source, files)
     total = sum(f["size"] for f in files)
     for relay in relays:
@@ -122,16 +130,8 @@ def test_a_chain_of_three_ends_with_identical_files(tmp_path):
 
 
 def test_a_relay_killed_mid_stream_its_downstream_resumes_from_the_head(tmp_path):
-    source = tmp_path / "cache"
-    files = make_files(source)
-    ports = [free_port() for _ in range(3)]
-    dirs = [tmp_path / f"h{i}" for i in range(3)]
-    relays = [Proc(header("receive", d, p, files)) for d, p in zip(dirs, ports)]
-    for relay in relays:
-        relay.wait_line("LISTENING")
-    relays[0].source([])
-    relays[1].source([["127.0.0.1", ports[0]]])
-    relays[2].source([["127.0.0.1", ports[1]], ["127.0.0.1", ports[0]]])
+    source, files, dirs, relays, listening = chain_of_three(tmp_path)
+    middle = listening[1].split()[1]  # "127.0.0.1:<port>" of the relay about to be killed
     feeder = threading.Thread(target=feed, args=(relays[0], source, files, 0.05))
     feeder.start()
     time.sleep(0.4)
@@ -139,7 +139,7 @@ def test_a_relay_killed_mid_stream_its_downstream_resumes_from_the_head(tmp_path
     feeder.join()
     total = sum(f["size"] for f in files)
     assert relays[2].wait_line("RECEIVED").split()[1] == str(total)
-    assert any(line.startswith("UPSTREAM 127.0.0.1:%d" % ports[1]) for line in relays[2].lines)
+    assert any(line.startswith(f"UPSTREAM {middle} ") for line in relays[2].lines)
     assert relays[0].stop() == 0 and relays[2].stop() == 0
     assert same_tree(source, dirs[2], files)
 
