@@ -194,6 +194,78 @@ stack_update_monitor_s = 60
 # Seconds an endpoint's /health may take to answer 200 (retried with backoff while a model loads).
 smoke_deadline_s = 300
 
+# --- Monitoring ----------------------------------------------------------------------------
+# Metrics of the GPUs, the nodes, the engines and the gateway, alert rules and dashboards, as a
+# Swarm stack of its own (<stack_name>-monitoring) deployed after the smoke tests (README.md,
+# "Monitoring"). False: no monitoring stack (a running one is removed).
+monitoring_enabled = True
+# Node metrics (CPU, memory, disks, network): node-exporter on every node.
+monitoring_node_exporter = True
+# GPU metrics (DCGM_FI_*: utilisation, memory, temperature, power, XID and ECC errors):
+# NVIDIA's dcgm-exporter on every node with GPUs.
+monitoring_dcgm_exporter = True
+# Alertmanager beside Prometheus: alerts reach monitoring_alert_receiver through it.
+monitoring_alertmanager = True
+# Grafana beside Prometheus, its dashboards provisioned (templates/grafana/); needs
+# monitoring_grafana_admin_password_file.
+monitoring_grafana = True
+# Prometheus' image, pinned by tag (add @sha256:... to pin the digest too), as are the others.
+monitoring_prometheus_image = "prom/prometheus:v3.5.0"
+# Alertmanager's image.
+monitoring_alertmanager_image = "prom/alertmanager:v0.28.1"
+# node-exporter's image.
+monitoring_node_exporter_image = "prom/node-exporter:v1.9.1"
+# NVIDIA's dcgm-exporter image (DCGM 3.3.9, exporter 3.6.1).
+monitoring_dcgm_exporter_image = "nvcr.io/nvidia/k8s/dcgm-exporter:3.3.9-3.6.1-ubuntu22.04"
+# Grafana's image.
+monitoring_grafana_image = "grafana/grafana:11.5.2"
+# The user id Alertmanager's and Grafana's images run as: each owns its secret (mode 0400).
+# The official images: Alertmanager as nobody (65534), Grafana as 472.
+monitoring_secret_uids = {"alertmanager": 65534, "grafana": 472}
+# Ports on the nodes' own network. Prometheus and Alertmanager (no login of their own) and the
+# exporters admit only the Swarm managers, the node itself and stack_engine_allowed_sources
+# (the GPUFLEET-ENGINES chain, with stack_engine_firewall); Grafana has its own login.
+monitoring_prometheus_port = 9090
+# Alertmanager's port, on the first manager.
+monitoring_alertmanager_port = 9093
+# Grafana's port, on the first manager: for people, behind its own login.
+monitoring_grafana_port = 3000
+# node-exporter's port, on every node.
+monitoring_node_exporter_port = 9100
+# dcgm-exporter's port, on every node with GPUs.
+monitoring_dcgm_exporter_port = 9400
+# The gateway's Prometheus exporter (HAProxy's own, per backend and server): a listener of each
+# gateway task apart from the API port, answering only the managers, the node itself and
+# stack_engine_allowed_sources; never the API's clients.
+monitoring_gateway_metrics_port = 8405
+# Seconds between two scrapes of every target (5 to 300).
+monitoring_scrape_interval_s = 15
+# How long Prometheus keeps samples (on its own volume on the first manager): a number and h, d,
+# w or y.
+monitoring_retention = "15d"
+# Seconds an alert's condition must hold before it fires (0 to 3600): a restart or a scrape
+# missed once pages nobody.
+monitoring_alert_for_s = 120
+# GPU temperature (degrees C) over which the GPU alert fires.
+monitoring_alert_gpu_temperature_c = 85
+# Seconds: the alert when a model's end-to-end latency at the 95th percentile is over it (5 min).
+monitoring_alert_p95_latency_s = 30.0
+# Seconds: the alert when a model's time to first token at the 95th percentile is over it.
+monitoring_alert_p95_ttft_s = 5.0
+# Percent: the alert when the filesystem holding models_dir has less free than this.
+monitoring_alert_disk_free_percent = 10
+# Where Alertmanager sends alerts: None (they show in Prometheus and Alertmanager only),
+# "webhook", "slack" or "pagerduty"; its URL or routing key in monitoring_alert_receiver_file.
+monitoring_alert_receiver = None
+# File (0600) on the control machine holding the receiver's secret on one line: the webhook URL,
+# Slack's incoming webhook URL, or PagerDuty's Events API v2 routing key. A Docker secret.
+monitoring_alert_receiver_file = None
+# File (0600) on the control machine holding Grafana's admin password (one line): a Docker
+# secret, never in the stack file or an environment variable.
+monitoring_grafana_admin_password_file = None
+# Seconds the monitoring stack may take to run Prometheus, Alertmanager and Grafana.
+monitoring_converge_timeout_s = 300
+
 # --- Docker Engine -------------------------------------------------------------------------
 # Where the engine comes from: "docker" (Docker's apt repository: docker-ce, containerd.io,
 # compose plugin, pinned to docker_version) or "distro" (the distribution's docker.io).

@@ -25,6 +25,8 @@ from pydantic_core import PydanticCustomError
 
 from operations import cuda_compat, rules
 from operations.config_messages import ConfigError, problem_lines  # noqa: F401  (ConfigError: config.ConfigError)
+from operations.config_types import ControlPath, ImageRef, ServicePort, _checked
+from operations.monitoring_config import MonitoringSettings
 
 # Exit status for a configuration refused before any host was contacted (as a scheduler sees it).
 EXIT_BAD_CONFIG = 2
@@ -59,27 +61,15 @@ HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{40}$")]
 
 
-def _checked(rule):
-    """An AfterValidator from a rules.* function returning what is expected, or None."""
-    def validate(value):
-        problem = rule(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-    return AfterValidator(validate)
-
-
 def _raise_rule(key: str, problem: str | None) -> None:
     """In a model validator: refuse `key` with a rules.* problem (what is expected), if any."""
     if problem:
         raise PydanticCustomError("rule", "expected {rule}", {"key": key, "rule": problem})
 
 
-ImageRef = Annotated[str, _checked(rules.image_problem)]
 # A vLLM replica's drain agent listens here, above its own port, unless drain_port says.
 DRAIN_PORT_OFFSET = 10000
 
-ServicePort = Annotated[int, Field(ge=1, le=65535), _checked(rules.reserved_port_problem)]
 AdvertiseAddress = Annotated[str, _checked(rules.advertise_address_problem)]
 
 
@@ -97,13 +87,6 @@ ToolkitVersion = Annotated[
 ]
 
 
-def _home_or_absolute(value: str) -> str:
-    if not (value.startswith("/") or value.startswith("~")):
-        raise ValueError("an absolute path (or one starting with ~) on the control machine")
-    return value
-
-
-ControlPath = Annotated[str, AfterValidator(_home_or_absolute)]
 
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
@@ -186,7 +169,7 @@ class ModelSpec(BaseModel):
         return self
 
 
-class Settings(BaseModel):
+class Settings(MonitoringSettings):
     """Every key the deploy reads; defaults live in group_data/all.py (one comment per key)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

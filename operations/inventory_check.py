@@ -27,11 +27,15 @@ from operations.inventory_data import (
 # Keys one Swarm service reads the same on every node: the stack is one file for the fleet.
 FLEET_WIDE_KEYS = ("models_dir", "models", "stack_name", "stack_engine_images", "stack_gateway_image",
                    "stack_gateway_port", "stack_publish_mode", "stack_secret_uids",
-                   "stack_engine_firewall", "stack_engine_allowed_sources")
+                   "stack_engine_firewall", "stack_engine_allowed_sources", "monitoring_enabled",
+                   "monitoring_node_exporter", "monitoring_dcgm_exporter",
+                   "monitoring_node_exporter_port", "monitoring_dcgm_exporter_port",
+                   "monitoring_gateway_metrics_port")
 
 # Files on the control machine whose content becomes a Docker secret.
 # (The gateway's keys and certificate: operations/gateway_access.py access_problems.)
-SECRET_FILE_KEYS = ("hf_token_file",)
+SECRET_FILE_KEYS = ("hf_token_file", "monitoring_alert_receiver_file",
+                    "monitoring_grafana_admin_password_file")
 
 
 def check_inventory(inventory_globals: dict[str, Any], data_items: list[str] | None = None) -> list[str]:

@@ -87,7 +87,7 @@ def fleet(tmp_path, listener):
         (inventories / "group_data").mkdir(parents=True, exist_ok=True)
         (inventories / "group_data" / "fleet.py").write_text(
             f"models = {list(models)!r}\nstack_api_key_file = {str(key)!r}\n"
-            f"stack_engine_key_file = {str(engine_key)!r}\n" + group_lines)
+            f"stack_engine_key_file = {str(engine_key)!r}\nmonitoring_grafana = False\n" + group_lines)
         path = inventories / "fleet.py"
         path.write_text(INVENTORY.format(port=listener.port, host2=host2 or {},
                                          managers=list(managers)))

@@ -199,8 +199,8 @@ ENGINE_KEY_FILE = "/etc/gpufleet/engine-key"
 
 
 def test_models_are_accepted_and_names_must_be_unique(defaults):
-    assert problems_for(defaults, models=[GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE) == []
-    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE)
+    assert problems_for(defaults, models=[GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, monitoring_grafana=False) == []
+    lines = problems_for(defaults, models=[GOOD_MODEL, GOOD_MODEL], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, monitoring_grafana=False)
     assert lines == ["host gpu-01: key 'models' = " + repr([GOOD_MODEL, GOOD_MODEL])
                      + ": expected one entry per model name; llama appear more than once"]
 
@@ -223,7 +223,7 @@ def test_an_even_manager_group_is_refused_before_connecting(defaults):
 
 
 def test_a_served_model_needs_an_api_key_file(defaults):
-    assert problems_for(defaults, models=[GOOD_MODEL]) == [
+    assert problems_for(defaults, models=[GOOD_MODEL], monitoring_grafana=False) == [
         "host gpu-01: key 'stack_api_key_file' = None: expected a file on the control machine "
         "holding the API key, since models are served"]
     assert problems_for(defaults, models=[{**GOOD_MODEL, "serve": False}]) == []
@@ -243,7 +243,7 @@ def test_a_served_model_needs_an_api_key_file(defaults):
 )
 def test_served_models_must_not_clash(defaults, second, extra, expected):
     models = [GOOD_MODEL, {**GOOD_MODEL, **second}]
-    lines = problems_for(defaults, models=models, stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, **extra)
+    lines = problems_for(defaults, models=models, stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, monitoring_grafana=False, **extra)
     if expected is None:  # the gateway's own port
         assert lines == ["host gpu-01: key 'stack_gateway_port' = 8080: expected a port that no "
                          "served model uses (models[].port)"]
@@ -261,7 +261,7 @@ def test_served_models_must_not_clash(defaults, second, extra, expected):
     ],
 )
 def test_bad_serving_fields_are_named_by_their_path(defaults, field, value, expected):
-    lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE)
+    lines = problems_for(defaults, models=[{**GOOD_MODEL, field: value}], stack_api_key_file=API_KEY_FILE, stack_engine_key_file=ENGINE_KEY_FILE, monitoring_grafana=False)
     assert len(lines) == 1 and lines[0].startswith(f"host gpu-01: key 'models[0].{field}' = {value!r}:"), lines
     assert expected in lines[0], lines
 

@@ -39,6 +39,7 @@ def settings(tmp_path, monkeypatch):
                     "revision": "4eab0cd005a1f7148f5d417d86428a174a186129"}],
         "stack_api_key_file": str(key),
         "stack_engine_key_file": str(engine_key),
+        "monitoring_grafana": False,
     })
 
 

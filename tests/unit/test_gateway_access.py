@@ -28,6 +28,7 @@ def settings(tmp_path, **overrides):
     data = {**load_group_data()["all"], "models": [MODEL],
             "stack_api_key_file": key_file(tmp_path, "operator", "sk-operator-0123456789"),
             "stack_engine_key_file": key_file(tmp_path, "engine", "ek-engine-0123456789"),
+            "monitoring_grafana": False,
             **overrides}
     return validate_host_data("gpu-1", data)
 

@@ -20,7 +20,7 @@ def settings(engine_port, gateway_port):
     # port + 10000, would pass 65535 for a quarter of them, so it is given, below them.
     model = {"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "e" * 40,
              "port": engine_port, "drain_port": 19999}
-    data = {**inventory_data.load_group_data()["all"], "models": [model], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek",
+    data = {**inventory_data.load_group_data()["all"], "models": [model], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek", "monitoring_grafana_admin_password_file": "/gk",
             "stack_publish_mode": "host", "stack_gateway_port": gateway_port,
             "smoke_deadline_s": 2}
     return config.validate_host_data("node-1", data)

@@ -200,7 +200,7 @@ def _inventory(tmp_path):
     inventory = tmp_path / "inv.py"
     inventory.write_text(f"gpu_nodes = [('node-1', {{'models': [{model!r}], "
                          f"'stack_api_key_file': {str(key_file)!r}, "
-                         f"'stack_engine_key_file': {str(engine_file)!r}}})]\n"
+                         f"'stack_engine_key_file': {str(engine_file)!r}, 'monitoring_grafana': False}})]\n"
                          "swarm_managers = ['node-1']\n")
     return inventory
 

@@ -20,7 +20,7 @@ MODEL = {"name": "tiny-llama", "repo_id": "lab/tiny-llama", "revision": "a" * 40
 
 
 def settings(**overrides):
-    data = {**inventory_data.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek",
+    data = {**inventory_data.load_group_data()["all"], "models": [MODEL], "stack_api_key_file": "/k", "stack_engine_key_file": "/ek", "monitoring_grafana_admin_password_file": "/gk",
             "stack_publish_mode": "host", **overrides}
     return config.validate_host_data("test", data)
 

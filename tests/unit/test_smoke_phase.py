@@ -51,7 +51,7 @@ def pyinfra(tmp_path, engine_port, gateway_port, key, *extra):
     data = {"models": [{"name": "tiny-llama", "repo_id": "lab/tiny", "revision": "d" * 40,
                         "port": engine_port}],
             "stack_api_key_file": str(key_file), "stack_engine_key_file": str(engine_key),
-            "stack_publish_mode": "host",
+            "stack_publish_mode": "host", "monitoring_grafana": False,
             "stack_gateway_port": gateway_port, "smoke_deadline_s": 1}
     env = {**os.environ, "SMOKE_STACK": json.dumps(stack(engine_port)),
            "SMOKE_DATA": json.dumps(data)}

@@ -29,7 +29,7 @@ def inventory(tmp_path, key=KEY, **data):
     engine_key.chmod(0o600)
     host_data = {"models": [{"name": "tiny-llama", "repo_id": "lab/tiny", "revision": REVISION}],
                  "stack_api_key_file": str(key_file), "stack_engine_key_file": str(engine_key),
-                 "stack_publish_mode": "host", **data}
+                 "stack_publish_mode": "host", "monitoring_grafana": False, **data}
     path = tmp_path / "inv.py"
     path.write_text(f"gpu_nodes = [('node-1', {host_data!r})]\nswarm_managers = ['node-1']\n")
     return path

@@ -19,7 +19,7 @@ SECRETS = {"engine_key": "gpufleet_engine_key_111111111111",
 
 
 def settings(models, **overrides):
-    data = {**load_group_data()["all"], "models": models, "stack_api_key_file": "/etc/k", "stack_engine_key_file": "/etc/ek", **overrides}
+    data = {**load_group_data()["all"], "models": models, "stack_api_key_file": "/etc/k", "stack_engine_key_file": "/etc/ek", "monitoring_grafana_admin_password_file": "/etc/gk", **overrides}
     return validate_host_data("gpu-01", data)
 
 
@@ -298,8 +298,10 @@ def test_tgi_and_ollama_tasks_have_no_drain_agent_and_without_vllm_no_config():
 
 
 def test_drain_port_is_the_models_port_plus_10000_unless_given_and_never_clashes():
-    s = settings([model("a", port=8001), model("b", port=8002, drain_port=9100)])
-    assert [m.agent_port for m in s.models] == [18001, 9100]
+    s = settings([model("a", port=8001), model("b", port=8002, drain_port=9101)])
+    assert [m.agent_port for m in s.models] == [18001, 9101]
+    with pytest.raises(Exception, match="monitoring_node_exporter_port.*9100 is also models\\[b\\] drain port"):
+        settings([model("a", port=8001), model("b", port=8002, drain_port=9100)])
     assert settings([model("t", engine="tgi")]).models[0].agent_port is None
     with pytest.raises(Exception, match="drain_port for a: its default, port \\+ 10000 = 18001"):
         settings([model("a", port=8001), model("b", port=18001)])
@@ -308,7 +310,7 @@ def test_drain_port_is_the_models_port_plus_10000_unless_given_and_never_clashes
     with pytest.raises(Exception, match="drain_port for a that no other port"):
         settings([model("a", port=8001, drain_port=8002), model("b", port=8002)])
     with pytest.raises(Exception, match="no drain_port for engine 'tgi'"):
-        settings([model("t", engine="tgi", drain_port=9100)])
+        settings([model("t", engine="tgi", drain_port=9101)])
 
 
 def test_the_engine_firewall_guards_the_drain_agents_ports_too():
