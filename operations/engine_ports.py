@@ -282,9 +282,15 @@ def engine_firewall_refuse(reason: str):
 
 def guarded_ports(settings) -> list[int]:
     """The served models' ports, and each vLLM replica's drain agent port
-    (operations/drain_agent.py): only the gateway asks it."""
-    return [port for spec in settings.models if spec.serve
-            for port in (spec.port, spec.agent_port) if port]
+    (operations/drain_agent.py): only the gateway asks it. With monitoring, the listeners
+    without a login of their own (Prometheus, Alertmanager, the exporters, the gateway's
+    exporter): Prometheus scrapes from the first manager. Grafana has its own login."""
+    ports = [port for spec in settings.models if spec.serve
+             for port in (spec.port, spec.agent_port) if port]
+    if ports:
+        ports += [port for key, port in settings.monitoring_ports().items()
+                  if key != "monitoring_grafana_port"]
+    return ports
 
 
 @deploy("Engine ports")

@@ -63,6 +63,10 @@ class GatewayAccess:
     rate_limits: dict[str, int] = field(default_factory=dict)
     # Every client's name (the operator's first): each gets its request counter on /metrics.
     clients: tuple[str, ...] = ()
+    # HAProxy's Prometheus exporter on a listener of its own (None: none), answering only the
+    # managers (Prometheus runs on the first), loopback and these sources.
+    metrics_port: int | None = None
+    metrics_sources: tuple[str, ...] = ()
 
 
 def access_for(settings) -> GatewayAccess:
@@ -74,6 +78,8 @@ def access_for(settings) -> GatewayAccess:
         public_port=settings.stack_gateway_port,
         rate_limits=dict(sorted(settings.stack_client_rate_limits.items())),
         clients=tuple(gateway_access.client_key_files(settings)),
+        metrics_port=settings.monitoring_gateway_metrics_port if settings.monitoring_enabled else None,
+        metrics_sources=tuple(settings.stack_engine_allowed_sources),
     )
 
 
@@ -138,12 +144,16 @@ def render_gateway(served: list, nodes: list[sizing.Node], listen_port: int,
             "check": engines.gateway_check(spec),
             "agent_port": spec.agent_port,
         })
+    # The exporter answers the managers (by their Swarm addresses), loopback and the allowed sources.
+    metrics_sources = ["127.0.0.1", *sorted(n.addr for n in nodes if n.manager and n.addr),
+                       *access.metrics_sources]
     models = {"object": "list", "data": [
         {"id": spec.served_name, "object": "model", "owned_by": spec.engine} for spec in served]}
     return _env(TEMPLATES).get_template("haproxy.cfg.j2").render(
         backends=backends, listen_port=listen_port, max_body_bytes=max_body_bytes,
         agent_inter_s=engines.DRAIN_AGENT_INTER_S,
         bufsize=gateway_bufsize(max_body_bytes), access=access, operator=OPERATOR_CLIENT,
+        metrics_sources=metrics_sources,
         pin_header=PIN_HEADER.lower(), server_header=SERVER_HEADER,
         client_metrics=client_metrics_format(access.clients),
         too_large_json=_error_json(

@@ -54,6 +54,7 @@ class Node:
     # comes back, so what is rendered for it (gateway servers, shm) does not change meanwhile.
     # So is a node drained for maintenance by the rollout (MAINTENANCE_LABEL).
     active: bool = True
+    manager: bool = False  # a Swarm manager: runs a gateway task (and Prometheus, the first)
 
     @classmethod
     def from_swarm(cls, node: dict[str, Any]) -> "Node":
@@ -75,6 +76,7 @@ class Node:
             available=node.get("availability") == "active" and node.get("state") == "ready",
             addr=node.get("addr", ""),
             active=node.get("availability") == "active" or MAINTENANCE_LABEL in labels,
+            manager=node.get("role") == "manager",
         )
 
 

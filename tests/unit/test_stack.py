@@ -135,7 +135,9 @@ def test_publish_modes():
     assert gw["deploy"]["endpoint_mode"] == "dnsrr" and gw["deploy"]["update_config"]["order"] == "start-first"
     doc, _, gateway = render([model("m")], stack_publish_mode="ingress", stack_gateway_port=443)
     gw = doc["services"]["gateway"]
-    assert gw["ports"] == [{"target": 8080, "published": 443, "protocol": "tcp", "mode": "ingress"}]
+    # The API through the routing mesh; the gateway's exporter on each manager's own address.
+    assert gw["ports"] == [{"target": 8080, "published": 443, "protocol": "tcp", "mode": "ingress"},
+                           {"target": 8405, "published": 8405, "protocol": "tcp", "mode": "host"}]
     assert gw["secrets"][0]["source"] == "gateway_clients" and "gateway_tls" not in doc["secrets"]
     assert gw["deploy"]["endpoint_mode"] == "vip" and "bind :8080" in gateway
     assert doc["networks"]["gateway"] == {"driver": "overlay"}
@@ -317,4 +319,8 @@ def test_the_engine_firewall_guards_the_drain_agents_ports_too():
     from operations import engine_ports
     s = settings([model("a", port=8001), model("t", engine="tgi", port=8002),
                   model("off", port=8003, serve=False)])
-    assert engine_ports.guarded_ports(s) == [8001, 18001, 8002]
+    # Then the monitoring listeners without a login of their own (Grafana has one: not here).
+    assert engine_ports.guarded_ports(s) == [8001, 18001, 8002, 9090, 8405, 9093, 9100, 9400]
+    off = settings([model("a", port=8001)], monitoring_enabled=False)
+    assert engine_ports.guarded_ports(off) == [8001, 18001]
+    assert engine_ports.guarded_ports(settings([model("a", serve=False)])) == []

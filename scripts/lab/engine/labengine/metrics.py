@@ -9,6 +9,7 @@ Each finished choice counts as one request (vLLM counts a request with n > 1 onc
 from __future__ import annotations
 
 import threading
+import time
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py, PrometheusStatLogger).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -67,6 +68,9 @@ class Metrics:
     def __init__(self, model: str, max_model_len: int = 256):
         self.model = model
         self.lock = threading.Lock()
+        # prometheus_client's process collector, which vLLM's /metrics carries: a restarted
+        # engine shows as a new start time (the EngineRestarted alert).
+        self.started = time.time()
         self.running = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -132,6 +136,9 @@ class Metrics:
             for histogram in (self.ttft, self.itl, self.tpot, self.e2e, self.queue,
                               self.prompt_hist, self.generation_hist):
                 lines += histogram.render(m)
+            lines += ["# HELP process_start_time_seconds Start time of the process since unix "
+                      "epoch in seconds.", "# TYPE process_start_time_seconds gauge",
+                      f"process_start_time_seconds {self.started!r}"]
             lines += ["# HELP http_requests_total Total number of requests by method, status and "
                       "handler.", "# TYPE http_requests_total counter"]
             for (handler, method, status), count in sorted(self.http.items()):
