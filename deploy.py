@@ -16,6 +16,7 @@ from operations.docker_engine import docker_engine
 from operations.engine_ports import engine_ports
 from operations.fleet_fit import fleet_fits
 from operations.gpu_health import gpu_health_phase
+from operations.monitoring import monitoring
 from operations.nvidia import nvidia_driver
 from operations.ollama_store import ollama_stores
 from operations.phase import DOCKER, SWARM, PhaseResult, note_node_changes
@@ -82,3 +83,8 @@ if preflight(settings):
     # 9. Smoke tests: the gateway and every engine task answer as configured (health, models,
     #    one completion per model, 401 without the key), checked from the control machine.
     smoke(settings)
+
+    # 10. Monitoring: Prometheus, Alertmanager and Grafana on the first manager, node-exporter
+    #     and dcgm-exporter on the nodes, scrape targets rendered from the fleet, alert rules from
+    #     group data; after the smoke tests, so that a monitoring fault never holds serving.
+    monitoring(settings)

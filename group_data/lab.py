@@ -22,3 +22,15 @@ nvidia_allow_reboot = True
 stack_publish_mode = "host"
 # Lab engines load a half-megabyte model on a CPU: seconds, not the minutes a GPU server needs.
 stack_update_monitor_s = 15
+
+# Monitoring: Grafana has no Debian package, so no lab stand-in (its dashboards' queries are run
+# against the lab's Prometheus by tests/lab/test_monitoring.py instead). The others are stand-ins
+# from the lab registry (scripts/lab/dcgm), switched in by the lab's settings.
+monitoring_grafana = False
+# A lab fault should show within a test's patience: scrape every 5 s, fire after 10 s.
+monitoring_scrape_interval_s = 5
+monitoring_alert_for_s = 10
+# Lab hosts share the development machine's disk, which is often fuller than a server's.
+monitoring_alert_disk_free_percent = 1
+# Lab engines wait for nothing: Prometheus, Alertmanager and the exporters start in seconds.
+monitoring_converge_timeout_s = 120

@@ -11,8 +11,11 @@ manager and deploys, rendered from the settings and the Swarm's nodes.
 Targets are rendered from the fleet the deploy knows (the Swarm's nodes, the served models, their
 ports) into files Prometheus reads again by itself: a node onboarded or retired changes the
 targets files and nothing else, no service restarts. Every target carries the label `node` (the
-Swarm hostname); engines also `model`, `served_model_name`, `engine` and `replica` (the node: a
-model runs at most one replica per node).
+Swarm hostname); engines also `model`, `served_model_name`, `inference_engine` and `replica` (the
+node: a model runs at most one replica per node). Engine targets are every node that may run
+the model, so a task Swarm moves is scraped where it lands without a deploy; a node without a
+replica of it reads as down there (up 0), which the rules count with (ModelDegraded compares
+the replicas answering with those configured).
 
     files = render_files(settings, nodes, monitoring_node="gpu-01")
     text = render_stack(settings, "gpu-01", {"grafana_admin": "gpufleet-monitoring_grafana_admin_0a1b"})
@@ -76,7 +79,8 @@ def scrape_targets(settings, nodes: list[sizing.Node]) -> dict[str, list[dict[st
                                           include_down=True):
             engines.append((f"{node.addr}:{spec.port}", {
                 "node": node.hostname, "replica": node.hostname, "model": spec.name,
-                "served_model_name": spec.served_name, "engine": spec.engine}))
+                # Not "engine": vLLM's own series carry engine="<core index>".
+                "served_model_name": spec.served_name, "inference_engine": spec.engine}))
     jobs["engine"] = engines
     jobs["gateway"] = [(f"{n.addr}:{settings.monitoring_gateway_metrics_port}", {"node": n.hostname})
                        for n in known if n.manager]
@@ -207,7 +211,18 @@ def plan_services(settings, monitoring_node: str, secrets: dict[str, str]) -> li
         services.append({
             "key": "node-exporter", "image": settings.monitoring_node_exporter_image, "global": True,
             "command": ["--path.rootfs=/host",
-                        f"--web.listen-address=:{settings.monitoring_node_exporter_port}"],
+                        f"--web.listen-address=:{settings.monitoring_node_exporter_port}",
+                        # No D-Bus in a container: the systemd collector could only fail.
+                        "--no-collector.systemd",
+                        # node-exporter's own exclusions, plus /etc (Docker's bind mounts of
+                        # hosts and resolv.conf) and tmpfs; overlay is kept: a root filesystem
+                        # may be one (image-based servers, the lab's hosts).
+                        "--collector.filesystem.mount-points-exclude="
+                        "^/(dev|proc|run|sys|etc|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)",
+                        "--collector.filesystem.fs-types-exclude="
+                        "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|"
+                        "hugetlbfs|iso9660|mqueue|nsfs|proc|procfs|pstore|rpc_pipefs|securityfs|"
+                        "selinuxfs|squashfs|sysfs|tracefs|tmpfs)$"],
             # The host's filesystems, read-only, as node-exporter's own docs run it.
             "volumes": [{"type": "bind", "source": "/", "target": "/host", "read_only": True,
                          "bind": {"propagation": "rslave"}}],
@@ -224,7 +239,8 @@ def plan_services(settings, monitoring_node: str, secrets: dict[str, str]) -> li
             "volumes": [], "constraints": ["node.labels.gpufleet.gpu.count != 0"], "secrets": [],
         })
     for service in services:
-        service.setdefault("command", None)
+        # `docker stack deploy` interpolates $VARIABLES in the file: a literal $ is written $$.
+        service["command"] = [arg.replace("$", "$$") for arg in service.get("command") or []] or None
         service.setdefault("environment", None)
         used = {ref["source"]: secrets[ref["source"]] for ref in service["secrets"]}
         service["labels"] = {LABEL_ROLE: "monitoring"}

@@ -18,7 +18,7 @@ Editing the lab inventory, as an operator edits a real one (kept in .lab/<lab>/h
 
 A LAB FAULT on a simulated GPU, as hardware fails (read by the simulated nvidia-smi):
 
-    python3 scripts/lab.py gpu-fault NODE INDEX ecc[=N]|remap-pending|remap-failed|recovery[=ACTION]|lost|clear
+    python3 scripts/lab.py gpu-fault NODE INDEX ecc[=N]|remap-pending|remap-failed|recovery[=ACTION]|lost|xid[=N]|temperature[=C]|clear
 
 Lab hosts are containers that behave like fresh Debian 12 servers (systemd, sshd, sudo, their
 own Docker data volume); pyinfra reaches them over real SSH. The lab's name comes from --name or
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     tls_parser.add_argument("mode", choices=["on", "off"])
     fault_parser = commands.add_parser(
         "gpu-fault", help="LAB FAULT on one simulated GPU: ecc[=N], remap-pending, remap-failed, "
-        "recovery[=ACTION], lost; or clear")
+        "recovery[=ACTION], lost, xid[=N] (last XID, for monitoring), temperature[=C]; or clear")
     fault_parser.add_argument("node")
     fault_parser.add_argument("index", type=int)
     fault_parser.add_argument("fault")

@@ -41,6 +41,10 @@ FAULT_KINDS = {
     "remap-failed": ("remap_failed", "1", True),
     "recovery": ("recovery_action", "Reset", False),
     "lost": ("lost", "1", False),
+    # What monitoring sees (scripts/lab/dcgm: the dcgm-exporter stand-in): the last XID the
+    # driver reported (79: fallen off the bus), and a GPU running hot (degrees C).
+    "xid": ("xid", "79", False),
+    "temperature": ("temperature", "92", False),
 }
 
 

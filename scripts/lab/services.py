@@ -181,9 +181,27 @@ def stack_images(lab: str, reg: dict) -> dict[str, object]:
     uids = {name: image_uid(module.ensure_image()) for name, module in (("vllm", engine), ("gateway", gateway))}
     return {**stack_image_settings(pushed["engine"], pushed["gateway"], pushed["tgi"],
                                    pushed["ollama"]),
+            **monitoring_images(lab, reg),
             # The stand-ins run as users of their own: they must own the secrets mounted for
             # them (the TGI and Ollama stand-ins run as root, as the upstream images do).
             "stack_secret_uids": {"vllm": uids["vllm"], "tgi": 0, "ollama": 0, "gateway": uids["gateway"]}}
+
+
+def monitoring_images(lab: str, reg: dict) -> dict[str, object]:
+    """The monitoring stack's images (scripts/lab/dcgm), built here and pushed: LAB STAND-INS
+    for prom/prometheus, prom/alertmanager, prom/node-exporter and NVIDIA's dcgm-exporter."""
+    from scripts.lab import dcgm
+    from scripts.lab.registry import service as registry_service
+
+    local = dcgm.ensure_images()
+    pushed = {name: registry_service.push(lab, tag, pushed_name(dcgm.repository(name), tag), reg)
+              for name, tag in local.items()}
+    fleet.say("monitoring stand-ins in the registry: " + ", ".join(pushed.values()) + " (Debian's "
+              "Prometheus 2.42, Alertmanager 0.25, node-exporter 1.5; a dcgm-exporter that reads "
+              "the simulated GPUs)")
+    return {f"monitoring_{name.replace('-', '_')}_image": image for name, image in pushed.items()} | {
+        # Debian's Alertmanager runs as its package's user: it must own the receiver's secret.
+        "monitoring_secret_uids": {"alertmanager": image_uid(local["alertmanager"]), "grafana": 472}}
 
 
 def image_uid(image: str) -> int:
