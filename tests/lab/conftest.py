@@ -29,7 +29,7 @@ LAB_CLI = [sys.executable, str(REPO / "scripts" / "lab.py")]
 # order of a fleet's life, not alphabetically: fresh hosts first, then the first deploys, the
 # stack, what runs against a serving fleet, and the Swarm's membership changes last.
 LAB_ORDER = ["test_lab_hosts", "test_lab_images", "test_run", "test_run_weights", "test_stack",
-             "test_fleet_fit", "test_smoke_loadtest", "test_drills", "test_engines", "test_gateway_security", "test_drift", "test_gpu_health", "test_host_down", "test_swarm",
+             "test_fleet_fit", "test_smoke_loadtest", "test_monitoring", "test_drills", "test_engines", "test_gateway_security", "test_drift", "test_gpu_health", "test_host_down", "test_swarm",
              "test_rollout"]
 
 

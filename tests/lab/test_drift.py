@@ -148,6 +148,9 @@ def test_changes_by_hand_are_found_and_named_per_host_and_item(lab, inventory, t
         # ... and an engine service is stopped.
         root_exec(lab, node1, "docker service scale --detach gpufleet_tiny-llama=0")
         expected.append((node1, "Deploy the inference stack"))
+        # ... and a scrape target is dropped from Prometheus' configuration by hand.
+        root_exec(lab, node1, "sed -i '/node-3/d' /etc/gpufleet/monitoring/targets/node.json")
+        expected.append((node1, "Deploy the monitoring stack"))
 
     code, out, err, data, markdown = drift_check(lab, inventory, tmp_path)
     assert code == 2, "\n".join(out) + err
@@ -163,6 +166,8 @@ def test_changes_by_hand_are_found_and_named_per_host_and_item(lab, inventory, t
         "model tiny-llama (gpufleet-lab/tiny-llama@4eab0cd005a1): config.json is missing"]
     if lab_serves(lab):
         assert any("gpufleet_tiny-llama is scaled to 0" in i["detail"]
+                   for i in items(data, node1)), items(data, node1)
+        assert any("/etc/gpufleet/monitoring/targets/node.json differs" in i["detail"]
                    for i in items(data, node1)), items(data, node1)
     # The table names each host and item; so does the Markdown report.
     table = "\n".join(out)

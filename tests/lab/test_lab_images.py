@@ -453,11 +453,14 @@ def stack_gateway_config(models: list[dict], addresses: dict[str, str]) -> str:
     entries = [{"repo_id": f"org/{m['name']}", "revision": "0" * 40, **m} for m in models]
     settings = validate_host_data("lab", {**load_group_data()["all"], "models": entries,
                                           "stack_api_key_file": "/etc/key",
-                                          "stack_engine_key_file": "/etc/engine-key"})
+                                          "stack_engine_key_file": "/etc/engine-key",
+                                          "monitoring_grafana": False})
     nodes = [Node(name, 2, "NVIDIA H100 80GB HBM3", 81559, 64 * GIB, addr=addr)
              for name, addr in addresses.items()]
     # carol: a client with a key file but no request yet (her counter reads 0).
-    access = gw.GatewayAccess(clients=("operator", "alice", "carol"))
+    # The exporter's listener too: Debian's HAProxy must know its prometheus-exporter service.
+    access = gw.GatewayAccess(clients=("operator", "alice", "carol"), metrics_port=8405,
+                              metrics_sources=("10.9.0.0/16",))
     return gw.render_gateway([m for m in settings.models if m.serve], nodes, 8080, access=access)
 
 
@@ -469,6 +472,43 @@ def test_stacks_gateway_config_passes_haproxy_check_in_the_lab_image(models):
     rc, output = gateway.check_config(gateway.ensure_image(), config, labels={"gpufleet.lab": LAB},
                                       secrets=gateway_secrets())
     assert rc == 0, output
+
+
+@pytest.mark.parametrize("receiver", [None, "slack", "pagerduty"])
+def test_the_monitoring_files_pass_prometheus_and_alertmanager_own_checks(tmp_path, receiver):
+    """promtool and amtool of the lab's images (Prometheus 2.42, Alertmanager 0.25) on the files
+    the monitoring phase renders. (webhook's url_file needs Alertmanager 0.26 or later, which
+    production's image is: the lab's cannot check it.)"""
+    from operations import monitoring_render
+    from operations.config import validate_host_data
+    from operations.inventory_data import load_group_data
+    from operations.sizing import GIB, Node
+    from scripts.lab import dcgm
+
+    settings = validate_host_data("lab", {
+        **load_group_data()["all"], "models": [{"name": "tiny-llama", "repo_id": "org/tiny",
+                                                "revision": "0" * 40}],
+        "stack_api_key_file": "/etc/key", "stack_engine_key_file": "/etc/engine-key",
+        "monitoring_grafana": False, "monitoring_alert_receiver": receiver,
+        "monitoring_alert_receiver_file": "/etc/receiver" if receiver else None})
+    nodes = [Node("node-1", 2, "NVIDIA H100 80GB HBM3", 81559, 64 * GIB, addr="10.0.0.1", manager=True)]
+    directory = tmp_path / "monitoring"
+    for path, text in monitoring_render.render_files(settings, nodes, "node-1").items():
+        target = directory / path.removeprefix(monitoring_render.MONITORING_DIR + "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    tags = dcgm.ensure_images()
+    mount = ["-v", f"{directory}:{monitoring_render.MONITORING_DIR}:ro"]
+    checks = [(tags["prometheus"], "promtool", ["check", "config", "prometheus.yml"]),
+              (tags["alertmanager"], "amtool", ["check-config", "alertmanager.yml"])]
+    for image, tool, args in checks:
+        result = subprocess.run(["docker", "run", "--rm", "--network", "none", *mount, "-w",
+                                 monitoring_render.MONITORING_DIR, "--entrypoint", tool, image, *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("models", [ONE_MODEL, TWO_MODELS], ids=["one-model", "two-models"])
