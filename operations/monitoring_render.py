@@ -62,8 +62,10 @@ def _group(targets: list[tuple[str, dict[str, str]]]) -> list[dict[str, Any]]:
 def scrape_targets(settings, nodes: list[sizing.Node]) -> dict[str, list[dict[str, Any]]]:
     """job -> file_sd entries: node-exporter on every node, dcgm-exporter on the GPU nodes, each
     served model's engine on every node that may run it, the gateway's exporter on each
-    manager. A node without an address yet (never in the Swarm) has no target."""
-    known = [node for node in nodes if node.addr and node.active]
+    manager. Only the fleet's nodes: labelled by a run that included a manager (a host joined
+    with --limit is taken in with its labels, by the next such run: the same run adds its
+    targets), with an address, not drained."""
+    known = [node for node in nodes if node.addr and node.active and node.labelled]
     jobs: dict[str, list[tuple[str, dict[str, str]]]] = {}
     if settings.monitoring_node_exporter:
         jobs["node"] = [(f"{n.addr}:{settings.monitoring_node_exporter_port}", {"node": n.hostname})

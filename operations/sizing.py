@@ -55,6 +55,9 @@ class Node:
     # So is a node drained for maintenance by the rollout (MAINTENANCE_LABEL).
     active: bool = True
     manager: bool = False  # a Swarm manager: runs a gateway task (and Prometheus, the first)
+    # Labelled by a run that included a manager (gpufleet.host): a host of the inventory the
+    # fleet has taken in, not a node only joined with --limit yet, nor one outside the inventory.
+    labelled: bool = True
 
     @classmethod
     def from_swarm(cls, node: dict[str, Any]) -> "Node":
@@ -77,6 +80,7 @@ class Node:
             addr=node.get("addr", ""),
             active=node.get("availability") == "active" or MAINTENANCE_LABEL in labels,
             manager=node.get("role") == "manager",
+            labelled="gpufleet.host" in labels,
         )
 
 

@@ -84,6 +84,18 @@ def hosts_changed(results):
     return {name for op in results["operations"] for name in op["success"]}
 
 
+def monitoring_view(lab):
+    """(the Prometheus container's id, the nodes in its node-exporter targets, the nodes whose
+    node-exporter it scrapes): onboarding and retiring change the targets, never Prometheus."""
+    manager = lab.hosts[0]["name"]
+    container = lab.ssh(manager, "sudo docker ps -q --filter "
+                                 "label=com.docker.swarm.service.name=gpufleet-monitoring_prometheus")
+    targets = lab.ssh(manager, "sudo cat /etc/gpufleet/monitoring/targets/node.json")
+    assert container.returncode == 0 and targets.returncode == 0, container.stderr + targets.stderr
+    listed = sorted(entry["labels"]["node"] for entry in json.loads(targets.stdout))
+    return container.stdout.strip(), listed
+
+
 def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
     up = lab.cli("up", "--hosts", str(len(lab.hosts) + 1), "--no-deploy")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -110,10 +122,14 @@ def test_a_new_host_joins_with_limit_and_no_other_host_changes(lab):
     nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
     assert {n["Hostname"]: n["Status"] for n in nodes}.get(new) == "Ready"
 
-    # The next full run labels the new node from the manager, and changes nothing else.
+    # The next full run labels the new node from the manager, adds it to Prometheus' targets
+    # (Prometheus itself is not restarted), and changes nothing else.
+    prometheus, before = monitoring_view(lab)
+    assert new not in before
     result, results = deploy(lab)
     assert result.returncode == 0, result.stdout + result.stderr
     assert hosts_changed(results) <= {lab.hosts[0]["name"]}
+    assert monitoring_view(lab) == (prometheus, sorted([*before, new]))
     labels = manager_json(lab, f"sudo docker node inspect --format '{{{{json .Spec.Labels}}}}' {new}")[0]
     assert labels["gpufleet.gpu.count"] == "2" and labels["gpufleet.host"] == new
 
@@ -156,6 +172,7 @@ def test_retiring_a_host_drains_it_moves_its_tasks_leaves_and_removes_the_node(l
 
     edited = lab.cli("set", retiring, "swarm_retire=true")
     assert edited.returncode == 0, edited.stdout + edited.stderr
+    prometheus, targets = monitoring_view(lab)
     result, results = deploy(lab)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not {name for op in results["operations"] for name in op["error"]}
@@ -166,6 +183,8 @@ def test_retiring_a_host_drains_it_moves_its_tasks_leaves_and_removes_the_node(l
 
     nodes = manager_json(lab, "sudo docker node ls --format '{{json .}}'")
     assert retiring not in {n["Hostname"] for n in nodes}, "the retired node is still listed"
+    # Out of Prometheus' targets too, and Prometheus was not restarted for it.
+    assert monitoring_view(lab) == (prometheus, [n for n in targets if n != retiring])
     state = lab.ssh(retiring, "sudo docker info --format '{{.Swarm.LocalNodeState}}'")
     assert state.stdout.strip() == "inactive"
     # Its task moved: four running again, none on the retired host.

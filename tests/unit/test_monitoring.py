@@ -39,7 +39,10 @@ def targets(s, nodes=FLEET):
 
 
 def test_targets_come_from_the_fleet():
-    found = targets(settings(), FLEET + [node("cpu-1", "10.0.0.20", gpus=0),
+    joined = sizing.Node.from_swarm({"hostname": "joined", "addr": "10.0.0.40", "role": "worker",
+                                     "availability": "active", "state": "ready", "labels": {}})
+    assert not joined.labelled  # joined with --limit: its labels (and targets) come with a full run
+    found = targets(settings(), FLEET + [node("cpu-1", "10.0.0.20", gpus=0), joined,
                                          node("new", ""), node("drained", "10.0.0.30", active=False)])
     # Every node with an address and not drained has a node-exporter target; GPU nodes a dcgm one.
     assert [a for a, _ in found["node"]] == ["10.0.0.11:9100", "10.0.0.12:9100", "10.0.0.13:9100",
