@@ -288,6 +288,18 @@ CASES = [
      ["--data (every host): key 'weights_source' = 'seeder': expected \"control\" with "
       "weights_distribution \"control\": the seeder is the head of the hosts' chain "
       "(weights_distribution \"peers\")"]),
+    ("monitoring-port-clash", {"data": ["monitoring_prometheus_port=8080"]},
+     ["--data (every host): key 'monitoring_prometheus_port' = 8080: expected a port nothing "
+      "else on the nodes uses; 8080 is also stack_gateway_port"]),
+    ("grafana-without-password", {"group": "monitoring_grafana = True\n"},
+     # (Named where the None comes from: the default in group_data/all.py.)
+     ["group_data/all.py (every host): key 'monitoring_grafana_admin_password_file' = None: "
+      "expected a file (0600) on the control machine holding Grafana's admin password, since "
+      "models are served with monitoring_grafana on (or monitoring_grafana = False)"]),
+    ("receiver-secret-missing", {"data": ["monitoring_alert_receiver=pagerduty",
+                                          "monitoring_alert_receiver_file=/nonexistent/key"]},
+     ["--data (every host): key 'monitoring_alert_receiver_file' = '/nonexistent/key': expected "
+      "a readable file on the control machine (No such file or directory)"]),
     ("daemon-data-root", {"data": ['docker_daemon_config={"data-root": "/data/docker"}']},
      ["--data (every host): key 'docker_daemon_config' = {'data-root': '/data/docker'}: expected "
       "no 'data-root' other than docker_data_root (/var/lib/docker): set docker_data_root"]),
