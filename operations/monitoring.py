@@ -26,6 +26,7 @@ volumes (Prometheus' samples) are kept.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from io import StringIO
 
@@ -36,9 +37,10 @@ from pyinfra.operations import files
 
 from operations import monitoring_render as render
 from operations import sizing
+from operations.monitoring_facts import FilesState
 from operations.phase import PhaseResult, explain, fail_host, fails_only_this_host, host_sudo, read_fact
 from operations.stack import StackState, parse_stack_state, remove_stale, service_drift, wanted_services
-from operations.stack_render import STACK_DIR, secret_name, stack_problems
+from operations.stack_render import secret_name, stack_problems
 from operations.stack_secrets import create_secret, read_control_secret
 from operations.swarm import SwarmInfo, SwarmNodes, _inventory_hosts
 
@@ -183,17 +185,26 @@ def monitoring_deploy(settings, elsewhere: str | None = None):
     del secrets
 
     changed_paths = []
-    directories = sorted({path.rsplit("/", 1)[0] for path in rendered} | {STACK_DIR})
+    wanted_files = {**rendered, render.stack_path(settings): text}
+    directories = sorted({path.rsplit("/", 1)[0] for path in wanted_files})
+    stale = stale_paths(rendered)
+    on_host = read_fact(host, FilesState, paths=[*directories, *wanted_files, *stale])
     for directory in directories:
+        if on_host.get(directory) == "dir":
+            continue
         for command in files.directory._inner(path=directory, mode="0755"):
             changed = True
             yield command
-    for path in stale_paths(rendered):
+    for path in stale:
+        if on_host.get(path) is None:
+            continue
         for command in files.file._inner(path=path, present=False):
             changed = True
             changed_paths.append(path)
             yield command
-    for path, content in [*sorted(rendered.items()), (render.stack_path(settings), text)]:
+    for path, content in sorted(wanted_files.items()):
+        if on_host.get(path) == {"mode": "644", "sha256": hashlib.sha256(content.encode()).hexdigest()}:
+            continue  # as rendered: pyinfra's own checks of it would cost a round trip each
         for command in files.put._inner(src=StringIO(content), dest=path, mode="0644"):
             if path not in changed_paths:
                 changed = True

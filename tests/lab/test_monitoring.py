@@ -59,7 +59,7 @@ def total(lab, promql):
     return sum(float(s["value"][1]) for s in samples)
 
 
-def settled(lab, promql, quiet_s=12):
+def settled(lab, promql, quiet_s=22):
     """The value of `promql` once two reads quiet_s apart (more than two scrapes) agree: what
     earlier traffic (the deploy's smoke tests) sent is counted before a test starts."""
     value = total(lab, promql)

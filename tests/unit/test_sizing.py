@@ -79,7 +79,10 @@ def test_nodes_from_the_swarms_view():
                             "memory_bytes": 5, "labels": {"gpufleet.gpu.count": "4",
                                                           "gpufleet.gpu.model": "NVIDIA A100",
                                                           "gpufleet.gpu.memory-mib": "40960"}})
-    assert node == Node("gpu-01", 4, "NVIDIA A100", 40960, 5, True)
+    # No gpufleet.host label: a node no run with a manager has labelled yet (not monitored).
+    assert node == Node("gpu-01", 4, "NVIDIA A100", 40960, 5, True, labelled=False)
+    assert Node.from_swarm({"hostname": "gpu-01", "role": "manager",
+                            "labels": {"gpufleet.host": "gpu-01"}}).labelled is True
     assert Node.from_swarm({"hostname": "x", "availability": "drain", "state": "ready"}).available is False
 
 
