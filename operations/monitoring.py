@@ -45,7 +45,8 @@ from operations.stack_secrets import create_secret, read_control_secret
 from operations.swarm import SwarmInfo, SwarmNodes, _inventory_hosts
 
 # Which running service loads which file again on SIGHUP, when it was not redeployed.
-RELOADED_BY = {"prometheus": ("prometheus.yml", "/rules/", "/targets/"),
+# (Target files need none: Prometheus watches them itself.)
+RELOADED_BY = {"prometheus": ("prometheus.yml", "/rules/"),
                "alertmanager": ("alertmanager.yml",)}
 
 
@@ -63,7 +64,6 @@ def reloads(changed_paths: list[str], redeployed: set[str]) -> list[str]:
     them, so only prometheus.yml and the rules count for it."""
     wanted = []
     for service, markers in RELOADED_BY.items():
-        markers = tuple(m for m in markers if m != "/targets/")
         if service not in redeployed and any(m in path for path in changed_paths for m in markers):
             wanted.append(service)
     return wanted
@@ -217,7 +217,8 @@ def monitoring_deploy(settings, elsewhere: str | None = None):
     differs = {name: why for name, want in sorted(wanted.items())
                if (why := service_drift(name, running.get(name), want))}
     extra = sorted(set(running) - set(wanted))
-    pinned = [svc["key"] for svc in render.plan_services(settings, me, names) if not svc["global"]]
+    # Replicated (pinned to this node), as the stack file says; the global exporters are not.
+    pinned = [name.split("_", 1)[-1] for name, want in wanted.items() if want["replicas"] is not None]
     if differs or extra:
         for why in [*differs.values(), *(f"{name} is not in the stack file (removed by --prune)"
                                          for name in extra)]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-from pathlib import Path
 from typing import Any
 
 from operations import gateway, sizing
@@ -266,10 +265,7 @@ def render_stack(settings, monitoring_node: str, secrets: dict[str, str]) -> str
 
 def wanted_secret_kinds(settings) -> list[str]:
     """The Docker secrets the monitoring stack mounts: Grafana's admin password, the receiver's."""
-    kinds = ["grafana_admin"] if settings.monitoring_grafana else []
-    if _receiver_secret(settings):
-        kinds.append("alert_receiver")
-    return kinds
+    return list(secret_files(settings))
 
 
 def secret_files(settings) -> dict[str, tuple[str, str]]:
@@ -303,7 +299,3 @@ def rule_expressions(text: str) -> list[tuple[str, str]]:
     doc = yaml.safe_load(text)
     return [(rule.get("alert") or rule.get("record"), rule["expr"])
             for group in doc["groups"] for rule in group["rules"]]
-
-
-def templates_dir() -> Path:
-    return TEMPLATES
